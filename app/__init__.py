@@ -1,0 +1,3 @@
+"""Eidetic: a Postgres-backed activation store and indexing service for PyTorch training."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,48 @@
+"""Connections to PostgreSQL: the pool the service uses, and the settings every connection gets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg_pool import ConnectionPool
+
+from app.settings import Settings
+
+
+def connection_kwargs(settings: Settings) -> dict:
+    """Every query runs under a statement timeout, so a slow scan can't hold a worker forever."""
+    return {"options": f"-c statement_timeout={int(settings.statement_timeout_ms)}"}
+
+
+def connect(url: str, settings: Settings, **kwargs) -> psycopg.Connection:
+    conn = psycopg.connect(url, **connection_kwargs(settings), **kwargs)
+    _configure(conn)
+    return conn
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    register_vector(conn)
+
+
+def open_pool(url: str, settings: Settings) -> ConnectionPool:
+    pool = ConnectionPool(
+        url,
+        min_size=settings.pool_min_size,
+        max_size=settings.pool_max_size,
+        kwargs=connection_kwargs(settings),
+        configure=_configure,
+        timeout=settings.request_timeout_s,
+        open=False,
+    )
+    pool.open(wait=True, timeout=30)
+    return pool
+
+
+@contextmanager
+def transaction(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
+    """A pooled connection inside one transaction: committed on success, rolled back on error."""
+    with pool.connection() as conn:
+        yield conn

@@ -1,0 +1,242 @@
+"""The wire formats of activations: Arrow IPC (bulk), .npy and JSON in; JSON and Arrow out."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from app.errors import InvalidInput, MalformedBody, UnsupportedMediaType
+from app.rows import INT_DTYPES, METADATA_COLUMNS, ActivationRows, NullableColumn
+
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+NPY = "application/x-npy"
+JSON = "application/json"
+BATCH_ID_METADATA_KEY = b"batch_id"
+
+_ARROW_INT_TYPES = {"sample_id": pa.int64(), "step": pa.int64(), "epoch": pa.int32(), "label": pa.int32()}
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or JSON).split(";")[0].strip().lower()
+
+
+# ---------------------------------------------------------------- Arrow
+
+
+def arrow_schema(dim: int) -> pa.Schema:
+    fields = [pa.field(name, _ARROW_INT_TYPES[name]) for name in METADATA_COLUMNS]
+    fields += [pa.field("task", pa.string()), pa.field("values", pa.list_(pa.float32(), dim), nullable=False)]
+    return pa.schema(fields)
+
+
+def rows_to_arrow_table(rows: ActivationRows) -> pa.Table:
+    columns = []
+    for name in METADATA_COLUMNS:
+        column = rows.column(name)
+        columns.append(pa.array(column.data, type=_ARROW_INT_TYPES[name], mask=column.nulls))
+    task = pa.DictionaryArray.from_arrays(
+        pa.array(rows.task_codes, mask=rows.task_codes < 0), pa.array(list(rows.task_names), type=pa.string())
+    ).cast(pa.string())
+    values = pa.FixedSizeListArray.from_arrays(pa.array(rows.values.reshape(-1)), rows.dim)
+    return pa.Table.from_arrays([*columns, task, values], schema=arrow_schema(rows.dim))
+
+
+def rows_to_arrow(rows: ActivationRows, batch_id: str | None = None) -> bytes:
+    """One Arrow IPC stream holding the batch (the ingest route's bulk format)."""
+    table = rows_to_arrow_table(rows)
+    if batch_id is not None:
+        table = table.replace_schema_metadata({BATCH_ID_METADATA_KEY: batch_id.encode()})
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def rows_from_arrow(body: bytes) -> tuple[ActivationRows, str | None]:
+    """Parses an Arrow IPC stream; returns the rows and the batch id from its metadata, if any."""
+    try:
+        reader = pa.ipc.open_stream(body)
+        table = reader.read_all()
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as error:
+        raise MalformedBody(f"not a readable Arrow IPC stream: {error}", field="body") from error
+    if "values" not in table.column_names:
+        raise InvalidInput("the Arrow stream needs a 'values' column", field="values")
+    values = _arrow_values(table.column("values"))
+    n_rows = values.shape[0]
+    columns = {}
+    for name in METADATA_COLUMNS:
+        if name not in table.column_names:
+            columns[name] = NullableColumn.missing(n_rows, INT_DTYPES[name])
+            continue
+        chunked = table.column(name)
+        if not pa.types.is_integer(chunked.type):
+            raise InvalidInput(f"column {name!r} must hold integers, not {chunked.type}", field=name)
+        columns[name] = _int_column(chunked.combine_chunks(), name)
+    task_codes, task_names = _arrow_tasks(table, n_rows)
+    metadata = table.schema.metadata or {}
+    batch_id = metadata.get(BATCH_ID_METADATA_KEY)
+    rows = ActivationRows(values=values, task_codes=task_codes, task_names=task_names, **columns)
+    return rows, batch_id.decode() if batch_id else None
+
+
+def _arrow_values(chunked: pa.ChunkedArray) -> np.ndarray:
+    array = chunked.combine_chunks() if chunked.num_chunks != 1 else chunked.chunk(0)
+    if array.null_count:
+        raise InvalidInput("'values' may not hold nulls", field="values")
+    if pa.types.is_fixed_size_list(array.type):
+        dim = array.type.list_size
+    elif pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        lengths = np.asarray(array.value_lengths())
+        if len(lengths) and (lengths != lengths[0]).any():
+            bad = int(np.argmax(lengths != lengths[0]))
+            raise InvalidInput("every row of 'values' needs the same length", field=f"rows[{bad}].values")
+        dim = int(lengths[0]) if len(lengths) else 0
+    else:
+        raise InvalidInput(f"'values' must be a list of float32, not {array.type}", field="values")
+    flat = array.flatten()
+    if not pa.types.is_floating(flat.type):
+        raise InvalidInput(f"'values' must hold floats, not {flat.type}", field="values")
+    if flat.null_count:
+        raise InvalidInput("'values' may not hold nulls", field="values")
+    matrix = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if dim == 0:
+        raise InvalidInput("'values' rows are empty", field="values")
+    return matrix.reshape(len(array), dim)
+
+
+def _int_column(array: pa.Array, name: str) -> NullableColumn:
+    dtype = INT_DTYPES[name]
+    info = np.iinfo(dtype)
+    filled = array.fill_null(0) if array.null_count else array
+    data = filled.to_numpy(zero_copy_only=False)
+    if len(data) and (data.min() < info.min or data.max() > info.max):
+        raise InvalidInput(f"column {name!r} is out of range for {dtype}", field=name)
+    nulls = np.asarray(array.is_null()) if array.null_count else None
+    return NullableColumn(data.astype(dtype, copy=False), nulls)
+
+
+def _arrow_tasks(table: pa.Table, n_rows: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    if "task" not in table.column_names:
+        return np.full(n_rows, -1, dtype=np.int32), ()
+    column = table.column("task").combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(pa.string())
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise InvalidInput(f"column 'task' must hold strings, not {column.type}", field="task")
+    encoded = column.dictionary_encode()
+    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+    return codes, tuple(encoded.dictionary.to_pylist())
+
+
+# ---------------------------------------------------------------- .npy
+
+
+def rows_from_npy(body: bytes, params: dict[str, Any]) -> ActivationRows:
+    """A float matrix with metadata from query parameters, or a structured array with columns."""
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise MalformedBody(f"not a readable .npy array: {error}", field="body") from error
+    if array.dtype.names:
+        if "values" not in array.dtype.names:
+            raise InvalidInput("a structured .npy array needs a 'values' field", field="values")
+        values = array["values"]
+        given = {name: array[name] for name in (*METADATA_COLUMNS, "task") if name in array.dtype.names}
+        if "task" in given:
+            given["task"] = [t.decode() if isinstance(t, bytes) else str(t) for t in given["task"].tolist()]
+    else:
+        values = array
+        given = {name: params[name] for name in (*METADATA_COLUMNS, "task") if params.get(name) is not None}
+        if params.get("sample_id_start") is not None:
+            given["sample_id"] = np.arange(len(values), dtype=np.int64) + int(params["sample_id_start"])
+    if values.ndim != 2 or not np.issubdtype(values.dtype, np.floating):
+        raise InvalidInput(
+            f"the .npy values must be a 2-D float matrix, got {values.dtype} of shape {values.shape}",
+            field="values",
+        )
+    try:
+        return ActivationRows.build(values, **given)
+    except (ValueError, OverflowError, TypeError) as error:
+        raise InvalidInput(str(error), field="values") from error
+
+
+# ---------------------------------------------------------------- JSON
+
+
+def rows_from_json(body: bytes) -> tuple[ActivationRows, str | None]:
+    """The small-batch format: {"batch_id": ..., "rows": [{"values": [...], ...}, ...]}."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise MalformedBody(f"not valid JSON: {error}", field="body") from error
+    if not isinstance(document, dict) or not isinstance(document.get("rows"), list):
+        raise InvalidInput("the body needs a 'rows' list", field="rows")
+    batch_id = document.get("batch_id")
+    if batch_id is not None and not isinstance(batch_id, str):
+        raise InvalidInput("'batch_id' must be a string", field="batch_id")
+    records = document["rows"]
+    if not records:
+        raise InvalidInput("a batch needs at least one row", field="rows")
+    dim = None
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise InvalidInput("each row is an object", field=f"rows[{i}]")
+        values = record.get("values")
+        if not isinstance(values, list) or not values:
+            raise InvalidInput("each row needs a non-empty 'values' list", field=f"rows[{i}].values")
+        if dim is None:
+            dim = len(values)
+        elif len(values) != dim:
+            raise InvalidInput(
+                f"row {i} has {len(values)} values, row 0 has {dim}", field=f"rows[{i}].values"
+            )
+    try:
+        matrix = np.array([record["values"] for record in records], dtype=np.float32)
+    except (ValueError, TypeError) as error:
+        raise InvalidInput(f"'values' must hold numbers: {error}", field="rows[].values") from error
+    columns = {name: _json_ints(records, name) for name in METADATA_COLUMNS}
+    tasks = []
+    for i, record in enumerate(records):
+        task = record.get("task")
+        if task is not None and not isinstance(task, str):
+            raise InvalidInput("'task' must be a string", field=f"rows[{i}].task")
+        tasks.append(task)
+    return ActivationRows.build(matrix, task=tasks, **columns), batch_id
+
+
+def _json_ints(records: list[dict], name: str) -> NullableColumn:
+    info = np.iinfo(INT_DTYPES[name])
+    data = np.zeros(len(records), dtype=INT_DTYPES[name])
+    nulls = np.zeros(len(records), dtype=bool)
+    for i, record in enumerate(records):
+        value = record.get(name)
+        if value is None:
+            nulls[i] = True
+        elif isinstance(value, bool) or not isinstance(value, int) or not info.min <= value <= info.max:
+            raise InvalidInput(f"'{name}' must be an integer in [{info.min}, {info.max}]", field=f"rows[{i}].{name}")
+        else:
+            data[i] = value
+    return NullableColumn(data, nulls if nulls.any() else None)
+
+
+def parse_rows(content_type: str | None, body: bytes, params: dict[str, Any]) -> tuple[ActivationRows, str | None]:
+    """Dispatches on the media type; returns rows and the batch id the body carried (if any)."""
+    kind = media_type(content_type)
+    if kind == ARROW_STREAM:
+        return rows_from_arrow(body)
+    if kind == NPY:
+        return rows_from_npy(body, params), None
+    if kind == JSON:
+        return rows_from_json(body)
+    raise UnsupportedMediaType(
+        f"send {ARROW_STREAM}, {NPY} or {JSON}, not {kind!r}", field="Content-Type"
+    )
+
+
+def json_safe(value: float) -> float | None:
+    return value if math.isfinite(value) else None

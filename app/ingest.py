@@ -1,0 +1,100 @@
+"""Ingest: exactly-once, all-or-nothing storage of one batch of activations.
+
+Shared by the REST route and by trusted workers that COPY straight into the database,
+so both transports obey the same ledger and the same checks.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from app.copy_binary import COPY_COLUMNS, iter_copy_chunks
+from app.errors import Conflict, DimensionMismatch, InvalidInput, NonFiniteValue, PayloadTooLarge
+from app.rows import ActivationRows
+from app.runs import Layer, layer_partition
+
+MAX_BATCH_ID_LENGTH = 200
+_COPY_STATEMENT = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)")
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    batch_id: str
+    rows: int
+    duplicate: bool
+
+
+def new_batch_id() -> str:
+    return uuid.uuid4().hex
+
+
+def validate_rows(
+    rows: ActivationRows, layer: Layer, *, max_rows: int, reject_non_finite: bool = True
+) -> None:
+    """Checks a batch before anything is written; the error names the first offending field."""
+    if rows.n_rows == 0:
+        raise InvalidInput("a batch needs at least one row", field="rows")
+    if rows.n_rows > max_rows:
+        raise PayloadTooLarge(f"a batch holds at most {max_rows} rows, got {rows.n_rows}", field="rows")
+    if rows.dim != layer.dim:
+        raise DimensionMismatch(
+            f"layer {layer.name!r} has dimension {layer.dim}, the rows have {rows.dim}", field="rows[0].values"
+        )
+    if reject_non_finite:
+        finite_rows = np.isfinite(rows.values).all(axis=1)
+        if not finite_rows.all():
+            bad = int(np.argmin(finite_rows))
+            raise NonFiniteValue(f"row {bad} holds NaN or Inf", field=f"rows[{bad}].values")
+    for name in rows.task_names:
+        if "\x00" in name or len(name) > 200:
+            raise InvalidInput("a task name has at most 200 characters and no NUL", field="task")
+
+
+def validate_batch_id(batch_id: str) -> str:
+    if not batch_id or len(batch_id) > MAX_BATCH_ID_LENGTH or "\x00" in batch_id:
+        raise InvalidInput(f"a batch id has 1 to {MAX_BATCH_ID_LENGTH} characters", field="batch_id")
+    return batch_id
+
+
+def ingest(conn: psycopg.Connection, layer: Layer, batch_id: str, rows: ActivationRows) -> IngestResult:
+    """Stores the batch once: a retry of an acknowledged batch id is acknowledged again, not copied.
+
+    Runs in one transaction: the ledger row and every activation row commit together
+    or not at all. A concurrent retry of the same id waits on the ledger's unique key.
+    """
+    validate_batch_id(batch_id)
+    with conn.transaction():
+        inserted = conn.execute(
+            "INSERT INTO ingest_batches (run_id, layer_id, batch_id, row_count) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (layer_id, batch_id) DO NOTHING RETURNING id",
+            (layer.run_id, layer.id, batch_id, rows.n_rows),
+        ).fetchone()
+        if inserted is None:
+            stored = conn.execute(
+                "SELECT row_count FROM ingest_batches WHERE layer_id = %s AND batch_id = %s", (layer.id, batch_id)
+            ).fetchone()[0]
+            if stored != rows.n_rows:
+                raise Conflict(
+                    f"batch {batch_id!r} was stored with {stored} rows; this one has {rows.n_rows}",
+                    field="batch_id",
+                    code="batch_id_conflict",
+                )
+            return IngestResult(batch_id=batch_id, rows=stored, duplicate=True)
+        batch_seq = int(inserted[0])
+        copy_rows(conn, layer, batch_seq, rows)
+    return IngestResult(batch_id=batch_id, rows=rows.n_rows, duplicate=False)
+
+
+def copy_rows(conn: psycopg.Connection, layer: Layer, batch_seq: int, rows: ActivationRows) -> None:
+    """Binary COPY straight into the layer's partition (no tuple routing through the parent)."""
+    statement = _COPY_STATEMENT.format(
+        layer_partition(layer.run_id, layer.id), sql.SQL(", ").join(map(sql.Identifier, COPY_COLUMNS))
+    )
+    with conn.cursor().copy(statement) as copy:
+        for chunk in iter_copy_chunks(rows, layer.run_id, layer.id, batch_seq):
+            copy.write(chunk)

@@ -1,0 +1,90 @@
+"""The FastAPI application: wiring of settings, the pool, routers and the one error shape."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import psycopg
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from psycopg_pool import PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import __version__, keys
+from app.database import open_pool
+from app.errors import EideticError
+from app.routers import activations, health, runs
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated", 403: "forbidden"}
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "field": field}}, status_code=status)
+
+
+def create_app(settings: Settings, database_url: str) -> FastAPI:
+    """The service over one database; the pool opens at startup and closes at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.pool = open_pool(database_url, settings)
+        if settings.no_auth:
+            with app.state.pool.connection() as conn:
+                app.state.open_principal = keys.open_principal(conn)
+        try:
+            yield
+        finally:
+            app.state.pool.close()
+
+    app = FastAPI(
+        title="Eidetic",
+        version=__version__,
+        description="A Postgres-backed activation store and indexing service for PyTorch training.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    for router in (health.router, runs.router, activations.router):
+        app.include_router(router)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(EideticError)
+    async def eidetic_error(request: Request, error: EideticError) -> JSONResponse:
+        return JSONResponse(error.to_json(), status_code=error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
+        location = [str(part) for part in first.get("loc", ())]
+        field = ".".join(location[1:]) if len(location) > 1 else (location[0] if location else None)
+        return error_response(422, "invalid_input", f"{field}: {first.get('msg')}", field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(error.status_code, "http_error")
+        return error_response(error.status_code, code, str(error.detail))
+
+    @app.exception_handler(PoolTimeout)
+    async def pool_timeout(request: Request, error: PoolTimeout) -> JSONResponse:
+        return error_response(503, "unavailable", "no database connection came free in time; retry later")
+
+    @app.exception_handler(psycopg.errors.QueryCanceled)
+    async def query_canceled(request: Request, error: psycopg.errors.QueryCanceled) -> JSONResponse:
+        return error_response(503, "timeout", "the query ran past the statement timeout; narrow it or retry")
+
+    @app.exception_handler(psycopg.OperationalError)
+    async def database_down(request: Request, error: psycopg.OperationalError) -> JSONResponse:
+        log.warning("database unavailable: %s", error)
+        return error_response(503, "unavailable", "the database is unavailable; retry later")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", "an unexpected error; it has been logged")

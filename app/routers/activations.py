@@ -1,0 +1,184 @@
+"""Activations of a layer: ingest (Arrow, .npy, JSON), filtered keyset pages and streams, summaries."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import psycopg
+import pyarrow as pa
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app import formats, ingest, query, runs
+from app.errors import InvalidInput
+from app.deps import get_conn, read_body, reader, writer
+from app.keys import Principal
+from app.runs import Layer
+from app.schemas import ActivationBatchIn, ActivationPage, IngestOut, SummaryOut
+from app.settings import Settings
+
+router = APIRouter(prefix="/v1/runs/{run_id}/layers/{layer_id}", tags=["activations"])
+
+RunId = Path(ge=1, le=2**63 - 1)
+LayerId = Path(ge=1, le=2**63 - 1)
+INT32 = 2**31 - 1
+INT64 = 2**63 - 1
+
+_INGEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "An Arrow IPC stream (bulk), a .npy float32 matrix, or JSON for small batches.",
+        "content": {
+            formats.JSON: {"schema": ActivationBatchIn.model_json_schema(ref_template="#/components/schemas/{model}")},
+            formats.ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}},
+            formats.NPY: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.post(
+    "/activations",
+    status_code=201,
+    response_model=IngestOut,
+    openapi_extra=_INGEST_BODY,
+    responses={200: {"model": IngestOut, "description": "A retried batch, already stored: nothing copied."}},
+)
+async def ingest_activations(
+    request: Request,
+    run_id: int = RunId,
+    layer_id: int = LayerId,
+    batch_id: str | None = Query(None, min_length=1, max_length=200, description="Idempotency key of the batch."),
+    sample_id_start: int | None = Query(None, ge=0, le=INT64, description=".npy: sample ids start, one per row."),
+    step: int | None = Query(None, ge=-INT64, le=INT64, description=".npy: the step of every row."),
+    epoch: int | None = Query(None, ge=-INT32, le=INT32, description=".npy: the epoch of every row."),
+    label: int | None = Query(None, ge=-INT32, le=INT32, description=".npy: the label of every row."),
+    task: str | None = Query(None, min_length=1, max_length=200, description=".npy: the task of every row."),
+    principal: Principal = Depends(writer),
+    conn: psycopg.Connection = Depends(get_conn),
+) -> JSONResponse:
+    settings: Settings = request.app.state.settings
+    body = await read_body(request, settings.max_body_bytes)
+    params = {"sample_id_start": sample_id_start, "step": step, "epoch": epoch, "label": label, "task": task}
+
+    def store() -> ingest.IngestResult:
+        layer = runs.get_layer(conn, principal.project_id, run_id, layer_id)
+        rows, body_batch_id = formats.parse_rows(request.headers.get("content-type"), body, params)
+        ingest.validate_rows(
+            rows, layer, max_rows=settings.max_rows_per_batch, reject_non_finite=settings.reject_non_finite
+        )
+        return ingest.ingest(conn, layer, batch_id or body_batch_id or ingest.new_batch_id(), rows)
+
+    result = await run_in_threadpool(store)
+    content = IngestOut(batch_id=result.batch_id, rows=result.rows, duplicate=result.duplicate).model_dump()
+    return JSONResponse(content, status_code=200 if result.duplicate else 201)
+
+
+def activation_filter(
+    task: str | None = Query(None, max_length=200),
+    label: int | None = Query(None, ge=-INT32, le=INT32),
+    epoch: int | None = Query(None, ge=-INT32, le=INT32),
+    step_min: int | None = Query(None, ge=-INT64, le=INT64),
+    step_max: int | None = Query(None, ge=-INT64, le=INT64),
+    sample_id: list[int] = Query(default_factory=list, description="Repeat to ask for several sample ids."),
+) -> query.ActivationFilter:
+    for value in sample_id:
+        if not -INT64 <= value <= INT64:
+            raise InvalidInput("sample ids are 64-bit integers", field="sample_id")
+    return query.ActivationFilter(task, label, epoch, step_min, step_max, tuple(sample_id)).check()
+
+
+@router.get(
+    "/activations",
+    response_model=ActivationPage,
+    responses={200: {"content": {formats.ARROW_STREAM: {}}, "description": "JSON page, or an Arrow stream."}},
+)
+def read_activations(
+    request: Request,
+    run_id: int = RunId,
+    layer_id: int = LayerId,
+    where: query.ActivationFilter = Depends(activation_filter),
+    limit: int | None = Query(None, ge=1, description="Rows per page; with format=arrow, omit it to stream all."),
+    cursor: str | None = Query(None, max_length=100),
+    format: Literal["json", "arrow"] = Query("json"),
+    principal: Principal = Depends(reader),
+    conn: psycopg.Connection = Depends(get_conn),
+):
+    settings: Settings = request.app.state.settings
+    layer = runs.get_layer(conn, principal.project_id, run_id, layer_id)
+    after = query.RowKey.decode(cursor) if cursor else query.BEFORE_FIRST
+    if limit is not None and limit > settings.max_page_limit:
+        raise InvalidInput(f"limit is at most {settings.max_page_limit}", field="limit")
+    if format == "arrow":
+        return StreamingResponse(
+            _arrow_stream(request.app.state.pool, layer, where, after, limit),
+            media_type=formats.ARROW_STREAM,
+        )
+    rows, next_cursor = query.page(conn, layer, where, after, limit or settings.default_page_limit)
+    return JSONResponse({"rows": [_row_json(row) for row in rows], "next_cursor": next_cursor})
+
+
+def _row_json(row: tuple) -> dict:
+    record = dict(zip(query.ROW_FIELDS, row))
+    record["values"] = [formats.json_safe(v) for v in record["values"].tolist()]
+    return record
+
+
+def _arrow_stream(
+    pool, layer: Layer, where: query.ActivationFilter, after: query.RowKey, limit: int | None
+) -> Iterator[bytes]:
+    """Record batches as they are read, inside one snapshot; memory stays at one window."""
+    schema = pa.schema(
+        [pa.field("batch_id", pa.string()), pa.field("row", pa.int32()), *formats.arrow_schema(layer.dim)]
+    )
+    sink = io.BytesIO()
+    with pool.connection() as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        with pa.ipc.new_stream(sink, schema) as stream:
+            for window in query.iter_row_windows(conn, layer, where, after, limit):
+                stream.write_batch(_window_batch(window, schema, layer.dim))
+                yield _drain(sink)
+        yield _drain(sink)
+
+
+def _drain(sink: io.BytesIO) -> bytes:
+    data = sink.getvalue()
+    sink.seek(0)
+    sink.truncate()
+    return data
+
+
+def _window_batch(window: list[tuple], schema: pa.Schema, dim: int) -> pa.RecordBatch:
+    columns = list(zip(*window))
+    values = np.stack(columns[7]).astype(np.float32, copy=False).reshape(-1)
+    arrays = {
+        "batch_id": pa.array(columns[0], type=pa.string()),
+        "row": pa.array(columns[1], type=pa.int32()),
+        "sample_id": pa.array(columns[2], type=pa.int64()),
+        "step": pa.array(columns[3], type=pa.int64()),
+        "epoch": pa.array(columns[4], type=pa.int32()),
+        "task": pa.array(columns[5], type=pa.string()),
+        "label": pa.array(columns[6], type=pa.int32()),
+        "values": pa.FixedSizeListArray.from_arrays(pa.array(values), dim),
+    }
+    return pa.record_batch([arrays[name] for name in schema.names], schema=schema)
+
+
+@router.get("/summary", response_model=SummaryOut)
+def summary(
+    run_id: int = RunId,
+    layer_id: int = LayerId,
+    where: query.ActivationFilter = Depends(activation_filter),
+    principal: Principal = Depends(reader),
+    conn: psycopg.Connection = Depends(get_conn),
+) -> JSONResponse:
+    layer = runs.get_layer(conn, principal.project_id, run_id, layer_id)
+    stats = query.summarize(conn, layer, where)
+    content = {"rows": stats.rows}
+    for name in ("mean", "std", "min", "max"):
+        content[name] = [formats.json_safe(v) for v in getattr(stats, name).tolist()]
+    return JSONResponse(content)

@@ -1,0 +1,125 @@
+"""Activation rows in columnar form: what every ingest format is parsed into and every transport sends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+METADATA_COLUMNS: tuple[str, ...] = ("sample_id", "step", "epoch", "label")
+INT_DTYPES: dict[str, np.dtype] = {
+    "sample_id": np.dtype(np.int64),
+    "step": np.dtype(np.int64),
+    "epoch": np.dtype(np.int32),
+    "label": np.dtype(np.int32),
+}
+
+
+@dataclass(frozen=True)
+class NullableColumn:
+    """One metadata column: its values and, where some are missing, a mask (True = null)."""
+
+    data: np.ndarray
+    nulls: np.ndarray | None = None
+
+    @classmethod
+    def missing(cls, n_rows: int, dtype: np.dtype) -> "NullableColumn":
+        return cls(np.zeros(n_rows, dtype=dtype), np.ones(n_rows, dtype=bool))
+
+    def null_mask(self) -> np.ndarray:
+        return self.nulls if self.nulls is not None else np.zeros(len(self.data), dtype=bool)
+
+    def to_list(self) -> list:
+        values = self.data.tolist()
+        if self.nulls is None:
+            return values
+        return [None if null else value for value, null in zip(values, self.nulls.tolist())]
+
+
+@dataclass(frozen=True)
+class ActivationRows:
+    """A batch of activations: a float32 matrix (rows x dim) and per-row metadata.
+
+    Tasks are categorical: `task_codes` index into `task_names` (-1 = no task), so a
+    batch of one task costs one string, not one per row. The integer metadata columns
+    may hold nulls.
+    """
+
+    values: np.ndarray
+    sample_id: NullableColumn
+    step: NullableColumn
+    epoch: NullableColumn
+    label: NullableColumn
+    task_codes: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))
+    task_names: tuple[str, ...] = ()
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.values.shape[1])
+
+    def column(self, name: str) -> NullableColumn:
+        return getattr(self, name)
+
+    def tasks(self) -> list[str | None]:
+        names = list(self.task_names)
+        return [None if code < 0 else names[code] for code in self.task_codes.tolist()]
+
+    @classmethod
+    def build(
+        cls,
+        values: np.ndarray,
+        *,
+        sample_id=None,
+        step=None,
+        epoch=None,
+        label=None,
+        task=None,
+    ) -> "ActivationRows":
+        """Builds rows from arrays, scalars (one value for every row) or None (missing)."""
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if values.ndim != 2:
+            raise ValueError(f"values must be a 2-D matrix (rows x dim), got shape {values.shape}")
+        n_rows = values.shape[0]
+        given = {"sample_id": sample_id, "step": step, "epoch": epoch, "label": label}
+        columns = {name: _nullable(given[name], n_rows, INT_DTYPES[name], name) for name in METADATA_COLUMNS}
+        task_codes, task_names = _tasks(task, n_rows)
+        return cls(values=values, task_codes=task_codes, task_names=task_names, **columns)
+
+
+def _nullable(given, n_rows: int, dtype: np.dtype, name: str) -> NullableColumn:
+    if given is None:
+        return NullableColumn.missing(n_rows, dtype)
+    if isinstance(given, NullableColumn):
+        return given
+    if np.isscalar(given):
+        return NullableColumn(np.full(n_rows, given, dtype=dtype))
+    array = np.asarray(given)
+    if array.shape != (n_rows,):
+        raise ValueError(f"{name} must have one value per row ({n_rows}), got shape {array.shape}")
+    if array.dtype == object:
+        nulls = np.array([item is None for item in array], dtype=bool)
+        data = np.array([0 if item is None else item for item in array], dtype=dtype)
+        return NullableColumn(data, nulls if nulls.any() else None)
+    return NullableColumn(array.astype(dtype, copy=False))
+
+
+def _tasks(given, n_rows: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Categorical codes for the task column (scalar, sequence, or None)."""
+    if given is None:
+        return np.full(n_rows, -1, dtype=np.int32), ()
+    if isinstance(given, str):
+        return np.zeros(n_rows, dtype=np.int32), (given,)
+    tasks = list(given)
+    if len(tasks) != n_rows:
+        raise ValueError(f"task must have one value per row ({n_rows}), got {len(tasks)}")
+    names: dict[str, int] = {}
+    codes = np.fromiter(
+        (-1 if task is None else names.setdefault(str(task), len(names)) for task in tasks),
+        dtype=np.int32,
+        count=n_rows,
+    )
+    return codes, tuple(names)

@@ -1,0 +1,46 @@
+"""Every setting of the service in one place, read from the environment and `.env`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import platformdirs
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EIDETIC_", env_file=".env", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "EIDETIC_DATABASE_URL"),
+        description="An external PostgreSQL with pgvector; unset means the embedded server.",
+    )
+    data_dir: Path = Field(
+        default_factory=lambda: Path(platformdirs.user_data_dir("eidetic")),
+        description="Where the embedded server keeps its data.",
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    no_auth: bool = False
+
+    max_body_bytes: int = 64 * MIB
+    max_rows_per_batch: int = 1_000_000
+    max_dim: int = 16_000
+    max_page_limit: int = 10_000
+    default_page_limit: int = 500
+    reject_non_finite: bool = True
+
+    statement_timeout_ms: int = 30_000
+    request_timeout_s: float = 60.0
+    pool_min_size: int = 1
+    pool_max_size: int = 10
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Alembic environment and revisions: the only way Eidetic's schema changes."""
