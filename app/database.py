@@ -13,12 +13,17 @@ from app.settings import Settings
 
 
 def connection_kwargs(settings: Settings) -> dict:
-    """Every query runs under a statement timeout, so a slow scan can't hold a worker forever."""
-    return {"options": f"-c statement_timeout={int(settings.statement_timeout_ms)}"}
+    """Every query runs under a statement timeout, so a slow scan can't hold a worker forever.
+
+    Connections are in autocommit mode: a domain function that writes more than one
+    statement opens `conn.transaction()`, which then is a real BEGIN/COMMIT, so a
+    route's answer is sent only after its writes are durable.
+    """
+    return {"options": f"-c statement_timeout={int(settings.statement_timeout_ms)}", "autocommit": True}
 
 
 def connect(url: str, settings: Settings, **kwargs) -> psycopg.Connection:
-    conn = psycopg.connect(url, **connection_kwargs(settings), **kwargs)
+    conn = psycopg.connect(url, **{**connection_kwargs(settings), **kwargs})
     _configure(conn)
     return conn
 

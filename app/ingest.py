@@ -66,6 +66,8 @@ def ingest(conn: psycopg.Connection, layer: Layer, batch_id: str, rows: Activati
 
     Runs in one transaction: the ledger row and every activation row commit together
     or not at all. A concurrent retry of the same id waits on the ledger's unique key.
+    On an autocommit connection (as `app.database` makes them) the batch is committed
+    when this returns; inside a caller's transaction it is a savepoint of it.
     """
     validate_batch_id(batch_id)
     with conn.transaction():

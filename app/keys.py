@@ -55,13 +55,14 @@ def ensure_project(conn: psycopg.Connection, name: str) -> int:
 def create_key(conn: psycopg.Connection, project: str, scope: Scope | str) -> str:
     """Creates a key for the project (made if needed) and returns it: the only time it is seen."""
     scope = Scope[scope] if isinstance(scope, str) else scope
-    project_id = ensure_project(conn, project)
     prefix = secrets.token_hex(4)
     key = f"{KEY_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
-    conn.execute(
-        "INSERT INTO api_keys (project_id, key_prefix, key_hash, scope) VALUES (%s, %s, %s, %s)",
-        (project_id, prefix, hash_key(key), scope.name),
-    )
+    with conn.transaction():
+        project_id = ensure_project(conn, project)
+        conn.execute(
+            "INSERT INTO api_keys (project_id, key_prefix, key_hash, scope) VALUES (%s, %s, %s, %s)",
+            (project_id, prefix, hash_key(key), scope.name),
+        )
     return key
 
 

@@ -44,19 +44,20 @@ def layer_partition(run_id: int, layer_id: int) -> sql.Identifier:
 
 
 def create_run(conn: psycopg.Connection, project_id: int, name: str, config: dict) -> Run:
-    row = conn.execute(
-        f"INSERT INTO runs (project_id, name, config) VALUES (%s, %s, %s) "
-        f"ON CONFLICT (project_id, name) DO NOTHING RETURNING {_RUN_COLUMNS}",
-        (project_id, name, Jsonb(config)),
-    ).fetchone()
-    if row is None:
-        raise Conflict(f"a run named {name!r} already exists in this project", field="name")
-    run = Run(*row)
-    conn.execute(
-        sql.SQL("CREATE TABLE {} PARTITION OF activations FOR VALUES IN ({}) PARTITION BY LIST (layer_id)").format(
-            run_partition(run.id), sql.Literal(run.id)
+    with conn.transaction():
+        row = conn.execute(
+            f"INSERT INTO runs (project_id, name, config) VALUES (%s, %s, %s) "
+            f"ON CONFLICT (project_id, name) DO NOTHING RETURNING {_RUN_COLUMNS}",
+            (project_id, name, Jsonb(config)),
+        ).fetchone()
+        if row is None:
+            raise Conflict(f"a run named {name!r} already exists in this project", field="name")
+        run = Run(*row)
+        conn.execute(
+            sql.SQL("CREATE TABLE {} PARTITION OF activations FOR VALUES IN ({}) PARTITION BY LIST (layer_id)").format(
+                run_partition(run.id), sql.Literal(run.id)
+            )
         )
-    )
     return run
 
 
@@ -91,26 +92,28 @@ def set_run_status(conn: psycopg.Connection, project_id: int, run_id: int, statu
 
 def delete_run(conn: psycopg.Connection, project_id: int, run_id: int) -> None:
     """Drops the run's partition (all its activations at once, however many) and its rows."""
-    get_run(conn, project_id, run_id)
-    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(run_partition(run_id)))
-    conn.execute("DELETE FROM runs WHERE id = %s", (run_id,))
+    with conn.transaction():
+        get_run(conn, project_id, run_id)
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(run_partition(run_id)))
+        conn.execute("DELETE FROM runs WHERE id = %s", (run_id,))
 
 
 def create_layer(conn: psycopg.Connection, project_id: int, run_id: int, name: str, dim: int, kind: str) -> Layer:
-    get_run(conn, project_id, run_id, lock=True)
-    row = conn.execute(
-        f"INSERT INTO layers (run_id, name, dim, kind) VALUES (%s, %s, %s, %s) "
-        f"ON CONFLICT (run_id, name) DO NOTHING RETURNING {_LAYER_COLUMNS}",
-        (run_id, name, dim, kind),
-    ).fetchone()
-    if row is None:
-        raise Conflict(f"run {run_id} already has a layer named {name!r}", field="name")
-    layer = Layer(*row)
-    conn.execute(
-        sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES IN ({})").format(
-            layer_partition(run_id, layer.id), run_partition(run_id), sql.Literal(layer.id)
+    with conn.transaction():
+        get_run(conn, project_id, run_id, lock=True)
+        row = conn.execute(
+            f"INSERT INTO layers (run_id, name, dim, kind) VALUES (%s, %s, %s, %s) "
+            f"ON CONFLICT (run_id, name) DO NOTHING RETURNING {_LAYER_COLUMNS}",
+            (run_id, name, dim, kind),
+        ).fetchone()
+        if row is None:
+            raise Conflict(f"run {run_id} already has a layer named {name!r}", field="name")
+        layer = Layer(*row)
+        conn.execute(
+            sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES IN ({})").format(
+                layer_partition(run_id, layer.id), run_partition(run_id), sql.Literal(layer.id)
+            )
         )
-    )
     return layer
 
 

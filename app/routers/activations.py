@@ -136,8 +136,8 @@ def _arrow_stream(
         [pa.field("batch_id", pa.string()), pa.field("row", pa.int32()), *formats.arrow_schema(layer.dim)]
     )
     sink = io.BytesIO()
-    with pool.connection() as conn:
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    with pool.connection() as conn, conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         with pa.ipc.new_stream(sink, schema) as stream:
             for window in query.iter_row_windows(conn, layer, where, after, limit):
                 stream.write_batch(_window_batch(window, schema, layer.dim))

@@ -1,0 +1,173 @@
+"""A small REST client of the Eidetic service: runs, layers, activation batches and summaries.
+
+Every error answer of the service becomes one typed exception carrying its JSON error
+(code, message, field), so callers branch on `code`, never on message text. Later
+resources (quantiles, memory banks) add methods on top of `request`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+
+from model.config import ClientSettings
+
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+_RETRYABLE_STATUSES = frozenset({408, 425, 429})
+
+
+class EideticAPIError(Exception):
+    """An error answer of the service: its HTTP status and its JSON error body."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}" + (f" (field: {field})" if field else ""))
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+    @property
+    def retryable(self) -> bool:
+        """Worth sending again unchanged: the service or its database was busy or down."""
+        return self.status >= 500 or self.status in _RETRYABLE_STATUSES
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> "EideticAPIError":
+        try:
+            error = response.json()["error"]
+            return cls(response.status_code, str(error["code"]), str(error["message"]), error.get("field"))
+        except (ValueError, KeyError, TypeError):  # not our JSON shape (a proxy, a crash page)
+            text = response.text[:200].strip() or response.reason_phrase
+            return cls(response.status_code, "http_error", text)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    id: int
+    name: str
+    config: dict
+    status: str
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    id: int
+    run_id: int
+    name: str
+    dim: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class IngestReceipt:
+    """The service's acknowledgement of a batch; `duplicate` means an earlier attempt already stored it."""
+
+    batch_id: str
+    rows: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """Per-unit statistics of a layer's stored rows (NaN where the service had none)."""
+
+    rows: int
+    mean: np.ndarray
+    std: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+
+
+class EideticClient:
+    """Synchronous client over one httpx connection pool; use as a context manager or call close()."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        http: httpx.Client | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = http or httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+
+    @classmethod
+    def from_settings(cls, settings: ClientSettings | None = None) -> "EideticClient":
+        settings = settings or ClientSettings()
+        return cls(settings.eidetic_url, settings.api_key(), timeout=settings.request_timeout_s)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One call; an error answer raises EideticAPIError, a network failure raises httpx.TransportError."""
+        response = self._http.request(method, path, **kwargs)
+        if response.is_error:
+            raise EideticAPIError.from_response(response)
+        return response
+
+    # ---------------------------------------------------------------- runs and layers
+
+    def create_run(self, name: str, config: dict | None = None) -> RunInfo:
+        body = self.request("POST", "/v1/runs", json={"name": name, "config": config or {}}).json()
+        return _run(body)
+
+    def get_run(self, run_id: int) -> RunInfo:
+        return _run(self.request("GET", f"/v1/runs/{run_id}").json())
+
+    def set_run_status(self, run_id: int, status: str) -> RunInfo:
+        return _run(self.request("PATCH", f"/v1/runs/{run_id}", json={"status": status}).json())
+
+    def create_layer(self, run_id: int, name: str, dim: int, kind: str = "activations") -> LayerInfo:
+        body = self.request("POST", f"/v1/runs/{run_id}/layers", json={"name": name, "dim": dim, "kind": kind}).json()
+        return _layer(body)
+
+    def get_layer(self, run_id: int, layer_id: int) -> LayerInfo:
+        return _layer(self.request("GET", f"/v1/runs/{run_id}/layers/{layer_id}").json())
+
+    # ---------------------------------------------------------------- activations
+
+    def ingest_arrow(self, run_id: int, layer_id: int, batch_id: str, body: bytes) -> IngestReceipt:
+        """Sends one Arrow IPC batch; the batch id makes a resend of the same batch a no-op."""
+        response = self.request(
+            "POST",
+            f"/v1/runs/{run_id}/layers/{layer_id}/activations",
+            params={"batch_id": batch_id},
+            content=body,
+            headers={"Content-Type": ARROW_STREAM},
+        )
+        answer = response.json()
+        return IngestReceipt(batch_id=answer["batch_id"], rows=int(answer["rows"]), duplicate=bool(answer["duplicate"]))
+
+    def layer_summary(self, run_id: int, layer_id: int, **filters: Any) -> LayerSummary:
+        """Per-unit count, mean, std, min, max; filters are the route's (task, label, epoch, step_min, ...)."""
+        params = {name: value for name, value in filters.items() if value is not None}
+        answer = self.request("GET", f"/v1/runs/{run_id}/layers/{layer_id}/summary", params=params).json()
+        stats = {name: _floats(answer[name]) for name in ("mean", "std", "min", "max")}
+        return LayerSummary(rows=int(answer["rows"]), **stats)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "EideticClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _run(body: dict) -> RunInfo:
+    return RunInfo(id=int(body["id"]), name=body["name"], config=body.get("config") or {}, status=body["status"])
+
+
+def _layer(body: dict) -> LayerInfo:
+    return LayerInfo(
+        id=int(body["id"]), run_id=int(body["run_id"]), name=body["name"], dim=int(body["dim"]), kind=body["kind"]
+    )
+
+
+def _floats(values: list[float | None]) -> np.ndarray:
+    return np.array([np.nan if value is None else value for value in values], dtype=np.float64)

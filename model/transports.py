@@ -1,0 +1,115 @@
+"""How ActivationWriter delivers one batch: over REST, or straight into the database.
+
+Both obey one contract: `send(batch_id, rows)` stores the batch exactly once under its
+id (the store's ingest ledger turns a resend into a duplicate acknowledgement), raises
+TransientError when sending the same batch again may succeed, and EideticAPIError when
+it never will.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import httpx
+import psycopg
+
+from app import ingest as store_ingest
+from app.database import connect
+from app.errors import EideticError
+from app.formats import rows_to_arrow
+from app.rows import ActivationRows
+from app.runs import Layer, find_layer
+from app.settings import Settings as StoreSettings
+from model.client import EideticAPIError, EideticClient, IngestReceipt
+
+
+class TransientError(Exception):
+    """The batch may or may not have been stored; sending it again under the same id is safe."""
+
+
+class Transport(Protocol):
+    """Delivers batches of one layer; used from the writer's sender thread only."""
+
+    def send(self, batch_id: str, rows: ActivationRows) -> IngestReceipt: ...
+
+    def close(self) -> None: ...
+
+
+class RestTransport:
+    """POSTs each batch as an Arrow IPC stream; 5xx, 408/425/429 and network errors are transient."""
+
+    def __init__(self, client: EideticClient, run_id: int, layer_id: int, *, owns_client: bool = True) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.layer_id = layer_id
+        self._owns_client = owns_client
+
+    def send(self, batch_id: str, rows: ActivationRows) -> IngestReceipt:
+        body = rows_to_arrow(rows, batch_id)
+        try:
+            return self.client.ingest_arrow(self.run_id, self.layer_id, batch_id, body)
+        except httpx.TransportError as error:
+            raise TransientError(f"could not reach the service: {error!r}") from error
+        except EideticAPIError as error:
+            if error.retryable:
+                raise TransientError(str(error)) from error
+            raise
+
+    def close(self) -> None:
+        if self._owns_client:
+            self.client.close()
+
+
+class DirectTransport:
+    """Ingests through the store's own code on a database connection, for trusted workers.
+
+    It runs the same checks and the same exactly-once ledger as the REST route, so the two
+    transports store identical rows; it only skips HTTP and the API key. Connection
+    failures are transient: the connection is opened again for the next attempt.
+    """
+
+    def __init__(self, database_url: str, layer_id: int, store_settings: StoreSettings | None = None) -> None:
+        self.database_url = database_url
+        self.layer_id = layer_id
+        self.store_settings = store_settings or StoreSettings()  # the service's limits, checked the same way
+        self._conn: psycopg.Connection | None = None
+        self._layer: Layer | None = None
+
+    def send(self, batch_id: str, rows: ActivationRows) -> IngestReceipt:
+        try:
+            conn = self._connection()
+            if self._layer is None:
+                self._layer = find_layer(conn, self.layer_id)
+            store_ingest.validate_rows(
+                rows,
+                self._layer,
+                max_rows=self.store_settings.max_rows_per_batch,
+                reject_non_finite=self.store_settings.reject_non_finite,
+            )
+            result = store_ingest.ingest(conn, self._layer, batch_id, rows)
+        except EideticError as error:
+            raise EideticAPIError(error.status_code, error.code, error.message, error.field) from error
+        except psycopg.OperationalError as error:
+            self._drop_connection()
+            raise TransientError(f"database unavailable: {error}") from error
+        except psycopg.Error as error:
+            raise EideticAPIError(500, "database_error", str(error)) from error
+        return IngestReceipt(batch_id=result.batch_id, rows=result.rows, duplicate=result.duplicate)
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._drop_connection()
+            # Autocommit: ingest() opens its own transaction, which must be the outermost one.
+            self._conn = connect(self.database_url, self.store_settings, autocommit=True)
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
+            self._conn = None
+
+    def close(self) -> None:
+        self._drop_connection()

@@ -1,0 +1,54 @@
+"""Small helpers the API tests share: making a run and a layer, sending batches, counting rows."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import psycopg
+
+from app.formats import ARROW_STREAM, rows_to_arrow
+from app.rows import ActivationRows
+
+
+def make_layer(api: httpx.Client, dim: int = 8, run: str = "run", layer: str = "fc") -> tuple[int, int]:
+    response = api.post("/v1/runs", json={"name": run, "config": {"lr": 0.1}})
+    assert response.status_code == 201, response.text
+    run_id = response.json()["id"]
+    response = api.post(f"/v1/runs/{run_id}/layers", json={"name": layer, "dim": dim})
+    assert response.status_code == 201, response.text
+    return run_id, response.json()["id"]
+
+
+def activations_path(run_id: int, layer_id: int) -> str:
+    return f"/v1/runs/{run_id}/layers/{layer_id}/activations"
+
+
+def random_rows(n: int, dim: int, seed: int = 0, **metadata) -> ActivationRows:
+    values = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return ActivationRows.build(values, **metadata)
+
+
+def post_arrow(api: httpx.Client, run_id: int, layer_id: int, rows: ActivationRows, batch_id: str | None = None):
+    return api.post(
+        activations_path(run_id, layer_id),
+        content=rows_to_arrow(rows, batch_id),
+        headers={"content-type": ARROW_STREAM},
+    )
+
+
+def stored_rows(database_url: str, layer_id: int) -> int:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute("SELECT count(*) FROM activations WHERE layer_id = %s", (layer_id,)).fetchone()[0]
+
+
+def stored_batches(database_url: str, layer_id: int) -> int:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute("SELECT count(*) FROM ingest_batches WHERE layer_id = %s", (layer_id,)).fetchone()[0]
+
+
+def error_of(response: httpx.Response) -> dict:
+    """The error object of a 4xx/5xx answer (asserting it has the one JSON shape)."""
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert {"code", "message", "field"} <= set(body["error"]), body
+    return body["error"]
