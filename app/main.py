@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import __version__, keys
 from app.database import open_pool
 from app.errors import EideticError
+from app.metrics import install_metrics
 from app.routers import activations, health, runs
 from app.settings import Settings
 
@@ -48,6 +49,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    install_metrics(app)
     for router in (health.router, runs.router, activations.router):
         app.include_router(router)
     _install_error_handlers(app)

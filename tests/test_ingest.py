@@ -3,6 +3,8 @@
 import io
 import threading
 
+import httpx
+
 import numpy as np
 import pyarrow as pa
 import psycopg
@@ -193,3 +195,16 @@ def test_arrow_with_variable_lists_and_dictionary_tasks_is_accepted(api):
     assert response.status_code == 201, response.text
     stored = read_all(api, run_id, layer_id)
     assert [(r["task"], r["label"]) for r in stored] == [("A", 1), ("B", None)]
+
+
+def test_metrics_count_requests_and_ingested_rows(service, api):
+    run_id, layer_id = make_layer(api, dim=4)
+    rows = random_rows(25, 4)
+    post_arrow(api, run_id, layer_id, rows, batch_id="m")
+    post_arrow(api, run_id, layer_id, rows, batch_id="m")
+
+
+    text = httpx.get(f"{service.base_url}/metrics").text
+    assert "eidetic_ingested_rows_total 25.0" in text
+    assert 'eidetic_ingested_batches_total{duplicate="true"} 1.0' in text
+    assert 'route="/v1/runs/{run_id}/layers/{layer_id}/activations",status="201"' in text

@@ -74,6 +74,7 @@ async def ingest_activations(
         return ingest.ingest(conn, layer, batch_id or body_batch_id or ingest.new_batch_id(), rows)
 
     result = await run_in_threadpool(store)
+    request.app.state.metrics.record_ingest(result.rows, result.duplicate)
     content = IngestOut(batch_id=result.batch_id, rows=result.rows, duplicate=result.duplicate).model_dump()
     return JSONResponse(content, status_code=200 if result.duplicate else 201)
 
