@@ -51,8 +51,14 @@ def serve(settings: Settings, database_url: str) -> None:
     uvicorn.run(create_app(settings, database_url), host=settings.host, port=settings.port, log_level="info")
 
 
+def _with_flags(settings: Settings, args: argparse.Namespace) -> Settings:
+    """Flags given on the command line win over EIDETIC_HOST / EIDETIC_PORT / EIDETIC_NO_AUTH."""
+    flags = {name: getattr(args, name, None) for name in ("host", "port", "no_auth")}
+    return settings.model_copy(update={name: value for name, value in flags.items() if value is not None})
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    settings = settings.model_copy(update={"host": args.host, "port": args.port, "no_auth": args.no_auth})
+    settings = _with_flags(settings, args)
     if settings.no_auth and not is_loopback(settings.host):
         log.error("--no-auth is allowed only on a loopback address, not %s", settings.host)
         return 2
@@ -70,7 +76,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.database_url:
         log.error("`eidetic serve` needs DATABASE_URL; use `eidetic up` for the embedded database")
         return 2
-    settings = settings.model_copy(update={"host": args.host, "port": args.port})
+    settings = _with_flags(settings, args)
     serve(settings, settings.database_url)
     return 0
 
@@ -110,15 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="start the embedded database (or use DATABASE_URL), migrate, serve")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--host", help="address to listen on (default EIDETIC_HOST or 127.0.0.1)")
+    up.add_argument("--port", type=int, help="port (default EIDETIC_PORT or 8000)")
     up.add_argument("--data-dir", help="where the embedded server keeps its data")
-    up.add_argument("--no-auth", action="store_true", help="no API keys (loopback addresses only)")
+    up.add_argument("--no-auth", action="store_true", default=None, help="no API keys (loopback addresses only)")
     up.set_defaults(handler=cmd_up)
 
     serve_parser = commands.add_parser("serve", help="serve the API over DATABASE_URL (migrating first)")
-    serve_parser.add_argument("--host", default="0.0.0.0")
-    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--host", help="address to listen on (default EIDETIC_HOST)")
+    serve_parser.add_argument("--port", type=int, help="port (default EIDETIC_PORT or 8000)")
     serve_parser.set_defaults(handler=cmd_serve)
 
     migrate_parser = commands.add_parser("migrate", help="upgrade the schema (or --downgrade)")
@@ -128,14 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_parser.set_defaults(handler=cmd_migrate)
 
     keys_parser = commands.add_parser("keys", help="create, list and revoke API keys")
-    keys_parser.add_argument("--data-dir")
+    data_dir = argparse.ArgumentParser(add_help=False)
+    data_dir.add_argument("--data-dir", help="the embedded server's data (when DATABASE_URL is unset)")
     keys_commands = keys_parser.add_subparsers(dest="keys_command", required=True)
-    create = keys_commands.add_parser("create")
+    create = keys_commands.add_parser("create", parents=[data_dir])
     create.add_argument("--project", required=True)
     create.add_argument("--scope", choices=[scope.name for scope in keys.Scope], default="write")
-    listing = keys_commands.add_parser("list")
+    listing = keys_commands.add_parser("list", parents=[data_dir])
     listing.add_argument("--project")
-    revoke = keys_commands.add_parser("revoke")
+    revoke = keys_commands.add_parser("revoke", parents=[data_dir])
     revoke.add_argument("prefix")
     keys_parser.set_defaults(handler=cmd_keys)
     return parser

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import psycopg
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from psycopg_pool import ConnectionPool
 
 from app import keys
@@ -62,3 +62,8 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"the body is over the limit of {limit} bytes", field="body")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def id_path() -> Path:
+    """A positive 64-bit id in the path (a fresh Path per parameter, as FastAPI binds each to its name)."""
+    return Path(ge=1, le=2**63 - 1)

@@ -17,6 +17,7 @@ from app.copy_binary import COPY_COLUMNS, iter_copy_chunks
 from app.errors import Conflict, DimensionMismatch, InvalidInput, NonFiniteValue, PayloadTooLarge
 from app.rows import ActivationRows
 from app.runs import Layer, layer_partition
+from app.sketches import DEFAULT_K, update_sketches
 
 MAX_BATCH_ID_LENGTH = 200
 _COPY_STATEMENT = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)")
@@ -61,7 +62,9 @@ def validate_batch_id(batch_id: str) -> str:
     return batch_id
 
 
-def ingest(conn: psycopg.Connection, layer: Layer, batch_id: str, rows: ActivationRows) -> IngestResult:
+def ingest(
+    conn: psycopg.Connection, layer: Layer, batch_id: str, rows: ActivationRows, sketch_k: int = DEFAULT_K
+) -> IngestResult:
     """Stores the batch once: a retry of an acknowledged batch id is acknowledged again, not copied.
 
     Runs in one transaction: the ledger row and every activation row commit together
@@ -89,6 +92,8 @@ def ingest(conn: psycopg.Connection, layer: Layer, batch_id: str, rows: Activati
             return IngestResult(batch_id=batch_id, rows=stored, duplicate=True)
         batch_seq = int(inserted[0])
         copy_rows(conn, layer, batch_seq, rows)
+        if layer.sketch:  # last, so concurrent batches COPY in parallel and queue only here
+            update_sketches(conn, layer, rows, sketch_k)
     return IngestResult(batch_id=batch_id, rows=rows.n_rows, duplicate=False)
 
 

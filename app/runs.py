@@ -29,10 +29,11 @@ class Layer:
     dim: int
     kind: str
     created_at: datetime
+    sketch: bool = True
 
 
 _RUN_COLUMNS = "id, name, config, status, created_at"
-_LAYER_COLUMNS = "id, run_id, name, dim, kind, created_at"
+_LAYER_COLUMNS = "id, run_id, name, dim, kind, created_at, sketch"
 
 
 def run_partition(run_id: int) -> sql.Identifier:
@@ -98,13 +99,16 @@ def delete_run(conn: psycopg.Connection, project_id: int, run_id: int) -> None:
         conn.execute("DELETE FROM runs WHERE id = %s", (run_id,))
 
 
-def create_layer(conn: psycopg.Connection, project_id: int, run_id: int, name: str, dim: int, kind: str) -> Layer:
+def create_layer(
+    conn: psycopg.Connection, project_id: int, run_id: int, name: str, dim: int, kind: str, sketch: bool = True
+) -> Layer:
+    """A layer and its partition; `sketch` keeps quantile sketches of it up to date on ingest."""
     with conn.transaction():
         get_run(conn, project_id, run_id, lock=True)
         row = conn.execute(
-            f"INSERT INTO layers (run_id, name, dim, kind) VALUES (%s, %s, %s, %s) "
+            f"INSERT INTO layers (run_id, name, dim, kind, sketch) VALUES (%s, %s, %s, %s, %s) "
             f"ON CONFLICT (run_id, name) DO NOTHING RETURNING {_LAYER_COLUMNS}",
-            (run_id, name, dim, kind),
+            (run_id, name, dim, kind, sketch),
         ).fetchone()
         if row is None:
             raise Conflict(f"run {run_id} already has a layer named {name!r}", field="name")

@@ -35,6 +35,7 @@ class LayerCreate(BaseModel):
     name: str = Name
     dim: int = Field(ge=1, le=16_000, description="Units per activation vector (pgvector's limit is 16,000).")
     kind: str = Field(default="activations", min_length=1, max_length=50, pattern=r"^[A-Za-z0-9_.-]+$")
+    sketch: bool = Field(default=True, description="Keep per-unit quantile sketches up to date on ingest.")
 
 
 class LayerOut(BaseModel):
@@ -44,6 +45,7 @@ class LayerOut(BaseModel):
     dim: int
     kind: str
     created_at: datetime
+    sketch: bool
 
 
 class LayerList(BaseModel):
@@ -94,6 +96,38 @@ class SummaryOut(BaseModel):
     std: list[float | None]
     min: list[float | None]
     max: list[float | None]
+
+
+class QuantilesRequest(BaseModel):
+    n_quantiles: int = Field(ge=2, le=1024)
+    method: Literal["exact", "sketch"] = "exact"
+    task: str | None = Field(default=None, max_length=200)
+    label: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
+    epoch: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
+    step_min: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    step_max: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+
+
+class QuantileSetOut(BaseModel):
+    id: int
+    run_id: int
+    layer_id: int
+    version: int
+    method: str
+    n_quantiles: int
+    rows: int
+    filter: dict[str, Any]
+    boundaries: list[list[float]] = Field(description="units x (n_quantiles - 1), ascending per unit")
+    rank_error: float | None = Field(description="Sketches: normalized rank error bound (99% confidence).")
+    created_at: datetime
+
+
+class BucketizeRequest(BaseModel):
+    values: list[list[float]] = Field(min_length=1)
+
+
+class BucketizeOut(BaseModel):
+    buckets: list[list[int]]
 
 
 class ErrorDetail(BaseModel):

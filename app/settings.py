@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     default_page_limit: int = 500
     reject_non_finite: bool = True
 
+    sketch_k: int = Field(default=400, ge=8, le=65535, description="KLL k of the quantile sketches.")
+    max_quantile_memory_bytes: int = 1024 * MIB
+    max_bucketize_rows: int = 100_000
+
     statement_timeout_ms: int = 30_000
     request_timeout_s: float = 60.0
     pool_min_size: int = 1

@@ -13,7 +13,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -34,6 +33,11 @@ _VARIABLE = re.compile(r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<d
 
 
 # ---------------------------------------------------------------- compose
+
+
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    return tomllib.loads(PYPROJECT.read_text())
 
 
 def interpolate(value, variables: dict[str, str] | None = None):
@@ -310,7 +314,7 @@ def test_image_runs_eidetic_serve_on_all_interfaces_port_8000(final_stage: list[
 
 
 def test_eidetic_is_a_console_script_of_this_distribution() -> None:
-    scripts = tomllib.loads(PYPROJECT.read_text())["project"]["scripts"]
+    scripts = pyproject()["project"]["scripts"]
     assert scripts["eidetic"] == "app.cli:main"
 
 
@@ -326,7 +330,7 @@ def test_image_installs_no_train_extra_by_default(dockerfile: list[Instruction])
 
 
 def test_image_copies_what_the_package_needs(dockerfile: list[Instruction]) -> None:
-    project = tomllib.loads(PYPROJECT.read_text())
+    project = pyproject()
     packages = [pattern.rstrip("*") for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]]
     copied = set()
     for instruction in dockerfile:

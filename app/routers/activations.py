@@ -9,13 +9,13 @@ from typing import Literal
 import numpy as np
 import psycopg
 import pyarrow as pa
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import formats, ingest, query, runs
 from app.errors import InvalidInput
-from app.deps import get_conn, read_body, reader, writer
+from app.deps import id_path, get_conn, read_body, reader, writer
 from app.keys import Principal
 from app.runs import Layer
 from app.schemas import ActivationBatchIn, ActivationPage, IngestOut, SummaryOut
@@ -23,8 +23,6 @@ from app.settings import Settings
 
 router = APIRouter(prefix="/v1/runs/{run_id}/layers/{layer_id}", tags=["activations"])
 
-RunId = Path(ge=1, le=2**63 - 1)
-LayerId = Path(ge=1, le=2**63 - 1)
 INT32 = 2**31 - 1
 INT64 = 2**63 - 1
 
@@ -50,8 +48,8 @@ _INGEST_BODY = {
 )
 async def ingest_activations(
     request: Request,
-    run_id: int = RunId,
-    layer_id: int = LayerId,
+    run_id: int = id_path(),
+    layer_id: int = id_path(),
     batch_id: str | None = Query(None, min_length=1, max_length=200, description="Idempotency key of the batch."),
     sample_id_start: int | None = Query(None, ge=0, le=INT64, description=".npy: sample ids start, one per row."),
     step: int | None = Query(None, ge=-INT64, le=INT64, description=".npy: the step of every row."),
@@ -71,7 +69,8 @@ async def ingest_activations(
         ingest.validate_rows(
             rows, layer, max_rows=settings.max_rows_per_batch, reject_non_finite=settings.reject_non_finite
         )
-        return ingest.ingest(conn, layer, batch_id or body_batch_id or ingest.new_batch_id(), rows)
+        chosen_id = batch_id or body_batch_id or ingest.new_batch_id()
+        return ingest.ingest(conn, layer, chosen_id, rows, sketch_k=settings.sketch_k)
 
     result = await run_in_threadpool(store)
     request.app.state.metrics.record_ingest(result.rows, result.duplicate)
@@ -100,8 +99,8 @@ def activation_filter(
 )
 def read_activations(
     request: Request,
-    run_id: int = RunId,
-    layer_id: int = LayerId,
+    run_id: int = id_path(),
+    layer_id: int = id_path(),
     where: query.ActivationFilter = Depends(activation_filter),
     limit: int | None = Query(None, ge=1, description="Rows per page; with format=arrow, omit it to stream all."),
     cursor: str | None = Query(None, max_length=100),
@@ -171,8 +170,8 @@ def _window_batch(window: list[tuple], schema: pa.Schema, dim: int) -> pa.Record
 
 @router.get("/summary", response_model=SummaryOut)
 def summary(
-    run_id: int = RunId,
-    layer_id: int = LayerId,
+    run_id: int = id_path(),
+    layer_id: int = id_path(),
     where: query.ActivationFilter = Depends(activation_filter),
     principal: Principal = Depends(reader),
     conn: psycopg.Connection = Depends(get_conn),

@@ -5,17 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import psycopg
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
 
 from app import runs
-from app.deps import get_conn, reader, writer
+from app.deps import id_path, get_conn, reader, writer
 from app.keys import Principal
 from app.schemas import LayerCreate, LayerList, LayerOut, RunCreate, RunList, RunOut, RunUpdate
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
-RunId = Path(ge=1, le=2**63 - 1)
-LayerId = Path(ge=1, le=2**63 - 1)
 
 
 @router.post("", status_code=201, response_model=RunOut)
@@ -38,7 +36,7 @@ def list_runs(
 
 @router.get("/{run_id}", response_model=RunOut)
 def get_run(
-    run_id: int = RunId, principal: Principal = Depends(reader), conn: psycopg.Connection = Depends(get_conn)
+    run_id: int = id_path(), principal: Principal = Depends(reader), conn: psycopg.Connection = Depends(get_conn)
 ) -> RunOut:
     return RunOut(**asdict(runs.get_run(conn, principal.project_id, run_id)))
 
@@ -46,7 +44,7 @@ def get_run(
 @router.patch("/{run_id}", response_model=RunOut)
 def update_run(
     body: RunUpdate,
-    run_id: int = RunId,
+    run_id: int = id_path(),
     principal: Principal = Depends(writer),
     conn: psycopg.Connection = Depends(get_conn),
 ) -> RunOut:
@@ -55,7 +53,7 @@ def update_run(
 
 @router.delete("/{run_id}", status_code=204)
 def delete_run(
-    run_id: int = RunId, principal: Principal = Depends(writer), conn: psycopg.Connection = Depends(get_conn)
+    run_id: int = id_path(), principal: Principal = Depends(writer), conn: psycopg.Connection = Depends(get_conn)
 ) -> Response:
     runs.delete_run(conn, principal.project_id, run_id)
     return Response(status_code=204)
@@ -64,25 +62,25 @@ def delete_run(
 @router.post("/{run_id}/layers", status_code=201, response_model=LayerOut)
 def create_layer(
     body: LayerCreate,
-    run_id: int = RunId,
+    run_id: int = id_path(),
     principal: Principal = Depends(writer),
     conn: psycopg.Connection = Depends(get_conn),
 ) -> LayerOut:
-    layer = runs.create_layer(conn, principal.project_id, run_id, body.name, body.dim, body.kind)
+    layer = runs.create_layer(conn, principal.project_id, run_id, body.name, body.dim, body.kind, body.sketch)
     return LayerOut(**asdict(layer))
 
 
 @router.get("/{run_id}/layers", response_model=LayerList)
 def list_layers(
-    run_id: int = RunId, principal: Principal = Depends(reader), conn: psycopg.Connection = Depends(get_conn)
+    run_id: int = id_path(), principal: Principal = Depends(reader), conn: psycopg.Connection = Depends(get_conn)
 ) -> LayerList:
     return LayerList(layers=[LayerOut(**asdict(layer)) for layer in runs.list_layers(conn, principal.project_id, run_id)])
 
 
 @router.get("/{run_id}/layers/{layer_id}", response_model=LayerOut)
 def get_layer(
-    run_id: int = RunId,
-    layer_id: int = LayerId,
+    run_id: int = id_path(),
+    layer_id: int = id_path(),
     principal: Principal = Depends(reader),
     conn: psycopg.Connection = Depends(get_conn),
 ) -> LayerOut:

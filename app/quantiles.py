@@ -1,0 +1,211 @@
+"""Per-unit quantiles of stored activations: exact (numpy over a binary COPY) or from KLL sketches.
+
+Boundary i of Q (i = 1..Q-1) is percentile_disc(i/Q) of the unit's selected values,
+numpy's `method="inverted_cdf"`; the bucket of a value is the number of boundaries
+strictly below it (torch.bucketize with right=False), so buckets run 0..Q-1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from app import sketches
+from app.copy_binary import iter_vectors
+from app.errors import InvalidInput, NotFound, PayloadTooLarge
+from app.query import ActivationFilter
+from app.runs import Layer, layer_partition
+
+METHODS = ("exact", "sketch")
+
+
+@dataclass(frozen=True)
+class QuantileSet:
+    id: int
+    run_id: int
+    layer_id: int
+    version: int
+    n_quantiles: int
+    method: str
+    filter: dict
+    rows: int
+    boundaries: np.ndarray  # units x (Q-1), float32
+    rank_error: float | None
+    created_at: datetime
+
+
+def order_statistics(n_rows: int, n_quantiles: int) -> np.ndarray:
+    """0-based sorted positions of the Q-1 boundaries among n_rows values.
+
+    Asked of numpy itself (inverted_cdf over 0..n-1), so the positions agree with
+    `np.quantile(..., method="inverted_cdf")` to the last rounding.
+    """
+    levels = np.arange(1, n_quantiles) / n_quantiles
+    return np.quantile(np.arange(n_rows, dtype=np.float64), levels, method="inverted_cdf").astype(np.int64)
+
+
+def exact_boundaries_of(matrix: np.ndarray, n_quantiles: int) -> np.ndarray:
+    """Exact boundaries of every column of an in-memory matrix (rows x units)."""
+    positions = order_statistics(matrix.shape[0], n_quantiles)
+    if len(positions) <= 32:
+        selected = np.partition(matrix, np.unique(positions), axis=0)
+    else:
+        selected = np.sort(matrix, axis=0)
+    return np.ascontiguousarray(selected[positions].T, dtype=np.float32)
+
+
+def exact_boundaries(
+    conn: psycopg.Connection, layer: Layer, where: ActivationFilter, n_quantiles: int, memory_bytes: int
+) -> tuple[np.ndarray, int]:
+    """Exact boundaries over the stored rows, reading as many units per pass as memory allows."""
+    conditions, params = where.where()
+    partition = layer_partition(layer.run_id, layer.id)
+    n_rows = conn.execute(sql.SQL("SELECT count(*) FROM {} a WHERE {}").format(partition, conditions), params).fetchone()[0]
+    if n_rows == 0:
+        raise InvalidInput("no stored rows match; nothing to compute quantiles of", field="filter")
+    bytes_per_unit = n_rows * 4 * 2  # the column block and numpy's working copy
+    units_per_pass = min(layer.dim, memory_bytes // bytes_per_unit)
+    if units_per_pass < 1:
+        raise PayloadTooLarge(
+            f"{n_rows} rows exceed the memory budget for exact quantiles of even one unit; use method=sketch",
+            field="method",
+        )
+    boundaries = np.empty((layer.dim, n_quantiles - 1), dtype=np.float32)
+    for start in range(0, layer.dim, units_per_pass):
+        width = min(units_per_pass, layer.dim - start)
+        column = (
+            sql.SQL("a.values")
+            if width == layer.dim
+            else sql.SQL("subvector(a.values, {}, {})").format(sql.Literal(start + 1), sql.Literal(width))
+        )
+        select = sql.SQL("SELECT {} FROM {} a WHERE {}").format(column, partition, conditions)
+        block = np.empty((n_rows, width), dtype=np.float32)
+        filled = 0
+        for chunk in iter_vectors(conn, select, params, width):
+            block[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+        if filled != n_rows:  # impossible inside one snapshot; refuse rather than answer wrongly
+            raise RuntimeError(f"read {filled} rows where the snapshot counted {n_rows}")
+        boundaries[start : start + width] = exact_boundaries_of(block, n_quantiles)
+    return boundaries, n_rows
+
+
+def compute(
+    conn: psycopg.Connection,
+    layer: Layer,
+    n_quantiles: int,
+    method: str,
+    where: ActivationFilter,
+    memory_bytes: int,
+) -> QuantileSet:
+    """Computes and stores a new version of the layer's quantile set."""
+    if not 2 <= n_quantiles <= 1024:
+        raise InvalidInput("n_quantiles is between 2 and 1024", field="n_quantiles")
+    if method not in METHODS:
+        raise InvalidInput(f"method is one of {METHODS}", field="method")
+    rank_error = None
+    with conn.transaction():
+        # one snapshot for the count and the read, so rows used and boundaries agree
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        if method == "exact":
+            boundaries, n_rows = exact_boundaries(conn, layer, where, n_quantiles, memory_bytes)
+        else:
+            boundaries, n_rows, rank_error = _sketch(conn, layer, where, n_quantiles)
+    return _store(conn, layer, n_quantiles, method, where, n_rows, boundaries, rank_error)
+
+
+def _sketch(conn, layer: Layer, where: ActivationFilter, n_quantiles: int) -> tuple[np.ndarray, int, float]:
+    if not layer.sketch:
+        raise InvalidInput(f"layer {layer.name!r} keeps no sketches (created with sketch=false)", field="method")
+    unsupported = [name for name, value in _filter_json(where).items() if name != "task" and value is not None]
+    if unsupported:
+        raise InvalidInput(
+            f"sketches are kept per task; filter by {unsupported[0]} needs method=exact", field=unsupported[0]
+        )
+    merged, k = sketches.merged_sketches(conn, layer, where.task)
+    if not merged or merged[0].n == 0:
+        raise InvalidInput("no stored rows match; nothing to compute quantiles of", field="filter")
+    return sketches.sketch_boundaries(merged, n_quantiles), int(merged[0].n), sketches.rank_error_bound(k)
+
+
+def _filter_json(where: ActivationFilter) -> dict:
+    described = asdict(where)
+    described["sample_ids"] = list(described["sample_ids"]) or None
+    return {name: value for name, value in described.items() if value is not None}
+
+
+_SET_COLUMNS = "id, run_id, layer_id, version, n_quantiles, method, filter, rows_used, units, boundaries, rank_error, created_at"
+
+
+def _store(conn, layer, n_quantiles, method, where, n_rows, boundaries, rank_error) -> QuantileSet:
+    with conn.transaction():
+        conn.execute("SELECT 1 FROM layers WHERE id = %s FOR UPDATE", (layer.id,))  # versions in order
+        row = conn.execute(
+            f"INSERT INTO quantile_sets (run_id, layer_id, version, n_quantiles, method, filter, rows_used, units, "
+            f"boundaries, rank_error) SELECT %s, %s, coalesce(max(version), 0) + 1, %s, %s, %s, %s, %s, %s, %s "
+            f"FROM quantile_sets WHERE layer_id = %s RETURNING {_SET_COLUMNS}",
+            (
+                layer.run_id,
+                layer.id,
+                n_quantiles,
+                method,
+                json.dumps(_filter_json(where)),
+                n_rows,
+                layer.dim,
+                boundaries.astype(np.float32).tobytes(),
+                rank_error,
+                layer.id,
+            ),
+        ).fetchone()
+    return _from_row(row)
+
+
+def _from_row(row: tuple) -> QuantileSet:
+    (id_, run_id, layer_id, version, n_quantiles, method, filter_, rows, units, blob, rank_error, created_at) = row
+    boundaries = np.frombuffer(bytes(blob), dtype=np.float32).reshape(units, n_quantiles - 1)
+    return QuantileSet(id_, run_id, layer_id, version, n_quantiles, method, filter_, rows, boundaries, rank_error, created_at)
+
+
+def latest(conn: psycopg.Connection, layer: Layer, method: str | None = None) -> QuantileSet:
+    row = conn.execute(
+        f"SELECT {_SET_COLUMNS} FROM quantile_sets WHERE layer_id = %s AND (%s::text IS NULL OR method = %s) "
+        f"ORDER BY version DESC LIMIT 1",
+        (layer.id, method, method),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"layer {layer.id} has no quantile set yet", field="layer_id")
+    return _from_row(row)
+
+
+def get(conn: psycopg.Connection, project_id: int, set_id: int) -> QuantileSet:
+    """A quantile set of the caller's project (another project's is not found)."""
+    row = conn.execute(
+        f"SELECT {', '.join('q.' + c.strip() for c in _SET_COLUMNS.split(','))} FROM quantile_sets q "
+        f"JOIN runs r ON r.id = q.run_id WHERE q.id = %s AND r.project_id = %s",
+        (set_id, project_id),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"quantile set {set_id} not found", field="set_id")
+    return _from_row(row)
+
+
+def bucketize(boundaries: np.ndarray, values: np.ndarray, block_elements: int = 1 << 24) -> np.ndarray:
+    """Bucket of each value of each unit: the number of the unit's boundaries strictly below it.
+
+    Vectorised as a comparison against all boundaries at once, in row blocks that keep
+    the boolean temporary under `block_elements`.
+    """
+    units, per_unit = boundaries.shape
+    if values.ndim != 2 or values.shape[1] != units:
+        raise InvalidInput(f"values must be rows of {units} units", field="values")
+    buckets = np.empty(values.shape, dtype=np.int32)
+    step = max(1, block_elements // max(1, units * per_unit))
+    for start in range(0, len(values), step):
+        block = values[start : start + step]
+        buckets[start : start + step] = (block[:, :, None] > boundaries[None, :, :]).sum(axis=2)
+    return buckets
