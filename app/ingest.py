@@ -17,6 +17,7 @@ from app.copy_binary import COPY_COLUMNS, iter_copy_chunks
 from app.errors import Conflict, DimensionMismatch, InvalidInput, NonFiniteValue, PayloadTooLarge
 from app.rows import ActivationRows
 from app.runs import Layer, layer_partition
+from app.settings import Settings
 from app.sketches import DEFAULT_K, update_sketches
 
 MAX_BATCH_ID_LENGTH = 200
@@ -54,6 +55,12 @@ def validate_rows(
     for name in rows.task_names:
         if "\x00" in name or len(name) > 200:
             raise InvalidInput("a task name has at most 200 characters and no NUL", field="task")
+
+
+def store_batch(conn: psycopg.Connection, layer: Layer, batch_id: str, rows: ActivationRows, settings: Settings) -> IngestResult:
+    """Checks a batch under the service's limits and stores it: what every transport calls."""
+    validate_rows(rows, layer, max_rows=settings.max_rows_per_batch, reject_non_finite=settings.reject_non_finite)
+    return ingest(conn, layer, batch_id, rows, sketch_k=settings.sketch_k)
 
 
 def validate_batch_id(batch_id: str) -> str:

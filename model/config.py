@@ -51,6 +51,12 @@ class ClientSettings(BaseSettings):
     writer_batch_rows: int = Field(
         default=8192, ge=1, validation_alias=AliasChoices("EIDETIC_WRITER_BATCH_ROWS", "writer_batch_rows")
     )
+    writer_max_batch_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1,
+        validation_alias=AliasChoices("EIDETIC_WRITER_MAX_BATCH_BYTES", "writer_max_batch_bytes"),
+        description="Values per sent batch, in bytes; keep it under the service's body limit (64 MiB by default).",
+    )
     writer_queue_size: int = Field(
         default=256,
         ge=1,

@@ -15,7 +15,7 @@ import psycopg
 
 from app import ingest as store_ingest
 from app.database import connect
-from app.errors import EideticError
+from app.errors import EideticError, NotFound
 from app.formats import rows_to_arrow
 from app.rows import ActivationRows
 from app.runs import Layer, find_layer
@@ -68,8 +68,11 @@ class DirectTransport:
     failures are transient: the connection is opened again for the next attempt.
     """
 
-    def __init__(self, database_url: str, layer_id: int, store_settings: StoreSettings | None = None) -> None:
+    def __init__(
+        self, database_url: str, run_id: int, layer_id: int, store_settings: StoreSettings | None = None
+    ) -> None:
         self.database_url = database_url
+        self.run_id = run_id
         self.layer_id = layer_id
         self.store_settings = store_settings or StoreSettings()  # the service's limits, checked the same way
         self._conn: psycopg.Connection | None = None
@@ -79,14 +82,8 @@ class DirectTransport:
         try:
             conn = self._connection()
             if self._layer is None:
-                self._layer = find_layer(conn, self.layer_id)
-            store_ingest.validate_rows(
-                rows,
-                self._layer,
-                max_rows=self.store_settings.max_rows_per_batch,
-                reject_non_finite=self.store_settings.reject_non_finite,
-            )
-            result = store_ingest.ingest(conn, self._layer, batch_id, rows)
+                self._layer = self._find_layer(conn)
+            result = store_ingest.store_batch(conn, self._layer, batch_id, rows, self.store_settings)
         except EideticError as error:
             raise EideticAPIError(error.status_code, error.code, error.message, error.field) from error
         except psycopg.OperationalError as error:
@@ -95,6 +92,12 @@ class DirectTransport:
         except psycopg.Error as error:
             raise EideticAPIError(500, "database_error", str(error)) from error
         return IngestReceipt(batch_id=result.batch_id, rows=result.rows, duplicate=result.duplicate)
+
+    def _find_layer(self, conn: psycopg.Connection) -> Layer:
+        layer = find_layer(conn, self.layer_id)
+        if layer.run_id != self.run_id:  # the same answer the REST route gives for another run's layer
+            raise NotFound(f"layer {self.layer_id} not found in run {self.run_id}", field="layer_id")
+        return layer
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:

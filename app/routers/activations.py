@@ -66,11 +66,8 @@ async def ingest_activations(
     def store() -> ingest.IngestResult:
         layer = runs.get_layer(conn, principal.project_id, run_id, layer_id)
         rows, body_batch_id = formats.parse_rows(request.headers.get("content-type"), body, params)
-        ingest.validate_rows(
-            rows, layer, max_rows=settings.max_rows_per_batch, reject_non_finite=settings.reject_non_finite
-        )
         chosen_id = batch_id or body_batch_id or ingest.new_batch_id()
-        return ingest.ingest(conn, layer, chosen_id, rows, sketch_k=settings.sketch_k)
+        return ingest.store_batch(conn, layer, chosen_id, rows, settings)
 
     result = await run_in_threadpool(store)
     request.app.state.metrics.record_ingest(result.rows, result.duplicate)
