@@ -16,7 +16,7 @@ from app import __version__, keys
 from app.database import open_pool
 from app.errors import EideticError
 from app.metrics import install_metrics
-from app.routers import activations, health, quantiles, runs
+from app.routers import activations, health, memory, quantiles, runs
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
     )
     app.state.settings = settings
     install_metrics(app)
-    for router in (health.router, runs.router, activations.router, quantiles.router):
+    for router in (health.router, runs.router, activations.router, quantiles.router, memory.router):
         app.include_router(router)
     _install_error_handlers(app)
     return app

@@ -130,6 +130,82 @@ class BucketizeOut(BaseModel):
     buckets: list[list[int]]
 
 
+class BankCreate(BaseModel):
+    name: str = Name
+    dim: int = Field(ge=1, le=2000, description="Key dimension (pgvector's HNSW index takes up to 2,000).")
+    metric: Literal["cosine", "l2", "ip"] = "cosine"
+    capacity: int = Field(ge=1, le=10_000_000)
+    policy: Literal["none", "fifo", "same_class_lowest_similarity", "least_confident"] = "same_class_lowest_similarity"
+    similarity_threshold: float = Field(
+        default=0.85, allow_inf_nan=False, description="When full, an item is stored only if its best similarity is below this."
+    )
+    value_dim: int | None = Field(default=None, ge=1, le=16_000, description="Length of item values, if items carry them.")
+
+
+class BankOut(BaseModel):
+    id: int
+    name: str
+    dim: int
+    value_dim: int | None
+    metric: str
+    capacity: int
+    policy: str
+    similarity_threshold: float
+    version: int
+    size: int
+    created_at: datetime
+
+
+class BankList(BaseModel):
+    banks: list[BankOut]
+
+
+class ItemIn(BaseModel):
+    key: list[float] = Field(min_length=1)
+    label: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
+    value: list[float] | None = None
+    confidence: float | None = None
+
+
+class ItemsIn(BaseModel):
+    items: list[ItemIn] = Field(min_length=1)
+
+
+class WriteOut(BaseModel):
+    inserted: int
+    replaced: int
+    skipped: int
+    version: int
+    ids: list[int | None] = Field(description="Per item: the id it was stored under, or null if skipped.")
+
+
+class SearchIn(BaseModel):
+    queries: list[list[float]] = Field(min_length=1, description="A batch of query keys (a training batch).")
+    k: int = Field(default=10, ge=1)
+    exact: bool = False
+    ef_search: int = Field(default=100, ge=1, le=1000)
+    labels: list[int] | None = Field(default=None, max_length=10_000)
+
+
+class NeighboursOut(BaseModel):
+    ids: list[int]
+    scores: list[float]
+    labels: list[int | None]
+    prediction: int | None
+    confidence: float
+
+
+class SearchOut(BaseModel):
+    results: list[NeighboursOut]
+
+
+class ChangesOut(BaseModel):
+    items: list[dict[str, Any]]
+    tombstones: list[dict[str, int]]
+    version: int
+    next_since: int | None
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     max_quantile_memory_bytes: int = 1024 * MIB
     max_bucketize_rows: int = 100_000
 
+    max_search_k: int = 1000
+    max_search_queries: int = 4096
+    max_items_per_write: int = 100_000
+
     statement_timeout_ms: int = 30_000
     request_timeout_s: float = 60.0
     pool_min_size: int = 1

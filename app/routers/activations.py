@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from typing import Literal
 
@@ -132,21 +131,10 @@ def _arrow_stream(
     schema = pa.schema(
         [pa.field("batch_id", pa.string()), pa.field("row", pa.int32()), *formats.arrow_schema(layer.dim)]
     )
-    sink = io.BytesIO()
     with pool.connection() as conn, conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        with pa.ipc.new_stream(sink, schema) as stream:
-            for window in query.iter_row_windows(conn, layer, where, after, limit):
-                stream.write_batch(_window_batch(window, schema, layer.dim))
-                yield _drain(sink)
-        yield _drain(sink)
-
-
-def _drain(sink: io.BytesIO) -> bytes:
-    data = sink.getvalue()
-    sink.seek(0)
-    sink.truncate()
-    return data
+        windows = query.iter_row_windows(conn, layer, where, after, limit)
+        yield from formats.ipc_stream(schema, (_window_batch(window, schema, layer.dim) for window in windows))
 
 
 def _window_batch(window: list[tuple], schema: pa.Schema, dim: int) -> pa.RecordBatch:
