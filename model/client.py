@@ -147,6 +147,60 @@ class EideticClient:
         stats = {name: _floats(answer[name]) for name in ("mean", "std", "min", "max")}
         return LayerSummary(rows=int(answer["rows"]), **stats)
 
+    # ---------------------------------------------------------------- quantiles
+
+    def compute_quantiles(self, run_id: int, layer_id: int, n_quantiles: int, method: str = "exact", **filters: Any) -> dict:
+        """A new quantile set of the layer (filters: task, label, epoch, step_min, step_max)."""
+        body = {"n_quantiles": n_quantiles, "method": method, **{k: v for k, v in filters.items() if v is not None}}
+        return self.request("POST", f"/v1/runs/{run_id}/layers/{layer_id}/quantiles", json=body).json()
+
+    def latest_quantiles(self, run_id: int, layer_id: int, method: str | None = None) -> dict:
+        params = {"method": method} if method else {}
+        return self.request("GET", f"/v1/runs/{run_id}/layers/{layer_id}/quantiles/latest", params=params).json()
+
+    def quantile_set(self, set_id: int) -> dict:
+        return self.request("GET", f"/v1/quantile-sets/{set_id}").json()
+
+    # ---------------------------------------------------------------- memory banks
+
+    def create_bank(self, name: str, dim: int, capacity: int, **options: Any) -> dict:
+        """A memory bank (options: metric, policy, similarity_threshold, value_dim)."""
+        body = {"name": name, "dim": dim, "capacity": capacity, **options}
+        return self.request("POST", "/v1/memory-banks", json=body).json()
+
+    def get_bank(self, bank_id: int) -> dict:
+        return self.request("GET", f"/v1/memory-banks/{bank_id}").json()
+
+    def find_bank(self, name: str) -> dict | None:
+        banks = self.request("GET", "/v1/memory-banks").json()["banks"]
+        return next((bank for bank in banks if bank["name"] == name), None)
+
+    def write_items(self, bank_id: int, items: list[dict]) -> dict:
+        """Writes items ({"key", "label", "value", "confidence"}) under the bank's policy."""
+        return self.request("POST", f"/v1/memory-banks/{bank_id}/items", json={"items": items}).json()
+
+    def search(
+        self,
+        bank_id: int,
+        queries: np.ndarray,
+        k: int = 10,
+        *,
+        exact: bool = False,
+        ef_search: int = 100,
+        labels: list[int] | None = None,
+    ) -> list[dict]:
+        body = {"queries": np.asarray(queries, dtype=np.float32).tolist(), "k": k, "exact": exact, "ef_search": ef_search}
+        if labels is not None:
+            body["labels"] = labels
+        return self.request("POST", f"/v1/memory-banks/{bank_id}/search", json=body).json()["results"]
+
+    def changes(self, bank_id: int, since: int, limit: int = 1000) -> dict:
+        return self.request("GET", f"/v1/memory-banks/{bank_id}/changes", params={"since": since, "limit": limit}).json()
+
+    def snapshot(self, bank_id: int) -> bytes:
+        """The whole bank as Arrow IPC bytes (schema metadata: bank_version, metric)."""
+        return self.request("GET", f"/v1/memory-banks/{bank_id}/snapshot").content
+
     # ---------------------------------------------------------------- lifecycle
 
     def close(self) -> None:

@@ -1,0 +1,103 @@
+"""Quantile boundaries held on the model's device, bucketing activations with torch.searchsorted.
+
+The hot path (bucketing a training batch) never touches the network: the boundaries
+are a (units x Q-1) tensor on the device, and `refresh` swaps in a newer version only
+when the store has one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from app.quantiles import order_statistics
+from model.client import EideticClient
+
+
+def local_boundaries(values: torch.Tensor, n_quantiles: int) -> torch.Tensor:
+    """Exact per-unit boundaries of a (rows x units) tensor: numpy's inverted CDF, as the service computes.
+
+    Uses the same order statistics as the service, so USE_DB on and off give identical
+    boundaries.
+    """
+    if values.ndim != 2 or values.shape[0] == 0:
+        raise ValueError(f"need a non-empty (rows x units) tensor, got shape {tuple(values.shape)}")
+    positions = torch.from_numpy(order_statistics(values.shape[0], n_quantiles)).to(values.device)
+    ordered = torch.sort(values.detach().to(torch.float32), dim=0).values
+    return ordered.index_select(0, positions).T.contiguous()
+
+
+@dataclass
+class QuantileCacheStats:
+    lookups: int = 0
+    values_bucketed: int = 0
+    refreshes: int = 0
+    version: int = 0
+
+
+class QuantileCache:
+    """One quantile set's boundaries on a device; `bucketize` is vectorised over batch and units."""
+
+    def __init__(self, boundaries: torch.Tensor, version: int = 0, set_id: int | None = None) -> None:
+        if boundaries.ndim != 2:
+            raise ValueError("boundaries are (units x Q-1)")
+        self.boundaries = boundaries.to(torch.float32).contiguous()
+        self.version = version
+        self.set_id = set_id
+        self.stats = QuantileCacheStats(version=version)
+
+    @property
+    def n_quantiles(self) -> int:
+        return self.boundaries.shape[1] + 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.boundaries.device
+
+    @classmethod
+    def from_quantile_set(cls, answer: dict, device: torch.device | str = "cpu") -> "QuantileCache":
+        boundaries = torch.tensor(np.asarray(answer["boundaries"], dtype=np.float32), device=device)
+        return cls(boundaries, version=int(answer["version"]), set_id=int(answer["id"]))
+
+    @classmethod
+    def from_service(
+        cls, client: EideticClient, run_id: int, layer_id: int, device: torch.device | str = "cpu", method: str | None = None
+    ) -> "QuantileCache":
+        """The layer's latest quantile set from the store."""
+        cache = cls.from_quantile_set(client.latest_quantiles(run_id, layer_id, method), device)
+        cache._source = (run_id, layer_id, method)
+        return cache
+
+    def to(self, device: torch.device | str) -> "QuantileCache":
+        self.boundaries = self.boundaries.to(device)
+        return self
+
+    def refresh(self, client: EideticClient) -> bool:
+        """Loads the store's latest version if it is newer than the one held; True if it changed."""
+        run_id, layer_id, method = self._source
+        answer = client.latest_quantiles(run_id, layer_id, method)
+        if int(answer["version"]) <= self.version:
+            return False
+        fresh = QuantileCache.from_quantile_set(answer, self.device)
+        self.boundaries, self.version, self.set_id = fresh.boundaries, fresh.version, fresh.set_id
+        self.stats.refreshes += 1
+        self.stats.version = self.version
+        return True
+
+    def bucketize(self, activations: torch.Tensor) -> torch.Tensor:
+        """Bucket (0..Q-1) of every value: the number of its unit's boundaries strictly below it.
+
+        torch.searchsorted with a batched boundary table (one row per unit) is
+        torch.bucketize(right=False) for all units in one kernel.
+        """
+        if activations.ndim != 2 or activations.shape[1] != self.boundaries.shape[0]:
+            raise ValueError(
+                f"activations must be (batch x {self.boundaries.shape[0]}), got {tuple(activations.shape)}"
+            )
+        values = activations.detach().to(device=self.device, dtype=torch.float32).T.contiguous()
+        buckets = torch.searchsorted(self.boundaries, values, right=False).T
+        self.stats.lookups += 1
+        self.stats.values_bucketed += activations.numel()
+        return buckets
