@@ -205,7 +205,7 @@ _NO_LABEL = np.iinfo(np.int64).min
 def _load_state(conn: psycopg.Connection, bank: Bank) -> _BankState:
     partition = items_partition(bank.id)
     rows = conn.execute(
-        sql.SQL("SELECT id, label, confidence, inserted_version FROM {} ORDER BY id").format(partition)
+        sql.SQL("SELECT id, label, confidence, inserted_version, inserted_rank FROM {} ORDER BY id").format(partition)
     ).fetchall()
     keys = np.empty((len(rows), bank.dim), dtype=np.float32)
     filled = 0
@@ -217,7 +217,7 @@ def _load_state(conn: psycopg.Connection, bank: Bank) -> _BankState:
         keys=keys,
         labels=np.array([_NO_LABEL if row[1] is None else row[1] for row in rows], dtype=np.int64),
         confidences=np.array([-np.inf if row[2] is None else row[2] for row in rows], dtype=np.float64),
-        inserted_order=np.array([row[3] for row in rows], dtype=np.int64) * (1 << 32) + np.arange(len(rows)),
+        inserted_order=np.array([(row[3] << 32) + row[4] for row in rows], dtype=np.int64),
     )
 
 
@@ -323,10 +323,11 @@ def _insert(conn: psycopg.Connection, bank: Bank, items: NewItems, positions: li
     first = conn.execute("SELECT nextval(pg_get_serial_sequence('memory_items', 'id')) FROM generate_series(1, %s)", (len(positions),)).fetchall()
     ids = [row[0] for row in first]
     statement = sql.SQL(
-        "COPY {} (bank_id, id, key, label, value, confidence, version, inserted_version) FROM STDIN (FORMAT BINARY)"
+        "COPY {} (bank_id, id, key, label, value, confidence, version, inserted_version, inserted_rank) "
+        "FROM STDIN (FORMAT BINARY)"
     ).format(partition)
     with conn.cursor().copy(statement) as copy:
-        copy.set_types(["bigint", "bigint", "vector", "integer", "vector", "real", "bigint", "bigint"])
+        copy.set_types(["bigint", "bigint", "vector", "integer", "vector", "real", "bigint", "bigint", "integer"])
         for item_id, position in zip(ids, positions):
             copy.write_row(
                 (
@@ -338,6 +339,7 @@ def _insert(conn: psycopg.Connection, bank: Bank, items: NewItems, positions: li
                     items.confidences[position],
                     version,
                     version,
+                    position,
                 )
             )
     return ids
@@ -348,7 +350,7 @@ def _replace(conn: psycopg.Connection, bank: Bank, items: NewItems, replacements
         return
     statement = sql.SQL(
         "UPDATE {} SET key = %s, label = %s, value = %s, confidence = %s, hits = 0, version = %s, "
-        "inserted_version = %s WHERE id = %s"
+        "inserted_version = %s, inserted_rank = %s WHERE id = %s"
     ).format(items_partition(bank.id))
     with conn.cursor() as cursor:
         cursor.executemany(
@@ -361,6 +363,7 @@ def _replace(conn: psycopg.Connection, bank: Bank, items: NewItems, replacements
                     items.confidences[p],
                     version,
                     version,
+                    p,
                     item_id,
                 )
                 for item_id, p in replacements.items()
@@ -527,7 +530,8 @@ def changes(conn: psycopg.Connection, project_id: int, bank_id: int, since: int,
         partition = items_partition(bank.id)
         rows = conn.execute(
             sql.SQL(
-                "SELECT id, key, label, value, confidence, version FROM {} WHERE version > %s ORDER BY version, id LIMIT %s"
+                "SELECT id, key, label, value, confidence, version, inserted_rank FROM {} WHERE version > %s "
+                "ORDER BY version, id LIMIT %s"
             ).format(partition),
             (since, limit + 1),
         ).fetchall()
@@ -539,7 +543,8 @@ def changes(conn: psycopg.Connection, project_id: int, bank_id: int, since: int,
             if upto == last_version:  # one version larger than a page: send it whole
                 rows = conn.execute(
                     sql.SQL(
-                        "SELECT id, key, label, value, confidence, version FROM {} WHERE version = %s ORDER BY id"
+                        "SELECT id, key, label, value, confidence, version, inserted_rank FROM {} WHERE version = %s "
+                        "ORDER BY id"
                     ).format(partition),
                     (upto,),
                 ).fetchall()
@@ -559,6 +564,7 @@ def changes(conn: psycopg.Connection, project_id: int, bank_id: int, since: int,
             "value": None if row[3] is None else _as_array(row[3]).tolist(),
             "confidence": row[4],
             "version": row[5],
+            "rank": row[6],
         }
         for row in rows
     ]
@@ -571,7 +577,7 @@ def _as_array(value) -> np.ndarray:
 
 def snapshot_rows(conn: psycopg.Connection, bank: Bank, chunk_rows: int = 8192):
     """The bank's items in id order, a chunk at a time (call inside a repeatable-read transaction)."""
-    statement = sql.SQL("SELECT id, key, label, value, confidence, hits, version FROM {} ORDER BY id").format(
+    statement = sql.SQL("SELECT id, key, label, value, confidence, hits, version, inserted_rank FROM {} ORDER BY id").format(
         items_partition(bank.id)
     )
     with conn.cursor(name="eidetic_snapshot") as cursor:
@@ -581,4 +587,4 @@ def snapshot_rows(conn: psycopg.Connection, bank: Bank, chunk_rows: int = 8192):
             rows = cursor.fetchmany(chunk_rows)
             if not rows:
                 return
-            yield [(r[0], _as_array(r[1]), r[2], None if r[3] is None else _as_array(r[3]), r[4], r[5], r[6]) for r in rows]
+            yield [(r[0], _as_array(r[1]), r[2], None if r[3] is None else _as_array(r[3]), *r[4:]) for r in rows]

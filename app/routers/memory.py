@@ -159,6 +159,7 @@ def _snapshot_stream(pool, project_id: int, bank: memory.Bank) -> Iterator[bytes
                 pa.field("confidence", pa.float32()),
                 pa.field("hits", pa.int64()),
                 pa.field("version", pa.int64()),
+                pa.field("rank", pa.int32()),
             ],
             metadata={b"bank_version": str(current.version).encode(), b"metric": current.metric.encode()},
         )
@@ -178,5 +179,6 @@ def _snapshot_batch(rows: list[tuple], schema: pa.Schema, dim: int) -> pa.Record
         pa.array(columns[4], pa.float32()),
         pa.array(columns[5], pa.int64()),
         pa.array(columns[6], pa.int64()),
+        pa.array(columns[7], pa.int32()),
     ]
     return pa.record_batch(arrays, schema=schema)

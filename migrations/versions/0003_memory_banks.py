@@ -36,7 +36,8 @@ def upgrade() -> None:
     )
     # One partition per bank: pgvector indexes need a fixed dimension, so each partition
     # carries an HNSW index on key::vector(dim) with the operator class of its metric.
-    # An item replaced in place keeps its id and takes the new version; a deleted one
+    # FIFO order is (inserted_version, inserted_rank): the write that stored an item and its
+    # place in that write. An item replaced in place keeps its id and takes the new version; a deleted one
     # leaves a tombstone, so a cache following `since=version` sees every change.
     op.execute(
         """
@@ -50,6 +51,7 @@ def upgrade() -> None:
             hits              bigint NOT NULL DEFAULT 0,
             version           bigint NOT NULL,
             inserted_version  bigint NOT NULL,
+            inserted_rank     integer NOT NULL DEFAULT 0,
             PRIMARY KEY (bank_id, id)
         ) PARTITION BY LIST (bank_id)
         """
