@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(BIN)/python -m model.experiments.run_default
+	$(BIN)/python -m model.launch
 
 test: setup
 	$(BIN)/python -m pytest -q
