@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from app.errors import InvalidInput, MalformedBody, UnsupportedMediaType
+from app.vectors import as_float32
 from app.rows import INT_DTYPES, METADATA_COLUMNS, ActivationRows, NullableColumn
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
@@ -209,7 +210,7 @@ def rows_from_json(body: bytes) -> tuple[ActivationRows, str | None]:
                 f"row {i} has {len(values)} values, row 0 has {dim}", field=f"rows[{i}].values"
             )
     try:
-        matrix = np.array([record["values"] for record in records], dtype=np.float32)
+        matrix = as_float32([record["values"] for record in records])
     except (ValueError, TypeError) as error:
         raise InvalidInput(f"'values' must hold numbers: {error}", field="rows[].values") from error
     columns = {name: _json_ints(records, name) for name in METADATA_COLUMNS}

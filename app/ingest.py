@@ -14,10 +14,11 @@ import psycopg
 from psycopg import sql
 
 from app.copy_binary import COPY_COLUMNS, iter_copy_chunks
-from app.errors import Conflict, DimensionMismatch, InvalidInput, NonFiniteValue, PayloadTooLarge
+from app.errors import Conflict, DimensionMismatch, InvalidInput, PayloadTooLarge
 from app.rows import ActivationRows
 from app.runs import Layer, layer_partition
 from app.settings import Settings
+from app.vectors import require_finite
 from app.sketches import DEFAULT_K, update_sketches
 
 MAX_BATCH_ID_LENGTH = 200
@@ -48,10 +49,7 @@ def validate_rows(
             f"layer {layer.name!r} has dimension {layer.dim}, the rows have {rows.dim}", field="rows[0].values"
         )
     if reject_non_finite:
-        finite_rows = np.isfinite(rows.values).all(axis=1)
-        if not finite_rows.all():
-            bad = int(np.argmin(finite_rows))
-            raise NonFiniteValue(f"row {bad} holds NaN or Inf", field=f"rows[{bad}].values")
+        require_finite(rows.values, "rows[{}].values")
     for name in rows.task_names:
         if "\x00" in name or len(name) > 200:
             raise InvalidInput("a task name has at most 200 characters and no NUL", field="task")

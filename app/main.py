@@ -81,6 +81,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def query_canceled(request: Request, error: psycopg.errors.QueryCanceled) -> JSONResponse:
         return error_response(503, "timeout", "the query ran past the statement timeout; narrow it or retry")
 
+    @app.exception_handler(psycopg.errors.DataError)
+    async def data_error(request: Request, error: psycopg.errors.DataError) -> JSONResponse:
+        # class 22: the database refused a value the request carried (a NUL in text, a number out of range)
+        detail = (error.diag.message_primary or "a value the database cannot store").strip()
+        return error_response(422, "invalid_input", f"the database refused a value: {detail}")
+
     @app.exception_handler(psycopg.OperationalError)
     async def database_down(request: Request, error: psycopg.OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", error)

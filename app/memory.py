@@ -17,6 +17,7 @@ from psycopg import sql
 
 from app.copy_binary import iter_vectors
 from app.errors import Conflict, DimensionMismatch, InvalidInput, NonFiniteValue, NotFound
+from app.vectors import as_float32, require_finite
 
 METRICS = ("cosine", "l2", "ip")
 POLICIES = ("none", "fifo", "same_class_lowest_similarity", "least_confident")
@@ -154,7 +155,7 @@ class NewItems:
             raise DimensionMismatch(
                 f"bank {bank.name!r} has dimension {bank.dim}, the keys have {self.keys.shape[1]}", field="items[0].key"
             )
-        _check_finite(self.keys, "items[{}].key")
+        require_finite(self.keys, "items[{}].key")
         for i, value in enumerate(self.values):
             if value is None:
                 continue
@@ -165,18 +166,10 @@ class NewItems:
                     f"values of bank {bank.name!r} have {bank.value_dim} entries, not {len(value)}",
                     field=f"items[{i}].value",
                 )
-            if not np.isfinite(np.asarray(value, dtype=np.float64)).all():
-                raise NonFiniteValue("the value holds NaN or Inf", field=f"items[{i}].value")
+            require_finite(as_float32(value)[None, :], f"items[{i}].value")
         for i, confidence in enumerate(self.confidences):
             if confidence is not None and not np.isfinite(confidence):
                 raise NonFiniteValue("confidence must be finite", field=f"items[{i}].confidence")
-
-
-def _check_finite(matrix: np.ndarray, field_template: str) -> None:
-    finite = np.isfinite(matrix).all(axis=1)
-    if not finite.all():
-        bad = int(np.argmin(finite))
-        raise NonFiniteValue(f"row {bad} holds NaN or Inf", field=field_template.format(bad))
 
 
 @dataclass(frozen=True)
@@ -437,7 +430,7 @@ def search(
     """
     if queries.ndim != 2 or queries.shape[1] != bank.dim:
         raise DimensionMismatch(f"bank {bank.name!r} has dimension {bank.dim}", field="queries")
-    _check_finite(queries, "queries[{}]")
+    require_finite(queries, "queries[{}]")
     partition = items_partition(bank.id)
     operator = sql.SQL(_DISTANCE[bank.metric])
     typed_key = sql.SQL("key::vector({})").format(sql.Literal(bank.dim))

@@ -53,7 +53,7 @@ def test_non_finite_values_are_rejected(api, layer, bad):
     assert response.status_code == 422
     assert error_of(response) == {
         "code": "non_finite_value",
-        "message": "row 3 holds NaN or Inf",
+        "message": "row 3 holds NaN, Inf or a value beyond float32's range",
         "field": "rows[3].values",
     }
 

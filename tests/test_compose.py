@@ -199,13 +199,15 @@ def test_trainer_builds_the_train_extra_and_writes_through_the_api(services: dic
 
 
 def test_trainer_runs_the_job_of_make_run(services: dict) -> None:
+    """`make run` starts the launcher, which runs DEFAULT_JOB against the service; the trainer runs that job."""
+    from model.launch import DEFAULT_JOB
+
     recipe = re.search(r"^run:.*\n((?:\t.*\n?)+)", MAKEFILE.read_text(), re.MULTILINE)
     assert recipe, "the Makefile has no `run` target"
-    make_module = re.search(r"python\S*\s+-m\s+([\w.]+)", recipe.group(1))
-    assert make_module, f"`make run` runs no module: {recipe.group(1)!r}"
+    assert "-m model.launch" in recipe.group(1), f"`make run` does not start the launcher: {recipe.group(1)!r}"
     trainer = services["trainer"]
     command = trainer["command"] if isinstance(trainer["command"], str) else " ".join(trainer["command"])
-    assert f"-m {make_module.group(1)}" in command
+    assert f"-m {DEFAULT_JOB}" in command
 
 
 @pytest.mark.skipif(

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from app import memory
 from app.deps import get_conn, id_path, reader, writer
 from app.errors import InvalidInput
+from app.vectors import as_float32
 from app.formats import ARROW_STREAM, ipc_stream
 from app.keys import Principal
 from app.schemas import BankCreate, BankList, BankOut, ChangesOut, ItemsIn, SearchIn, SearchOut, WriteOut
@@ -77,9 +78,9 @@ def write_items(
         if len(item.key) != width:
             raise InvalidInput(f"item {i} has a key of {len(item.key)} values, item 0 of {width}", field=f"items[{i}].key")
     items = memory.NewItems(
-        keys=np.array([item.key for item in body.items], dtype=np.float32),
+        keys=as_float32([item.key for item in body.items]),
         labels=[item.label for item in body.items],
-        values=[None if item.value is None else np.array(item.value, dtype=np.float32) for item in body.items],
+        values=[None if item.value is None else as_float32(item.value) for item in body.items],
         confidences=[item.confidence for item in body.items],
     )
     result = memory.write_items(conn, principal.project_id, bank_id, items)
@@ -114,7 +115,7 @@ def search(
     for i, query in enumerate(body.queries):
         if len(query) != bank.dim:
             raise InvalidInput(f"query {i} has {len(query)} values; the bank's keys have {bank.dim}", field=f"queries[{i}]")
-    queries = np.array(body.queries, dtype=np.float32)
+    queries = as_float32(body.queries)
     answers = memory.search(conn, bank, queries, body.k, exact=body.exact, ef_search=body.ef_search, labels=body.labels)
     memory.record_hits(conn, bank, answers)
     return JSONResponse({"results": [asdict(answer) for answer in answers]})

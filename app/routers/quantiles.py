@@ -9,7 +9,8 @@ from fastapi.responses import JSONResponse
 
 from app import quantiles, runs
 from app.deps import id_path, get_conn, reader, writer
-from app.errors import InvalidInput, NonFiniteValue
+from app.errors import InvalidInput
+from app.vectors import as_float32, require_finite
 from app.keys import Principal
 from app.query import ActivationFilter
 from app.schemas import BucketizeOut, BucketizeRequest, QuantileSetOut, QuantilesRequest
@@ -88,9 +89,6 @@ def bucketize(
     for i, row in enumerate(body.values):
         if len(row) != units:
             raise InvalidInput(f"row {i} has {len(row)} values; the set has {units} units", field=f"values[{i}]")
-    values = np.asarray(body.values, dtype=np.float32)
-    finite = np.isfinite(values).all(axis=1)
-    if not finite.all():
-        bad = int(np.argmin(finite))
-        raise NonFiniteValue(f"row {bad} holds NaN or Inf", field=f"values[{bad}]")
+    values = as_float32(body.values)
+    require_finite(values, "values[{}]")
     return JSONResponse({"buckets": quantiles.bucketize(found.boundaries, values).tolist()})
