@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_items_per_write: int = 100_000
 
     statement_timeout_ms: int = 30_000
+    scan_timeout_ms: int = 600_000  # exact quantiles read whole layers
     request_timeout_s: float = 60.0
     pool_min_size: int = 1
     pool_max_size: int = 10

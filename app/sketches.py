@@ -32,6 +32,7 @@ def update_sketches(conn: psycopg.Connection, layer: Layer, rows: ActivationRows
     for code in np.unique(codes).tolist():
         name = NO_TASK if code < 0 else rows.task_names[code]
         by_task[name] = rows.values if len(by_task) == 0 and (codes == code).all() else rows.values[codes == code]
+    batch_sketches = {task: _sketch_columns(values, k) for task, values in by_task.items()}  # outside any lock
     for task in sorted(by_task):
         conn.execute(
             "INSERT INTO layer_sketches (layer_id, task, k, n, sketches) VALUES (%s, %s, %s, 0, '{}') "
@@ -41,14 +42,24 @@ def update_sketches(conn: psycopg.Connection, layer: Layer, rows: ActivationRows
         stored_k, blobs = conn.execute(
             "SELECT k, sketches FROM layer_sketches WHERE layer_id = %s AND task = %s FOR UPDATE", (layer.id, task)
         ).fetchone()
-        sketches = _load(blobs, layer.dim, stored_k)
-        columns = np.ascontiguousarray(by_task[task].T, dtype=np.float32)
-        for sketch, column in zip(sketches, columns):
-            sketch.update(column)
+        if blobs:  # merge the batch into what is stored; KLL merges keep the error guarantee
+            sketches = _load(blobs, layer.dim, stored_k)
+            for sketch, batch_sketch in zip(sketches, batch_sketches[task]):
+                sketch.merge(batch_sketch)
+        else:
+            sketches = batch_sketches[task]
         conn.execute(
             "UPDATE layer_sketches SET n = %s, sketches = %s, updated_at = now() WHERE layer_id = %s AND task = %s",
             (sketches[0].n, [s.serialize() for s in sketches], layer.id, task),
         )
+
+
+def _sketch_columns(values: np.ndarray, k: int) -> list[kll_floats_sketch]:
+    columns = np.ascontiguousarray(values.T, dtype=np.float32)
+    sketches = [kll_floats_sketch(k) for _ in range(len(columns))]
+    for sketch, column in zip(sketches, columns):
+        sketch.update(column)
+    return sketches
 
 
 def _load(blobs: list[bytes], dim: int, k: int) -> list[kll_floats_sketch]:

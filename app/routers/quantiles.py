@@ -49,7 +49,9 @@ def compute_quantiles(
     where = ActivationFilter(
         task=body.task, label=body.label, epoch=body.epoch, step_min=body.step_min, step_max=body.step_max
     ).check()
-    found = quantiles.compute(conn, layer, body.n_quantiles, body.method, where, settings.max_quantile_memory_bytes)
+    found = quantiles.compute(
+        conn, layer, body.n_quantiles, body.method, where, settings.max_quantile_memory_bytes, settings.scan_timeout_ms
+    )
     return JSONResponse(quantile_set_json(found), status_code=201)
 
 
