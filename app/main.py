@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -49,11 +50,25 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    _install_deadline(app, settings.request_timeout_s)
     install_metrics(app)
     for router in (health.router, runs.router, activations.router, quantiles.router, memory.router):
         app.include_router(router)
     _install_error_handlers(app)
     return app
+
+
+def _install_deadline(app: FastAPI, seconds: float) -> None:
+    """Every request gets its own deadline: a frozen database can outlast statement_timeout on the
+    client side (the cancel request itself hangs), so the caller gets a 503 instead of waiting."""
+
+    @app.middleware("http")
+    async def deadline(request: Request, call_next):
+        try:
+            return await asyncio.wait_for(call_next(request), timeout=seconds)
+        except TimeoutError:
+            log.warning("deadline of %.1f s passed on %s %s", seconds, request.method, request.url.path)
+            return error_response(503, "deadline_exceeded", f"no answer within {seconds:g} s; retry later")
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -167,3 +167,21 @@ def test_a_query_past_the_statement_timeout_answers_503(database_url, settings, 
         assert error_of(response)["code"] == "timeout"
     finally:
         stop_service(server, thread)
+
+
+def test_a_request_past_its_deadline_answers_503(database_url, settings, service, api):
+    """Even when the database never answers in time, the caller hears back by the request deadline."""
+    run_id, layer_id = make_layer(api, dim=4)
+    impatient = settings.model_copy(update={"statement_timeout_ms": 20_000, "request_timeout_s": 0.5})
+    server, thread, base_url = start_service(impatient, database_url)
+    try:
+        with psycopg.connect(database_url) as locker:
+            locker.execute(f"LOCK TABLE activations_r{run_id}_l{layer_id} IN ACCESS EXCLUSIVE MODE")
+            with service.client() as client:
+                client.base_url = base_url
+                response = client.get(f"/v1/runs/{run_id}/layers/{layer_id}/summary")
+            locker.rollback()
+        assert response.status_code == 503
+        assert error_of(response)["code"] == "deadline_exceeded"
+    finally:
+        stop_service(server, thread)
