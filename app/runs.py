@@ -19,6 +19,7 @@ class Run:
     config: dict
     status: str
     created_at: datetime
+    metrics: dict
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Layer:
     sketch: bool = True
 
 
-_RUN_COLUMNS = "id, name, config, status, created_at"
+_RUN_COLUMNS = "id, name, config, status, created_at, metrics"
 _LAYER_COLUMNS = "id, run_id, name, dim, kind, created_at, sketch"
 
 
@@ -81,10 +82,14 @@ def get_run(conn: psycopg.Connection, project_id: int, run_id: int, *, lock: boo
     return Run(*row)
 
 
-def set_run_status(conn: psycopg.Connection, project_id: int, run_id: int, status: str) -> Run:
+def update_run(
+    conn: psycopg.Connection, project_id: int, run_id: int, status: str | None = None, metrics: dict | None = None
+) -> Run:
+    """Sets the status and merges metrics into the run's (a key given again replaces its value)."""
     row = conn.execute(
-        f"UPDATE runs SET status = %s WHERE id = %s AND project_id = %s RETURNING {_RUN_COLUMNS}",
-        (status, run_id, project_id),
+        f"UPDATE runs SET status = coalesce(%s, status), metrics = metrics || %s "
+        f"WHERE id = %s AND project_id = %s RETURNING {_RUN_COLUMNS}",
+        (status, Jsonb(metrics or {}), run_id, project_id),
     ).fetchone()
     if row is None:
         raise NotFound(f"run {run_id} not found", field="run_id")

@@ -16,7 +16,8 @@ class RunCreate(BaseModel):
 
 
 class RunUpdate(BaseModel):
-    status: Literal["running", "finished", "failed"]
+    status: Literal["running", "finished", "failed"] | None = None
+    metrics: dict[str, Any] | None = Field(default=None, description="Merged into the run's metrics.")
 
 
 class RunOut(BaseModel):
@@ -25,6 +26,7 @@ class RunOut(BaseModel):
     config: dict[str, Any]
     status: str
     created_at: datetime
+    metrics: dict[str, Any]
 
 
 class RunList(BaseModel):

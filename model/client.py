@@ -119,6 +119,11 @@ class EideticClient:
     def set_run_status(self, run_id: int, status: str) -> RunInfo:
         return _run(self.request("PATCH", f"/v1/runs/{run_id}", json={"status": status}).json())
 
+    def record_metrics(self, run_id: int, metrics: dict, status: str | None = None) -> RunInfo:
+        """Merges metrics (JSON-able) into the run's, optionally with a new status."""
+        body = {"metrics": metrics, **({"status": status} if status else {})}
+        return _run(self.request("PATCH", f"/v1/runs/{run_id}", json=body).json())
+
     def create_layer(self, run_id: int, name: str, dim: int, kind: str = "activations") -> LayerInfo:
         body = self.request("POST", f"/v1/runs/{run_id}/layers", json={"name": name, "dim": dim, "kind": kind}).json()
         return _layer(body)

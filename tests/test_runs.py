@@ -10,6 +10,7 @@ def test_create_read_and_list_runs(api):
     assert created.status_code == 201
     run = created.json()
     assert run["name"] == "mnist-a-b" and run["config"] == {"lr": 1.0} and run["status"] == "running"
+    assert run["metrics"] == {}
     assert api.get(f"/v1/runs/{run['id']}").json() == run
     api.post("/v1/runs", json={"name": "second"})
     names = [r["name"] for r in api.get("/v1/runs").json()["runs"]]
@@ -24,9 +25,11 @@ def test_a_run_name_is_unique_in_its_project(api):
     assert error_of(again)["field"] == "name"
 
 
-def test_a_run_is_marked_finished(api):
+def test_a_run_is_marked_finished_and_records_its_metrics(api):
     run_id = api.post("/v1/runs", json={"name": "r"}).json()["id"]
-    assert api.patch(f"/v1/runs/{run_id}", json={"status": "finished"}).json()["status"] == "finished"
+    assert api.patch(f"/v1/runs/{run_id}", json={"metrics": {"acc": 0.5, "bwt": -0.1}}).json()["status"] == "running"
+    updated = api.patch(f"/v1/runs/{run_id}", json={"status": "finished", "metrics": {"acc": 0.9}}).json()
+    assert updated["status"] == "finished" and updated["metrics"] == {"acc": 0.9, "bwt": -0.1}
     assert api.patch(f"/v1/runs/{run_id}", json={"status": "exploded"}).status_code == 422
 
 

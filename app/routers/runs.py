@@ -48,7 +48,7 @@ def update_run(
     principal: Principal = Depends(writer),
     conn: psycopg.Connection = Depends(get_conn),
 ) -> RunOut:
-    return RunOut(**asdict(runs.set_run_status(conn, principal.project_id, run_id, body.status)))
+    return RunOut(**asdict(runs.update_run(conn, principal.project_id, run_id, body.status, body.metrics)))
 
 
 @router.delete("/{run_id}", status_code=204)

@@ -44,6 +44,7 @@ def upgrade() -> None:
             project_id  bigint NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
             name        text NOT NULL,
             config      jsonb NOT NULL DEFAULT '{}'::jsonb,
+            metrics     jsonb NOT NULL DEFAULT '{}'::jsonb,
             status      text NOT NULL DEFAULT 'running'
                         CHECK (status IN ('running', 'finished', 'failed')),
             created_at  timestamptz NOT NULL DEFAULT now(),

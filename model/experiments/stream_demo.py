@@ -162,6 +162,10 @@ def run(config: DemoConfig, settings: ClientSettings, out_dir: Path, run_name: s
     metrics["test_accuracy"] = accuracy(model, data.test_images, data.test_labels)
     metrics["train_accuracy"] = accuracy(model, data.train_images, data.train_labels)
     metrics["seconds"] = round(time.perf_counter() - started, 3)
+    if settings.use_db:  # the run's results beside its activations
+        with EideticClient.from_settings(settings) as client:
+            scores = {name: metrics[name] for name in ("test_accuracy", "train_accuracy", "seconds")}
+            client.record_metrics(metrics["run_id"], scores)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{EXPERIMENT}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

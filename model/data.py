@@ -1,0 +1,152 @@
+"""Image data sets for the experiments, loaded into memory as (N x C x H x W) tensors.
+
+torchvision's MNIST, EMNIST letters, Fashion-MNIST and CIFAR-10 are read from a data
+directory and never downloaded (a training job should not reach the network behind the
+user's back). Offline stand-ins: Fashion-MNIST from Debian's `dataset-fashion-mnist`
+package (IDX files) and scikit-learn's bundled 8x8 digits, upsampled to 28x28 so the
+MNIST network reads them unchanged.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}  # IDX type byte -> dtype
+
+# Per-dataset pixel mean and standard deviation (of [0, 1] pixels over the training split).
+MNIST_MEAN_STD = (0.1307, 0.3081)  # the PyTorch MNIST example's, which the seed also used for EMNIST
+FASHION_MNIST_MEAN_STD = (0.2860, 0.3530)
+CIFAR10_MEAN_STD = (0.4734, 0.2516)  # over all channels; the experiments here normalise one scalar
+
+
+class DatasetUnavailable(FileNotFoundError):
+    """The files are not where they were looked for; the message says how to get them."""
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Images (N x C x H x W: uint8 pixels, or floats in [0, 1]) and their class labels (N, int64)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: float
+    std: float
+    name: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def select(self, index: torch.Tensor) -> "LabelledImages":
+        return LabelledImages(self.images[index], self.labels[index], self.mean, self.std, self.name)
+
+    def of_classes(self, classes: list[int] | range, limit: int | None = None) -> "LabelledImages":
+        """The samples of these classes, in data set order; the first `limit` of them if given."""
+        wanted = torch.isin(self.labels, torch.as_tensor(list(classes), dtype=self.labels.dtype))
+        index = torch.nonzero(wanted).squeeze(1)
+        return self.select(index if limit is None else index[:limit])
+
+    def normalised(self) -> torch.Tensor:
+        """Float32 images, standardised with the data set's mean and std."""
+        pixels = self.images.float()
+        if self.images.dtype == torch.uint8:
+            pixels = pixels / 255.0
+        return (pixels - self.mean) / self.std
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format), gzip-compressed or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file")
+    dtype, n_dims = np.dtype(_IDX_DTYPES[data[2]]), data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(n_dims))
+    offset = 4 + 4 * n_dims
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - offset != expected:
+        raise ValueError(f"{path}: header says {expected} bytes of data, the file has {len(data) - offset}")
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _from_torchvision(dataset: object, mean_std: tuple[float, float], name: str) -> LabelledImages:
+    pixels = torch.as_tensor(np.asarray(dataset.data))  # type: ignore[attr-defined]
+    images = pixels.permute(0, 3, 1, 2).contiguous() if pixels.ndim == 4 else pixels.unsqueeze(1)
+    labels = torch.as_tensor(np.asarray(dataset.targets), dtype=torch.long)  # type: ignore[attr-defined]
+    return LabelledImages(images, labels, *mean_std, name)
+
+
+def _torchvision(kind: str, data_dir: Path | None, train: bool, **options: object) -> object:
+    if data_dir is None:
+        raise DatasetUnavailable(f"{kind} needs --data-dir (a torchvision root holding it; nothing is downloaded)")
+    from torchvision import datasets
+
+    try:
+        return getattr(datasets, kind)(str(data_dir), train=train, download=False, **options)
+    except RuntimeError as error:  # torchvision's "Dataset not found"
+        raise DatasetUnavailable(f"{kind} not found under {data_dir} (nothing is downloaded): {error}") from error
+
+
+def load_mnist(data_dir: Path | None, train: bool) -> LabelledImages:
+    return _from_torchvision(_torchvision("MNIST", data_dir, train), MNIST_MEAN_STD, "mnist")
+
+
+def load_emnist_letters(data_dir: Path | None, train: bool) -> LabelledImages:
+    """EMNIST letters with labels 0..25 (torchvision's are 1..26; 0 is an unused 'N/A' class)."""
+    letters = _torchvision("EMNIST", data_dir, train, split="letters")
+    found = _from_torchvision(letters, MNIST_MEAN_STD, "emnist-letters")
+    return LabelledImages(found.images, found.labels - 1, found.mean, found.std, found.name)
+
+
+def load_fashion_mnist(data_dir: Path | None, train: bool, debian_dir: Path = DEBIAN_FASHION_MNIST) -> LabelledImages:
+    """torchvision's FashionMNIST under `data_dir` when it is there, else Debian's package."""
+    if data_dir is not None:
+        try:
+            found = _torchvision("FashionMNIST", data_dir, train)
+            return _from_torchvision(found, FASHION_MNIST_MEAN_STD, "fashion-mnist")
+        except DatasetUnavailable:
+            pass
+    prefix = "train" if train else "t10k"
+    images_path = debian_dir / f"{prefix}-images-idx3-ubyte.gz"
+    labels_path = debian_dir / f"{prefix}-labels-idx1-ubyte.gz"
+    if not images_path.exists() or not labels_path.exists():
+        raise DatasetUnavailable(
+            f"Fashion-MNIST is neither under --data-dir nor in {debian_dir}; "
+            "install it with `apt-get install -y dataset-fashion-mnist` or pass a torchvision root"
+        )
+    images = torch.from_numpy(read_idx(images_path).copy()).unsqueeze(1)
+    labels = torch.from_numpy(read_idx(labels_path).astype(np.int64))
+    return LabelledImages(images, labels, *FASHION_MNIST_MEAN_STD, "fashion-mnist")
+
+
+def load_cifar10(data_dir: Path | None, train: bool) -> LabelledImages:
+    return _from_torchvision(_torchvision("CIFAR10", data_dir, train), CIFAR10_MEAN_STD, "cifar10")
+
+
+def load_digits_28(train: bool, test_fraction: float = 0.2, split_seed: int = 0, size: int = 28) -> LabelledImages:
+    """scikit-learn's 1,797 bundled 8x8 digits, bilinearly upsampled to size x size, in [0, 1].
+
+    The train/test split is stratified and fixed by `split_seed`, so every run of an
+    experiment sees the same two halves whatever its own seed.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    ids = np.arange(len(digits.target))
+    train_ids, test_ids = train_test_split(
+        ids, test_size=test_fraction, random_state=split_seed, stratify=digits.target
+    )
+    chosen = np.sort(train_ids if train else test_ids)
+    small = torch.from_numpy((digits.images[chosen] / 16.0).astype(np.float32)).unsqueeze(1)
+    images = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+    labels = torch.from_numpy(digits.target[chosen].astype(np.int64))
+    # Mean and std of the upsampled pixels over all 1,797 digits (fixed, so both splits share them).
+    return LabelledImages(images, labels, 0.3053, 0.3247, "digits")
