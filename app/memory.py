@@ -40,10 +40,13 @@ class Bank:
     version: int
     size: int
     created_at: datetime
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 64
 
 
 _BANK_COLUMNS = (
-    "id, project_id, name, dim, value_dim, metric, capacity, policy, similarity_threshold, version, size, created_at"
+    "id, project_id, name, dim, value_dim, metric, capacity, policy, similarity_threshold, version, size, created_at, "
+    "hnsw_m, hnsw_ef_construction"
 )
 
 
@@ -88,12 +91,16 @@ def create_bank(
     policy: str,
     similarity_threshold: float,
     value_dim: int | None = None,
+    hnsw_m: int = 16,
+    hnsw_ef_construction: int = 64,
 ) -> Bank:
+    """A bank and its partition, with an HNSW index (m, ef_construction) on its keys."""
     with conn.transaction():
         row = conn.execute(
-            f"INSERT INTO memory_banks (project_id, name, dim, value_dim, metric, capacity, policy, similarity_threshold) "
-            f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (project_id, name) DO NOTHING RETURNING {_BANK_COLUMNS}",
-            (project_id, name, dim, value_dim, metric, capacity, policy, similarity_threshold),
+            f"INSERT INTO memory_banks (project_id, name, dim, value_dim, metric, capacity, policy, similarity_threshold, "
+            f"hnsw_m, hnsw_ef_construction) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            f"ON CONFLICT (project_id, name) DO NOTHING RETURNING {_BANK_COLUMNS}",
+            (project_id, name, dim, value_dim, metric, capacity, policy, similarity_threshold, hnsw_m, hnsw_ef_construction),
         ).fetchone()
         if row is None:
             raise Conflict(f"a memory bank named {name!r} already exists in this project", field="name")
@@ -103,11 +110,13 @@ def create_bank(
             sql.SQL("CREATE TABLE {} PARTITION OF memory_items FOR VALUES IN ({})").format(partition, sql.Literal(bank.id))
         )
         conn.execute(
-            sql.SQL("CREATE INDEX {} ON {} USING hnsw ((key::vector({})) {}) WITH (m = 16, ef_construction = 64)").format(
+            sql.SQL("CREATE INDEX {} ON {} USING hnsw ((key::vector({})) {}) WITH (m = {}, ef_construction = {})").format(
                 sql.Identifier(f"memory_items_b{bank.id}_hnsw"),
                 partition,
                 sql.Literal(bank.dim),
                 sql.SQL(_OPCLASS[metric]),
+                sql.Literal(bank.hnsw_m),
+                sql.Literal(bank.hnsw_ef_construction),
             )
         )
     return bank
@@ -342,9 +351,12 @@ def _replace(conn: psycopg.Connection, bank: Bank, items: NewItems, replacements
     if not replacements:
         return
     statement = sql.SQL(
-        "UPDATE {} SET key = %s, label = %s, value = %s, confidence = %s, hits = 0, version = %s, "
+        "UPDATE {} SET key = %s, label = %s, value = %s, confidence = %s, version = %s, "
         "inserted_version = %s, inserted_rank = %s WHERE id = %s"
     ).format(items_partition(bank.id))
+    conn.execute(
+        "DELETE FROM memory_hits WHERE bank_id = %s AND item_id = ANY(%s)", (bank.id, list(replacements))
+    )  # a replaced item starts afresh
     with conn.cursor() as cursor:
         cursor.executemany(
             statement,
@@ -377,6 +389,7 @@ def delete_item(conn: psycopg.Connection, project_id: int, bank_id: int, item_id
         conn.execute(
             "INSERT INTO memory_tombstones (bank_id, item_id, version) VALUES (%s, %s, %s)", (bank.id, item_id, version)
         )
+        conn.execute("DELETE FROM memory_hits WHERE bank_id = %s AND item_id = %s", (bank.id, item_id))
         conn.execute("UPDATE memory_banks SET version = %s, size = size - 1 WHERE id = %s", (version, bank.id))
     return version
 
@@ -436,18 +449,23 @@ def search(
     typed_key = sql.SQL("key::vector({})").format(sql.Literal(bank.dim))
     typed_query = sql.SQL("q.v::vector({})").format(sql.Literal(bank.dim))
     label_filter = sql.SQL("WHERE label = ANY(%s)") if labels is not None else sql.SQL("")
-    statement = sql.SQL(
+    # The exact statement orders by an expression no index matches ("+ 0"), so it scans
+    # every item whatever plan psycopg's prepared-statement cache holds; the HNSW one
+    # orders by the indexed expression itself.
+    template = (
         "SELECT q.ord, m.id, m.label, m.distance FROM unnest(%s::vector[]) WITH ORDINALITY q(v, ord) "
         "CROSS JOIN LATERAL (SELECT id, label, {key} {op} {query} AS distance FROM {items} {filter} "
-        "ORDER BY {key} {op} {query} LIMIT %s) m ORDER BY q.ord, m.distance, m.id"
-    ).format(key=typed_key, op=operator, query=typed_query, items=partition, filter=label_filter)
+        "ORDER BY {order} LIMIT %s) m ORDER BY q.ord, m.distance, m.id"
+    )
+    index_order = sql.SQL("{} {} {}").format(typed_key, operator, typed_query)
+    scan_order = sql.SQL("({} {} {}) + 0, id").format(typed_key, operator, typed_query)
+    parts = {"key": typed_key, "op": operator, "query": typed_query, "items": partition, "filter": label_filter}
+    statement = sql.SQL(template).format(order=scan_order if exact else index_order, **parts)
+    exact_statement = sql.SQL(template).format(order=scan_order, **parts)
     vectors = [Vector(query) for query in queries]
     params = [vectors, *([labels] if labels is not None else []), k]
     with conn.transaction():
-        if exact:
-            conn.execute("SET LOCAL enable_indexscan = off")
-            conn.execute("SET LOCAL enable_bitmapscan = off")
-        else:
+        if not exact:
             conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(min(max(ef_search, k), MAX_EF_SEARCH))))
             if labels is not None:
                 conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
@@ -457,9 +475,7 @@ def search(
             matching = _matching_count(conn, bank, labels)
             short = [i for i, hits in enumerate(found) if len(hits) < min(k, matching)]
             if short:  # the index came back short (filters, tiny ef_search): answer these exactly
-                conn.execute("SET LOCAL enable_indexscan = off")
-                conn.execute("SET LOCAL enable_bitmapscan = off")
-                retry = conn.execute(statement, [[vectors[i] for i in short], *params[1:]]).fetchall()
+                retry = conn.execute(exact_statement, [[vectors[i] for i in short], *params[1:]]).fetchall()
                 for i, hits in zip(short, _group(retry, len(short))):
                     found[i] = hits
     answers = []
@@ -493,10 +509,10 @@ def record_hits(conn: psycopg.Connection, bank: Bank, answers: list[Neighbours])
             counts[answer.ids[0]] = counts.get(answer.ids[0], 0) + 1
     if counts:
         conn.execute(
-            sql.SQL(
-                "UPDATE {} m SET hits = m.hits + h.n FROM unnest(%s::bigint[], %s::bigint[]) h(id, n) WHERE m.id = h.id"
-            ).format(items_partition(bank.id)),
-            (list(counts), list(counts.values())),
+            "INSERT INTO memory_hits (bank_id, item_id, hits) SELECT %s, h.id, h.n "
+            "FROM unnest(%s::bigint[], %s::bigint[]) h(id, n) ORDER BY h.id "
+            "ON CONFLICT (bank_id, item_id) DO UPDATE SET hits = memory_hits.hits + EXCLUDED.hits",
+            (bank.id, sorted(counts), [counts[i] for i in sorted(counts)]),
         )
 
 
@@ -570,9 +586,10 @@ def _as_array(value) -> np.ndarray:
 
 def snapshot_rows(conn: psycopg.Connection, bank: Bank, chunk_rows: int = 8192):
     """The bank's items in id order, a chunk at a time (call inside a repeatable-read transaction)."""
-    statement = sql.SQL("SELECT id, key, label, value, confidence, hits, version, inserted_rank FROM {} ORDER BY id").format(
-        items_partition(bank.id)
-    )
+    statement = sql.SQL(
+        "SELECT m.id, m.key, m.label, m.value, m.confidence, coalesce(h.hits, 0), m.version, m.inserted_rank "
+        "FROM {} m LEFT JOIN memory_hits h ON h.bank_id = m.bank_id AND h.item_id = m.id ORDER BY m.id"
+    ).format(items_partition(bank.id))
     with conn.cursor(name="eidetic_snapshot") as cursor:
         cursor.itersize = chunk_rows
         cursor.execute(statement)

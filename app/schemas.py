@@ -142,6 +142,8 @@ class BankCreate(BaseModel):
         default=0.85, allow_inf_nan=False, description="When full, an item is stored only if its best similarity is below this."
     )
     value_dim: int | None = Field(default=None, ge=1, le=16_000, description="Length of item values, if items carry them.")
+    hnsw_m: int = Field(default=16, ge=2, le=100, description="HNSW graph degree (higher: better recall, slower build).")
+    hnsw_ef_construction: int = Field(default=64, ge=4, le=1000, description="HNSW build-time candidate list.")
 
 
 class BankOut(BaseModel):
@@ -156,6 +158,8 @@ class BankOut(BaseModel):
     version: int
     size: int
     created_at: datetime
+    hnsw_m: int
+    hnsw_ef_construction: int
 
 
 class BankList(BaseModel):

@@ -457,7 +457,7 @@ class MemoryCache:
         while self._pending and time.monotonic() < deadline:
             time.sleep(0.005)
         self._raise_failure()
-        if self.client is not None and self.stats.staleness:
+        if self.client is not None:  # also picks up other writers' changes the cache has not heard of
             self.sync()
 
     def _raise_failure(self) -> None:

@@ -309,3 +309,20 @@ def test_unknown_bank_and_item(api):
     assert api.post("/v1/memory-banks/424242/search", json={"queries": [[1]]}).status_code == 404
     bank = make_bank(api)
     assert error_of(api.delete(f"/v1/memory-banks/{bank['id']}/items/999"))["field"] == "item_id"
+
+
+def test_exact_search_stays_exact_after_the_statement_is_prepared(api):
+    """psycopg prepares a statement after a few runs; the exact path must not inherit the HNSW plan."""
+    rng = np.random.default_rng(9)
+    keys = rng.standard_normal((3000, 32)).astype(np.float32)
+    bank = make_bank(api, dim=32, capacity=5000, policy="none", hnsw_m=4, hnsw_ef_construction=8)
+    ids = write(api, bank["id"], [{"key": k.tolist(), "label": 0} for k in keys])["ids"]
+    queries = rng.standard_normal((16, 32)).astype(np.float32)
+    url = f"/v1/memory-banks/{bank['id']}/search"
+    for _ in range(8):  # HNSW searches first, so a cached plan would be the index scan
+        api.post(url, json={"queries": queries.tolist(), "k": 10, "ef_search": 10})
+    for _ in range(3):
+        results = api.post(url, json={"queries": queries.tolist(), "k": 10, "exact": True}).json()["results"]
+        for query, result in zip(queries, results):
+            expected = np.argsort(-similarities("cosine", keys, query), kind="stable")[:10]
+            assert result["ids"] == [ids[i] for i in expected]

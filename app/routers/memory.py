@@ -36,7 +36,7 @@ def create_bank(
 ) -> JSONResponse:
     bank = memory.create_bank(
         conn, principal.project_id, body.name, body.dim, body.metric, body.capacity, body.policy,
-        body.similarity_threshold, body.value_dim,
+        body.similarity_threshold, body.value_dim, body.hnsw_m, body.hnsw_ef_construction,
     )
     return JSONResponse(bank_json(bank), status_code=201)
 
@@ -118,7 +118,8 @@ def search(
     queries = as_float32(body.queries)
     answers = memory.search(conn, bank, queries, body.k, exact=body.exact, ef_search=body.ef_search, labels=body.labels)
     memory.record_hits(conn, bank, answers)
-    return JSONResponse({"results": [asdict(answer) for answer in answers]})
+    fields = ("ids", "scores", "labels", "prediction", "confidence")
+    return JSONResponse({"results": [{name: getattr(answer, name) for name in fields} for answer in answers]})
 
 
 @router.get("/{bank_id}/changes", response_model=ChangesOut)

@@ -27,6 +27,8 @@ def upgrade() -> None:
             policy                text NOT NULL CHECK (policy IN
                                   ('none', 'fifo', 'same_class_lowest_similarity', 'least_confident')),
             similarity_threshold  double precision NOT NULL,
+            hnsw_m                integer NOT NULL DEFAULT 16 CHECK (hnsw_m BETWEEN 2 AND 100),
+            hnsw_ef_construction  integer NOT NULL DEFAULT 64 CHECK (hnsw_ef_construction BETWEEN 4 AND 1000),
             version               bigint NOT NULL DEFAULT 0,
             size                  integer NOT NULL DEFAULT 0,
             created_at            timestamptz NOT NULL DEFAULT now(),
@@ -48,7 +50,6 @@ def upgrade() -> None:
             label             integer,
             value             vector,
             confidence        real,
-            hits              bigint NOT NULL DEFAULT 0,
             version           bigint NOT NULL,
             inserted_version  bigint NOT NULL,
             inserted_rank     integer NOT NULL DEFAULT 0,
@@ -68,9 +69,22 @@ def upgrade() -> None:
         """
     )
     op.execute("CREATE INDEX memory_tombstones_version ON memory_tombstones (bank_id, version)")
+    # Hits live apart from the items: counting one would otherwise write a new item tuple
+    # (and, unless the update is HOT, a new entry in the HNSW graph) on every search.
+    op.execute(
+        """
+        CREATE TABLE memory_hits (
+            bank_id   bigint NOT NULL REFERENCES memory_banks (id) ON DELETE CASCADE,
+            item_id   bigint NOT NULL,
+            hits      bigint NOT NULL,
+            PRIMARY KEY (bank_id, item_id)
+        )
+        """
+    )
 
 
 def downgrade() -> None:
+    op.execute("DROP TABLE memory_hits")
     op.execute("DROP TABLE memory_tombstones")
     op.execute("DROP TABLE memory_items")
     op.execute("DROP TABLE memory_banks")
