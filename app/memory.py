@@ -223,7 +223,9 @@ def _load_state(conn: psycopg.Connection, bank: Bank) -> _BankState:
     )
 
 
-def write_items(conn: psycopg.Connection, project_id: int, bank_id: int, items: NewItems) -> WriteResult:
+def write_items(
+    conn: psycopg.Connection, project_id: int, bank_id: int, items: NewItems, timeout_ms: int | None = None
+) -> WriteResult:
     """Applies the bank's policy to each item in order, atomically, under the bank's row lock.
 
     Insert while not full. When full, an item is stored only if it is novel (its best
@@ -231,6 +233,8 @@ def write_items(conn: psycopg.Connection, project_id: int, bank_id: int, items: 
     item of its class (else overall), the least confident item, or the oldest (fifo).
     """
     with conn.transaction():
+        if timeout_ms is not None:  # inserts into a live HNSW index are slow: a large write needs longer
+            conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(int(timeout_ms))))
         bank = get_bank(conn, project_id, bank_id, lock=True)
         items.check(bank)
         version = bank.version + 1
@@ -453,7 +457,7 @@ def search(
     # every item whatever plan psycopg's prepared-statement cache holds; the HNSW one
     # orders by the indexed expression itself.
     template = (
-        "SELECT q.ord, m.id, m.label, m.distance FROM unnest(%s::vector[]) WITH ORDINALITY q(v, ord) "
+        "SELECT q.ord, m.id, m.label, m.distance FROM unnest(%b::vector[]) WITH ORDINALITY q(v, ord) "
         "CROSS JOIN LATERAL (SELECT id, label, {key} {op} {query} AS distance FROM {items} {filter} "
         "ORDER BY {order} LIMIT %s) m ORDER BY q.ord, m.distance, m.id"
     )
@@ -472,8 +476,9 @@ def search(
         rows = conn.execute(statement, params).fetchall()
         found = _group(rows, len(queries))
         if not exact:
-            matching = _matching_count(conn, bank, labels)
-            short = [i for i, hits in enumerate(found) if len(hits) < min(k, matching)]
+            came_short = [i for i, hits in enumerate(found) if len(hits) < k]
+            matching = _matching_count(conn, bank, labels) if came_short else k  # a look-up only when needed
+            short = [i for i in came_short if len(found[i]) < min(k, matching)]
             if short:  # the index came back short (filters, tiny ef_search): answer these exactly
                 retry = conn.execute(exact_statement, [[vectors[i] for i in short], *params[1:]]).fetchall()
                 for i, hits in zip(short, _group(retry, len(short))):

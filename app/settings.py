@@ -41,7 +41,7 @@ class Settings(BaseSettings):
 
     max_search_k: int = 1000
     max_search_queries: int = 4096
-    max_items_per_write: int = 100_000
+    max_items_per_write: int = 10_000
 
     statement_timeout_ms: int = 30_000
     scan_timeout_ms: int = 600_000  # exact quantiles read whole layers

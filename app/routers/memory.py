@@ -83,7 +83,7 @@ def write_items(
         values=[None if item.value is None else as_float32(item.value) for item in body.items],
         confidences=[item.confidence for item in body.items],
     )
-    result = memory.write_items(conn, principal.project_id, bank_id, items)
+    result = memory.write_items(conn, principal.project_id, bank_id, items, settings.scan_timeout_ms)
     return JSONResponse(asdict(result))
 
 
