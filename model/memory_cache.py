@@ -334,16 +334,11 @@ class MemoryCache:
         expected: list[int | None] = [None] * len(keys)  # per item: the id the service should report
         version = self.stats.version + 1 + self._pending  # the version the service will give this batch
         first_new_id = self._next_provisional + 1  # this batch's provisional ids are below it
-        for position in range(len(keys)):
-            order = (version << 32) + position  # the service's insertion order: version, then id
-            if self.size < self.capacity:
-                slot = self.size
-                self.size += 1
-                provisional = self._next_provisional
-                self._next_provisional -= 1
-                self._put(slot, provisional, keys[position], labels[position], values[position], confidences[position], order)
-                slots[position], expected[position] = slot, provisional
-                continue
+        fits = min(len(keys), self.capacity - self.size)
+        if fits:  # the part that fits is inserted in one go: slice assignments, no per-item kernels
+            slots[:fits], expected[:fits] = self._insert_block(keys[:fits], labels, values, confidences, version)
+        for position in range(fits, len(keys)):  # the bank is full from here on
+            order = (version << 32) + position  # the service's insertion order: version, then place in the write
             if self.spec.policy == "none":
                 continue
             sims = self.similarity(keys[position : position + 1])[0]
@@ -359,6 +354,30 @@ class MemoryCache:
         replaced = sum(1 for e in expected if e is not None and e >= first_new_id)  # an item stored before
         inserted = len(keys) - skipped - replaced
         return WriteOutcome(slots, inserted, replaced, skipped), expected
+
+    def _insert_block(self, keys, labels, values, confidences, version: int) -> tuple[list[int], list[int]]:
+        n, start = len(keys), self.size
+        stop = start + n
+        provisional = list(range(self._next_provisional, self._next_provisional - n, -1))
+        self._next_provisional -= n
+        self.keys[start:stop] = keys
+        self.unit_keys[start:stop] = _unit(keys)
+        self.labels[start:stop] = torch.tensor(
+            [NO_LABEL if label is None else int(label) for label in labels[:n]], dtype=torch.long, device=self.device
+        )
+        if self.spec.value_dim:
+            self.values[start:stop] = torch.stack(
+                [torch.zeros(self.spec.value_dim, device=self.device) if v is None else v.to(self.device) for v in values[:n]]
+            )
+        self.confidences[start:stop] = torch.tensor(
+            [float("-inf") if c is None else float(c) for c in confidences[:n]], device=self.device
+        )
+        self.order[start:stop] = (version << 32) + torch.arange(n, device=self.device)
+        self.hits[start:stop] = 0
+        self.ids[start:stop] = torch.tensor(provisional, dtype=torch.long, device=self.device)
+        self._slot_of.update(zip(provisional, range(start, stop)))
+        self.size = stop
+        return list(range(start, stop)), provisional
 
     def _victim(self, sims: torch.Tensor, label: int | None) -> int:
         n = self.size

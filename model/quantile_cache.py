@@ -29,6 +29,9 @@ def local_boundaries(values: torch.Tensor, n_quantiles: int) -> torch.Tensor:
     return ordered.index_select(0, positions).T.contiguous()
 
 
+SMALL_Q_BOUNDARIES = 16
+
+
 @dataclass
 class QuantileCacheStats:
     lookups: int = 0
@@ -96,8 +99,16 @@ class QuantileCache:
             raise ValueError(
                 f"activations must be (batch x {self.boundaries.shape[0]}), got {tuple(activations.shape)}"
             )
-        values = activations.detach().to(device=self.device, dtype=torch.float32).T.contiguous()
-        buckets = torch.searchsorted(self.boundaries, values, right=False).T
+        values = activations.detach().to(device=self.device, dtype=torch.float32)
+        if self.boundaries.shape[1] <= SMALL_Q_BOUNDARIES:
+            # a few boundaries: one comparison per boundary, accumulated in place over the whole
+            # batch, beats a binary search per value (about 3x on CPU, bench/caches.py)
+            counts = torch.zeros(values.shape, dtype=torch.int16, device=self.device)
+            for column in self.boundaries.T:
+                counts += values > column
+            buckets = counts.long()
+        else:
+            buckets = torch.searchsorted(self.boundaries, values.T.contiguous(), right=False).T
         self.stats.lookups += 1
         self.stats.values_bucketed += activations.numel()
         return buckets

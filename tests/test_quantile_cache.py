@@ -22,14 +22,15 @@ def test_local_boundaries_are_numpy_inverted_cdf(matrix, n_quantiles):
     np.testing.assert_array_equal(local_boundaries(torch.from_numpy(matrix), n_quantiles).numpy(), expected)
 
 
-def test_bucketize_equals_torch_bucketize_unit_by_unit():
+@pytest.mark.parametrize("n_quantiles", [5, 40])  # the comparison path (few boundaries) and the search path
+def test_bucketize_equals_torch_bucketize_unit_by_unit(n_quantiles):
     generator = torch.Generator().manual_seed(0)
-    values = torch.randn(500, 7, generator=generator)
-    cache = QuantileCache(local_boundaries(values, 5))
+    values = torch.relu(torch.randn(500, 7, generator=generator))  # ReLU: repeated boundaries at 0
+    cache = QuantileCache(local_boundaries(values, n_quantiles))
     probe = torch.cat([torch.randn(100, 7, generator=generator), cache.boundaries.T])  # ties on boundaries too
     expected = torch.stack([torch.bucketize(probe[:, u].contiguous(), cache.boundaries[u], right=False) for u in range(7)], dim=1)
     assert torch.equal(cache.bucketize(probe), expected)
-    assert int(cache.bucketize(probe).max()) <= 4 and cache.stats.values_bucketed == 2 * probe.numel()
+    assert int(cache.bucketize(probe).max()) <= n_quantiles - 1 and cache.stats.values_bucketed == 2 * probe.numel()
     with pytest.raises(ValueError):
         cache.bucketize(torch.zeros(3, 6))
 
