@@ -9,7 +9,6 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-import numpy as np
 import psycopg
 from psycopg import sql
 

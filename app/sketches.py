@@ -55,7 +55,7 @@ def update_sketches(conn: psycopg.Connection, layer: Layer, rows: ActivationRows
 
 
 def _sketch_columns(values: np.ndarray, k: int) -> list[kll_floats_sketch]:
-    columns = np.ascontiguousarray(values.T, dtype=np.float32)
+    columns = np.array(values.T, dtype=np.float32, order="C")  # a writable copy: Arrow-backed rows are read-only
     sketches = [kll_floats_sketch(k) for _ in range(len(columns))]
     for sketch, column in zip(sketches, columns):
         sketch.update(column)

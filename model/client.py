@@ -124,9 +124,15 @@ class EideticClient:
         body = {"metrics": metrics, **({"status": status} if status else {})}
         return _run(self.request("PATCH", f"/v1/runs/{run_id}", json=body).json())
 
-    def create_layer(self, run_id: int, name: str, dim: int, kind: str = "activations") -> LayerInfo:
-        body = self.request("POST", f"/v1/runs/{run_id}/layers", json={"name": name, "dim": dim, "kind": kind}).json()
-        return _layer(body)
+    def create_layer(
+        self, run_id: int, name: str, dim: int, kind: str = "activations", *, sketch: bool = True
+    ) -> LayerInfo:
+        """A layer of the run; `sketch=False` skips the quantile sketches (faster ingest)."""
+        body = {"name": name, "dim": dim, "kind": kind, "sketch": sketch}
+        return _layer(self.request("POST", f"/v1/runs/{run_id}/layers", json=body).json())
+
+    def list_layers(self, run_id: int) -> list[LayerInfo]:
+        return [_layer(body) for body in self.request("GET", f"/v1/runs/{run_id}/layers").json()["layers"]]
 
     def get_layer(self, run_id: int, layer_id: int) -> LayerInfo:
         return _layer(self.request("GET", f"/v1/runs/{run_id}/layers/{layer_id}").json())
@@ -176,9 +182,14 @@ class EideticClient:
     def get_bank(self, bank_id: int) -> dict:
         return self.request("GET", f"/v1/memory-banks/{bank_id}").json()
 
+    def list_banks(self) -> list[dict]:
+        return self.request("GET", "/v1/memory-banks").json()["banks"]
+
     def find_bank(self, name: str) -> dict | None:
-        banks = self.request("GET", "/v1/memory-banks").json()["banks"]
-        return next((bank for bank in banks if bank["name"] == name), None)
+        return next((bank for bank in self.list_banks() if bank["name"] == name), None)
+
+    def delete_bank(self, bank_id: int) -> None:
+        self.request("DELETE", f"/v1/memory-banks/{bank_id}")
 
     def write_items(self, bank_id: int, items: list[dict]) -> dict:
         """Writes items ({"key", "label", "value", "confidence"}) under the bank's policy."""

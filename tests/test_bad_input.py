@@ -1,13 +1,12 @@
 """Bad input gets a 4xx JSON error naming the field, and leaves the store exactly as it was."""
 
 import io
-import threading
 
 import numpy as np
 import psycopg
 import pytest
 
-from app.formats import ARROW_STREAM, NPY, rows_to_arrow
+from app.formats import ARROW_STREAM, NPY
 from tests.conftest import start_service, stop_service
 from tests.helpers import activations_path, error_of, make_layer, post_arrow, random_rows, stored_batches, stored_rows
 

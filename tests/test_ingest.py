@@ -208,3 +208,11 @@ def test_metrics_count_requests_and_ingested_rows(service, api):
     assert "eidetic_ingested_rows_total 25.0" in text
     assert 'eidetic_ingested_batches_total{duplicate="true"} 1.0' in text
     assert 'route="/v1/runs/{run_id}/layers/{layer_id}/activations",status="201"' in text
+
+
+def test_a_single_row_arrow_batch_is_stored_and_sketched(service, api):
+    run_id, layer_id = make_layer(api, dim=3)
+    response = post_arrow(api, run_id, layer_id, random_rows(1, 3, task="A"))
+    assert response.status_code == 201, response.text
+    sketch = api.post(f"/v1/runs/{run_id}/layers/{layer_id}/quantiles", json={"n_quantiles": 2, "method": "sketch"})
+    assert sketch.status_code == 201 and sketch.json()["rows"] == 1

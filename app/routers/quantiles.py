@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import psycopg
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
