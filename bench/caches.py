@@ -47,12 +47,10 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,18 +65,17 @@ import numpy as np  # noqa: E402
 import psycopg  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402, N812
-import uvicorn  # noqa: E402
 from pgvector import Vector  # noqa: E402
 from psycopg import sql  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from app import keys, memory, migrate  # noqa: E402
+from app import memory, migrate  # noqa: E402
 from app.database import connect  # noqa: E402
 from app.embedded import EmbeddedPostgres  # noqa: E402
-from app.main import create_app  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from model.memory_cache import BankSpec, MemoryCache, vote  # noqa: E402
 from model.quantile_cache import QuantileCache, local_boundaries  # noqa: E402
+from bench.common import Service, start_service, write_section  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Device caches (bench/caches.py)"
@@ -530,40 +527,6 @@ def measure_top_k(
 # ---------------------------------------------------------------- 3. the service
 
 
-@dataclass
-class Service:
-    """The API over HTTP on loopback (uvicorn in a thread of this process) and a write key."""
-
-    client: httpx.Client
-    server: uvicorn.Server
-    thread: threading.Thread
-
-    def stop(self) -> None:
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-def start_service(database_url: str, settings: Settings) -> Service:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, database_url), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the service did not start")
-        time.sleep(0.01)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        key = keys.create_key(conn, "bench", "write")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=600)
-    return Service(client, server, thread)
-
-
 def _expect(response: httpx.Response, status: int) -> dict:
     if response.status_code != status:
         raise RuntimeError(f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text[:500]}")
@@ -997,22 +960,6 @@ def machine_description(argv: list[str]) -> dict[str, str]:
     }
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replaces this script's section of RESULTS.md (or appends it), keeping every other section.
-
-    Other benchmarks write their own sections of the same file, so it is read right before writing.
-    """
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        path.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    after = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + section + ("\n" + after if after else ""))
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -1043,7 +990,7 @@ def main(argv: list[str]) -> int:
     print()
     print(section)
     if not args.no_write:
-        write_section(RESULTS, section)
+        write_section(RESULTS, SECTION, section)
         print(f"written to {RESULTS.relative_to(REPO)}")
     return 0
 

@@ -61,6 +61,7 @@ from app.rows import ActivationRows, NullableColumn, slice_rows  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from model.config import ClientSettings  # noqa: E402
 from model.store import ActivationWriter, WriterStats, open_writer  # noqa: E402
+from bench.common import write_section  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Ingest (bench/ingest.py)"
@@ -503,6 +504,11 @@ def _met(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+def paired_median(reference: list[float], measured: list[float]) -> float:
+    """Median over rounds of reference / measured, each pair timed in the same round."""
+    return statistics.median(ref / seconds for ref, seconds in zip(reference, measured))
+
+
 def anchor_of(ingest: dict[str, Timing]) -> Timing:
     return min((ingest["anchor_numpy"], ingest["anchor_write_row"]), key=lambda timing: timing.median)
 
@@ -525,16 +531,20 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         f"with sample id, step, epoch, label and task (A, then B). Writers send batches of {args.batch_rows} rows, "
         f"fed by writes of {args.write_rows} rows; the timing runs from the first write until close() returns "
         f"(every row committed). Each case ran {args.repeats} times, interleaved in rotated order, each time into "
-        "a fresh table or layer after a CHECKPOINT. Ratios are to the anchor's median (best to best in brackets).",
+        "a fresh table or layer after a CHECKPOINT. x anchor: the anchor's median over the path's median "
+        "(the verdict), best over best, and the median of the per-round ratios (each path against the anchor "
+        "of the same round, which cancels slow swings in the box's load).",
         "",
-        "| path | best s | median s | rows/s (median) | MB/s (median) | x anchor (median) | x anchor (best) | target |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| path | best s | median s | rows/s (median) | MB/s (median) | x anchor (median) | x anchor (best) "
+        "| x anchor (paired) | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     targets = {"direct": DIRECT_TARGET, "rest": REST_TARGET}
     verdicts = []
     for name, timing in figures.ingest.items():
         ratio_median = anchor.median / timing.median
         ratio_best = anchor.best / timing.best
+        ratio_paired = paired_median(anchor.seconds, timing.seconds)
         target = ""
         if name.startswith(("direct", "rest")):
             wanted = targets[name.split("_")[0]]
@@ -546,7 +556,8 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
             target = "reference"
         lines.append(
             f"| {timing.label} | {timing.best:.2f} | {timing.median:.2f} | {stream.n_rows / timing.median:,.0f} | "
-            f"{stream.payload_mb / timing.median:.1f} | {ratio_median:.2f} | {ratio_best:.2f} | {target} |"
+            f"{stream.payload_mb / timing.median:.1f} | {ratio_median:.2f} | {ratio_best:.2f} | {ratio_paired:.2f} "
+            f"| {target} |"
         )
     other = figures.ingest["anchor_write_row" if anchor.name == "anchor_numpy" else "anchor_numpy"]
     lines += [
@@ -570,21 +581,25 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
             f"to 28x28, batch {TRAIN_BATCH}, {args.train_steps} steps, CPU ({figures.torch_threads} torch threads), "
             f"the fc layer's 128-d activations of every batch written with sample id, step, epoch, label, task; "
             f"{args.train_repeats} interleaved repeats per arm; a writer arm's time includes close() "
-            "(its rows committed).",
+            "(its rows committed). Slowdown: the arm's median over the writer-off median (the verdict), best over "
+            "best, and the median of the per-round slowdowns (against the writer-off run of the same round).",
             "",
-            "| arm | best s | median s | ms/step (median) | slowdown (median) | slowdown (best) | target |",
-            "|---|---:|---:|---:|---:|---:|---|",
+            "| arm | best s | median s | ms/step (median) | slowdown (median) | slowdown (best) | slowdown (paired) "
+            "| target |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for name, timing in figures.training.items():
             if name == "off":
                 lines.append(f"| {timing.label} | {timing.best:.2f} | {timing.median:.2f} | "
-                             f"{1000 * timing.median / args.train_steps:.1f} | | | |")
+                             f"{1000 * timing.median / args.train_steps:.1f} | | | | |")
                 continue
             slow_median = timing.median / off.median - 1
             slow_best = timing.best / off.best - 1
+            slow_paired = 1 / paired_median(off.seconds, timing.seconds) - 1
             lines.append(
                 f"| {timing.label} | {timing.best:.2f} | {timing.median:.2f} | {1000 * timing.median / args.train_steps:.1f} | "
-                f"{100 * slow_median:+.1f}% | {100 * slow_best:+.1f}% | <= {100 * SLOWDOWN_TARGET:.0f}%: "
+                f"{100 * slow_median:+.1f}% | {100 * slow_best:+.1f}% | {100 * slow_paired:+.1f}% "
+                f"| <= {100 * SLOWDOWN_TARGET:.0f}%: "
                 f"{_met(slow_median <= SLOWDOWN_TARGET)} |"
             )
     return "\n".join(lines) + "\n"
@@ -615,19 +630,6 @@ def machine_description(argv: list[str]) -> dict[str, str]:
     }
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replaces this script's section of RESULTS.md (or appends it), keeping every other section."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        path.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    after = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + section + ("\n" + after if after else ""))
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=600_000, help="rows of the stream (at least 600,000 for the record)")
@@ -648,7 +650,7 @@ def main(argv: list[str]) -> int:
     print(section)
     print(f"({time.perf_counter() - began:.0f} s in all)")
     if not args.no_write:
-        write_section(RESULTS, section)
+        write_section(RESULTS, SECTION, section)
         print(f"written to {RESULTS.relative_to(REPO)}")
     return 0
 

@@ -58,12 +58,10 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -76,7 +74,6 @@ if str(REPO) not in sys.path:
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import psycopg  # noqa: E402
-import uvicorn  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from pgvector import Vector  # noqa: E402
 from psycopg import sql  # noqa: E402
@@ -84,9 +81,9 @@ from psycopg import sql  # noqa: E402
 from app import keys, memory, migrate  # noqa: E402
 from app.database import connect  # noqa: E402
 from app.embedded import EmbeddedPostgres  # noqa: E402
-from app.main import create_app  # noqa: E402
 from app.schemas import SearchIn  # noqa: E402
 from app.settings import Settings  # noqa: E402
+from bench.common import Service, start_service, write_section  # noqa: E402
 
 try:
     import faiss  # noqa: E402
@@ -179,40 +176,6 @@ def brute_force(keys_unit: np.ndarray, queries_unit: np.ndarray, k: int) -> tupl
 
 
 # ---------------------------------------------------------------- the service
-
-
-@dataclass
-class Service:
-    """The API over HTTP on loopback (uvicorn in a thread of this process) and a write key."""
-
-    client: httpx.Client
-    server: uvicorn.Server
-    thread: threading.Thread
-
-    def stop(self) -> None:
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-def start_service(database_url: str, settings: Settings) -> Service:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, database_url), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the service did not start")
-        time.sleep(0.01)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        key = keys.create_key(conn, "bench", "write")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=600)
-    return Service(client, server, thread)
 
 
 def _expect(response: httpx.Response, status: int) -> dict:
@@ -772,19 +735,6 @@ def machine_description(argv: list[str]) -> dict[str, str]:
     }
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replaces this script's section of RESULTS.md (or appends it), keeping every other section."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        path.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    after = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + section + ("\n" + after if after else ""))
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100_000, help="keys of the Gaussian set (Fashion-MNIST: at most 60,000)")
@@ -808,7 +758,7 @@ def main(argv: list[str]) -> int:
     print()
     print(section)
     if not args.no_write:
-        write_section(RESULTS, section)
+        write_section(RESULTS, SECTION, section)
         print(f"written to {RESULTS.relative_to(REPO)}")
     return 0
 

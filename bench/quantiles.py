@@ -58,6 +58,7 @@ from app.main import create_app  # noqa: E402
 from app.quantiles import exact_boundaries_of  # noqa: E402
 from app.rows import ActivationRows  # noqa: E402
 from app.settings import Settings  # noqa: E402
+from bench.common import write_section  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Quantiles (bench/quantiles.py)"
@@ -520,19 +521,6 @@ def machine_description(argv: list[str]) -> dict[str, str]:
     }
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replaces this script's section of RESULTS.md (or appends it), keeping every other section."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        path.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    after = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + section + ("\n" + after if after else ""))
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=60_000, help="rows of the exact workload")
@@ -556,7 +544,7 @@ def main(argv: list[str]) -> int:
     print()
     print(section)
     if not args.no_write:
-        write_section(RESULTS, section)
+        write_section(RESULTS, SECTION, section)
         print(f"written to {RESULTS.relative_to(REPO)}")
     if not checks_pass(figures):
         print("FAILED: a correctness check did not hold (see the tables)", file=sys.stderr)
