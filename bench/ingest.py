@@ -21,7 +21,7 @@ Then a small CNN (28x28 inputs, batch 64) trains on CPU with the writer off and 
 fc layer's 128-d activations of every batch streamed by the direct or REST writer),
 interleaved; the slowdown of the loop (stored rows included) has the target <= 5%.
 
-Usage: .venv/bin/python bench/ingest.py [--rows 600000 --dim 128 --batch-rows 8192 --repeats 3]
+Usage: .venv/bin/python bench/ingest.py [--rows 600000 --dim 128 --batch-rows 32768 --repeats 3 --train-threads 1]
 """
 
 from __future__ import annotations
@@ -634,12 +634,19 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=600_000, help="rows of the stream (at least 600,000 for the record)")
     parser.add_argument("--dim", type=int, default=128, help="values per row")
-    parser.add_argument("--batch-rows", type=int, default=8192, help="rows per batch the writers send")
+    parser.add_argument(
+        "--batch-rows", type=int, default=ClientSettings.model_fields["writer_batch_rows"].default,
+        help="rows per batch the writers send (default: the writer's own default)",
+    )
     parser.add_argument("--write-rows", type=int, default=256, help="rows per write() call into the writer")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of every ingest case")
     parser.add_argument("--train-steps", type=int, default=300, help="steps of each training arm")
     parser.add_argument("--train-repeats", type=int, default=5, help="repeats of every training arm (0: skip)")
-    parser.add_argument("--train-threads", type=int, default=0, help="torch threads of the training loop (0: torch's default)")
+    parser.add_argument(
+        "--train-threads", type=int, default=1,
+        help="torch threads of the training loop (0: torch's default); 1 leaves a core of this 2-core box to the "
+        "writer and PostgreSQL",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args(argv[1:])
     machine = machine_description(argv)

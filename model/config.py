@@ -49,7 +49,7 @@ class ClientSettings(BaseSettings):
         validation_alias=AliasChoices("EIDETIC_REQUEST_TIMEOUT_S", "request_timeout_s"),
     )
     writer_batch_rows: int = Field(
-        default=8192, ge=1, validation_alias=AliasChoices("EIDETIC_WRITER_BATCH_ROWS", "writer_batch_rows")
+        default=32768, ge=1, validation_alias=AliasChoices("EIDETIC_WRITER_BATCH_ROWS", "writer_batch_rows")
     )
     writer_max_batch_bytes: int = Field(
         default=32 * 1024 * 1024,

@@ -117,7 +117,7 @@ class ActivationWriter:
         self,
         transport: Transport,
         *,
-        batch_rows: int = 8192,
+        batch_rows: int = 32768,
         max_batch_bytes: int = 32 * MIB,
         queue_size: int = 256,
         linger_s: float = 1.0,
