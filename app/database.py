@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import psycopg
 from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
@@ -44,10 +41,3 @@ def open_pool(url: str, settings: Settings) -> ConnectionPool:
     )
     pool.open(wait=True, timeout=30)
     return pool
-
-
-@contextmanager
-def transaction(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
-    """A pooled connection inside one transaction: committed on success, rolled back on error."""
-    with pool.connection() as conn:
-        yield conn

@@ -6,20 +6,10 @@ from collections.abc import Iterator
 
 import psycopg
 from fastapi import Depends, Path, Request
-from psycopg_pool import ConnectionPool
 
 from app import keys
 from app.errors import PayloadTooLarge, Unauthenticated
 from app.keys import Principal, Scope
-from app.settings import Settings
-
-
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-def get_pool(request: Request) -> ConnectionPool:
-    return request.app.state.pool
 
 
 def get_conn(request: Request) -> Iterator[psycopg.Connection]:
