@@ -578,7 +578,7 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         lines += [
             "",
             f"Training loop: a small MNIST-shaped CNN (conv 16, conv 32, fc 128, fc 10) on bundled digits upscaled "
-            f"to 28x28, batch {TRAIN_BATCH}, {args.train_steps} steps, CPU ({figures.torch_threads} torch threads), "
+            f"to 28x28, batch {TRAIN_BATCH}, {args.train_steps} steps, CPU ({figures.torch_threads} torch thread{'' if figures.torch_threads == 1 else 's'}), "
             f"the fc layer's 128-d activations of every batch written with sample id, step, epoch, label, task; "
             f"{args.train_repeats} interleaved repeats per arm; a writer arm's time includes close() "
             "(its rows committed). Slowdown: the arm's median over the writer-off median (the verdict), best over "
