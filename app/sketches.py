@@ -39,8 +39,10 @@ def update_sketches(conn: psycopg.Connection, layer: Layer, rows: ActivationRows
             "ON CONFLICT (layer_id, task) DO NOTHING",
             (layer.id, task, k),
         )
-        stored_k, blobs = conn.execute(
-            "SELECT k, sketches FROM layer_sketches WHERE layer_id = %s AND task = %s FOR UPDATE", (layer.id, task)
+        stored_k, blobs = conn.execute(  # binary: the sketches travel as bytes, not escaped text
+            "SELECT k, sketches FROM layer_sketches WHERE layer_id = %s AND task = %s FOR UPDATE",
+            (layer.id, task),
+            binary=True,
         ).fetchone()
         if blobs:  # merge the batch into what is stored; KLL merges keep the error guarantee
             sketches = _load(blobs, layer.dim, stored_k)
@@ -49,7 +51,7 @@ def update_sketches(conn: psycopg.Connection, layer: Layer, rows: ActivationRows
         else:
             sketches = batch_sketches[task]
         conn.execute(
-            "UPDATE layer_sketches SET n = %s, sketches = %s, updated_at = now() WHERE layer_id = %s AND task = %s",
+            "UPDATE layer_sketches SET n = %s, sketches = %b, updated_at = now() WHERE layer_id = %s AND task = %s",
             (sketches[0].n, [s.serialize() for s in sketches], layer.id, task),
         )
 

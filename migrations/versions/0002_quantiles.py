@@ -50,6 +50,8 @@ def upgrade() -> None:
         )
         """
     )
+    # KLL sketches don't compress: storing them uncompressed saves pglz's time on every ingest.
+    op.execute("ALTER TABLE layer_sketches ALTER COLUMN sketches SET STORAGE EXTERNAL")
     op.execute("ALTER TABLE layers ADD COLUMN sketch boolean NOT NULL DEFAULT true")
 
 
