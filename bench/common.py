@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -16,6 +21,8 @@ from app import keys
 from app.main import create_app
 from app.settings import Settings
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @dataclass
 class Service:
@@ -24,6 +31,9 @@ class Service:
     client: httpx.Client
     server: uvicorn.Server
     thread: threading.Thread
+    base_url: str
+    database_url: str
+    project_id: int
 
     def stop(self) -> None:
         self.client.close()
@@ -47,8 +57,10 @@ def start_service(database_url: str, settings: Settings) -> Service:
         time.sleep(0.01)
     with psycopg.connect(database_url, autocommit=True) as conn:
         key = keys.create_key(conn, "bench", "write")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=600)
-    return Service(client, server, thread)
+        project_id = keys.ensure_project(conn, "bench")
+    base_url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=600)
+    return Service(client, server, thread, base_url, database_url, project_id)
 
 
 def write_section(path: Path, heading: str, section: str) -> None:
@@ -65,3 +77,27 @@ def write_section(path: Path, heading: str, section: str) -> None:
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     after = "".join(lines[end:])
     path.write_text("".join(lines[:start]) + section + ("\n" + after if after else ""))
+
+
+def machine_facts(argv: list[str], software: str) -> dict[str, str]:
+    """The date, machine and exact command a section of RESULTS.md was measured with."""
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        "unknown CPU",
+    )
+    match = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+    memory = f"{int(match.group(1)) / 1024**2:.1f} GiB" if match else "unknown"
+    return {
+        "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
+        "nproc": subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or str(os.cpu_count()),
+        "cpu": cpu,
+        "memory": memory,
+        "software": software,
+        "command": shlex.join([_shown(Path(sys.executable)), _shown(Path(argv[0]).resolve(), argv[0]), *argv[1:]]),
+    }
+
+
+def _shown(path: Path, otherwise: str | None = None) -> str:
+    """A path relative to the repository when it lies inside it."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else (otherwise or str(path))

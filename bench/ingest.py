@@ -30,8 +30,6 @@ import argparse
 import contextlib
 import os
 import platform
-import re
-import shlex
 import shutil
 import socket
 import statistics
@@ -61,7 +59,7 @@ from app.rows import ActivationRows, NullableColumn, slice_rows  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from model.config import ClientSettings  # noqa: E402
 from model.store import ActivationWriter, WriterStats, open_writer  # noqa: E402
-from bench.common import write_section  # noqa: E402
+from bench.common import machine_facts, write_section  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Ingest (bench/ingest.py)"
@@ -606,28 +604,9 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
 
 
 def machine_description(argv: list[str]) -> dict[str, str]:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    memory = "unknown"
-    match = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
-    if match:
-        memory = f"{int(match.group(1)) / 1024**2:.1f} GiB"
-    python = Path(sys.executable)
-    python_shown = str(python.relative_to(REPO)) if python.is_relative_to(REPO) else str(python)
-    script = Path(argv[0]).resolve()
-    script_shown = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else argv[0]
-    return {
-        "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
-        "nproc": subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or str(os.cpu_count()),
-        "cpu": cpu,
-        "memory": memory,
-        "software": f"Python {platform.python_version()}, numpy {np.__version__}, psycopg {psycopg.__version__} "
-        f"({psycopg.pq.__impl__}), pyarrow {metadata.version('pyarrow')}, datasketches {metadata.version('datasketches')}",
-        "command": shlex.join([python_shown, script_shown, *argv[1:]]),
-    }
+    facts = machine_facts(argv, software=f"Python {platform.python_version()}, numpy {np.__version__}, psycopg {psycopg.__version__} "
+        f"({psycopg.pq.__impl__}), pyarrow {metadata.version('pyarrow')}, datasketches {metadata.version('datasketches')}")
+    return facts
 
 
 def main(argv: list[str]) -> int:

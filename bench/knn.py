@@ -55,11 +55,9 @@ import os
 import platform
 import pstats
 import re
-import shlex
 import shutil
 import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -83,7 +81,7 @@ from app.database import connect  # noqa: E402
 from app.embedded import EmbeddedPostgres  # noqa: E402
 from app.schemas import SearchIn  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from bench.common import Service, start_service, write_section  # noqa: E402
+from bench.common import machine_facts, Service, start_service, write_section  # noqa: E402
 
 try:
     import faiss  # noqa: E402
@@ -709,30 +707,10 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
 
 
 def machine_description(argv: list[str]) -> dict[str, str]:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    memory_total = "unknown"
-    match = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
-    if match:
-        memory_total = f"{int(match.group(1)) / 1024**2:.1f} GiB"
-    python = Path(sys.executable)
-    python_shown = str(python.relative_to(REPO)) if python.is_relative_to(REPO) else str(python)
-    script = Path(argv[0]).resolve()
-    script_shown = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else argv[0]
     software = f"Python {platform.python_version()}, numpy {np.__version__}"
     if faiss is not None:
         software += f", faiss-cpu {faiss.__version__}"
-    return {
-        "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
-        "nproc": subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or str(os.cpu_count()),
-        "cpu": cpu,
-        "memory": memory_total,
-        "software": software,
-        "command": shlex.join([python_shown, script_shown, *argv[1:]]),
-    }
+    return machine_facts(argv, software)
 
 
 def main(argv: list[str]) -> int:

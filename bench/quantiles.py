@@ -22,16 +22,10 @@ Usage: .venv/bin/python bench/quantiles.py [--rows 60000 --dim 128 --sketch-rows
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import re
-import shlex
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,19 +40,17 @@ if str(REPO) not in sys.path:
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import psycopg  # noqa: E402
-import uvicorn  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from app import keys, migrate, runs  # noqa: E402
+from app import migrate, runs  # noqa: E402
 from app.copy_binary import iter_vectors  # noqa: E402
 from app.database import connect  # noqa: E402
 from app.embedded import EmbeddedPostgres  # noqa: E402
 from app.formats import ARROW_STREAM, rows_to_arrow  # noqa: E402
-from app.main import create_app  # noqa: E402
 from app.quantiles import exact_boundaries_of  # noqa: E402
 from app.rows import ActivationRows  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from bench.common import write_section  # noqa: E402
+from bench.common import Service, machine_facts, start_service, write_section  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Quantiles (bench/quantiles.py)"
@@ -92,45 +84,6 @@ def labels_of(n_rows: int, seed: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- the service
-
-
-@dataclass
-class Service:
-    """The API over HTTP on loopback (uvicorn in a thread of this process) and a write key."""
-
-    base_url: str
-    database_url: str
-    client: httpx.Client
-    server: uvicorn.Server
-    thread: threading.Thread
-    project_id: int
-
-    def stop(self) -> None:
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-def start_service(database_url: str, settings: Settings) -> Service:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, database_url), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the service did not start")
-        time.sleep(0.01)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        key = keys.create_key(conn, "bench", "write")
-        project_id = keys.ensure_project(conn, "bench")
-    base_url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=600)
-    return Service(base_url, database_url, client, server, thread, project_id)
 
 
 def create_layer(service: Service, run_id: int, name: str, dim: int, sketch: bool) -> int:
@@ -494,31 +447,9 @@ def checks_pass(figures: Figures) -> bool:
 
 
 def machine_description(argv: list[str]) -> dict[str, str]:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    memory = "unknown"
-    match = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
-    if match:
-        memory = f"{int(match.group(1)) / 1024**2:.1f} GiB"
-    python = Path(sys.executable)
-    try:
-        python_shown = str(python.relative_to(REPO)) if python.is_relative_to(REPO) else str(python)
-    except ValueError:
-        python_shown = str(python)
-    script = Path(argv[0]).resolve()
-    script_shown = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else argv[0]
-    return {
-        "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
-        "nproc": subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or str(os.cpu_count()),
-        "cpu": cpu,
-        "memory": memory,
-        "software": f"Python {platform.python_version()}, numpy {np.__version__}, datasketches {metadata.version('datasketches')}",
-        "command": shlex.join([python_shown, script_shown, *argv[1:]]),
-        "load_before": _load_average(),
-    }
+    facts = machine_facts(argv, software=f"Python {platform.python_version()}, numpy {np.__version__}, datasketches {metadata.version('datasketches')}")
+    facts["load_before"] = _load_average()
+    return facts
 
 
 def main(argv: list[str]) -> int:
