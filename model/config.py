@@ -63,6 +63,12 @@ class ClientSettings(BaseSettings):
         validation_alias=AliasChoices("EIDETIC_WRITER_QUEUE_SIZE", "writer_queue_size"),
         description="Writes (training batches) that may wait for the sender before write() blocks.",
     )
+    writer_in_flight: int = Field(
+        default=2,
+        ge=1,
+        validation_alias=AliasChoices("EIDETIC_WRITER_IN_FLIGHT", "writer_in_flight"),
+        description="Batches on their way to the store at once; 1 sends (and commits) strictly in order.",
+    )
     writer_max_attempts: int = Field(
         default=8, ge=1, validation_alias=AliasChoices("EIDETIC_WRITER_MAX_ATTEMPTS", "writer_max_attempts")
     )

@@ -1,4 +1,4 @@
-"""Quantile boundaries held on the model's device, bucketing activations with torch.searchsorted.
+"""Quantile boundaries held on the model's device, bucketing activations in one fused kernel.
 
 The hot path (bucketing a training batch) never touches the network: the boundaries
 are a (units x Q-1) tensor on the device, and `refresh` swaps in a newer version only
@@ -14,6 +14,7 @@ import torch
 
 from app.quantiles import order_statistics
 from model.client import EideticClient
+from model.kernels import count_below
 
 
 def local_boundaries(values: torch.Tensor, n_quantiles: int) -> torch.Tensor:
@@ -29,9 +30,6 @@ def local_boundaries(values: torch.Tensor, n_quantiles: int) -> torch.Tensor:
     return ordered.index_select(0, positions).T.contiguous()
 
 
-SMALL_Q_BOUNDARIES = 16
-
-
 @dataclass
 class QuantileCacheStats:
     lookups: int = 0
@@ -43,10 +41,14 @@ class QuantileCacheStats:
 class QuantileCache:
     """One quantile set's boundaries on a device; `bucketize` is vectorised over batch and units."""
 
-    def __init__(self, boundaries: torch.Tensor, version: int = 0, set_id: int | None = None) -> None:
+    def __init__(
+        self, boundaries: torch.Tensor, version: int = 0, set_id: int | None = None, *, compiled: bool = True
+    ) -> None:
+        """`compiled=False` keeps bucketing in eager torch (no compile on first use)."""
         if boundaries.ndim != 2:
             raise ValueError("boundaries are (units x Q-1)")
         self.boundaries = boundaries.to(torch.float32).contiguous()
+        self.compiled = compiled
         self.version = version
         self.set_id = set_id
         self.stats = QuantileCacheStats(version=version)
@@ -73,6 +75,16 @@ class QuantileCache:
         cache._source = (run_id, layer_id, method)
         return cache
 
+    @property
+    def boundaries(self) -> torch.Tensor:
+        """(units x Q-1), each row ascending."""
+        return self._boundaries
+
+    @boundaries.setter
+    def boundaries(self, value: torch.Tensor) -> None:
+        self._boundaries = value
+        self.boundaries_by_rank = value.T.contiguous()  # (Q-1 x units): the layout the kernel reads
+
     def to(self, device: torch.device | str) -> "QuantileCache":
         self.boundaries = self.boundaries.to(device)
         return self
@@ -89,26 +101,18 @@ class QuantileCache:
         self.stats.version = self.version
         return True
 
-    def bucketize(self, activations: torch.Tensor) -> torch.Tensor:
+    def bucketize(self, activations: torch.Tensor, *, out_int32: bool = False) -> torch.Tensor:
         """Bucket (0..Q-1) of every value: the number of its unit's boundaries strictly below it.
 
-        torch.searchsorted with a batched boundary table (one row per unit) is
-        torch.bucketize(right=False) for all units in one kernel.
+        torch.bucketize(right=False) with one boundary table per unit, in one fused kernel
+        (model/kernels.py); int64 like torch.bucketize, int32 with `out_int32`.
         """
         if activations.ndim != 2 or activations.shape[1] != self.boundaries.shape[0]:
             raise ValueError(
                 f"activations must be (batch x {self.boundaries.shape[0]}), got {tuple(activations.shape)}"
             )
         values = activations.detach().to(device=self.device, dtype=torch.float32)
-        if self.boundaries.shape[1] <= SMALL_Q_BOUNDARIES:
-            # a few boundaries: one comparison per boundary, accumulated in place over the whole
-            # batch, beats a binary search per value (about 3x on CPU, bench/caches.py)
-            counts = torch.zeros(values.shape, dtype=torch.int16, device=self.device)
-            for column in self.boundaries.T:
-                counts += values > column
-            buckets = counts.long()
-        else:
-            buckets = torch.searchsorted(self.boundaries, values.T.contiguous(), right=False).T
+        buckets = count_below(values, self.boundaries_by_rank, out_int32=out_int32, compiled=self.compiled)
         self.stats.lookups += 1
         self.stats.values_bucketed += activations.numel()
         return buckets

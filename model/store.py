@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -111,6 +112,11 @@ class ActivationWriter:
     for the sender; `linger_s` is how long a partial batch may wait for more rows before
     it is sent anyway. Retries back off exponentially (with jitter) from `backoff_s` up
     to `max_backoff_s`, `max_attempts` times in all, always under the same batch id.
+
+    `in_flight` batches may be on their way at once (the transport must allow that many
+    concurrent `send` calls; both of ours do): while one batch is committing, the next is
+    encoded and copied, which keeps the database busy between commits (bench/ingest.py).
+    Batches may then commit out of order; each is still all-or-nothing and stored once.
     """
 
     def __init__(
@@ -125,9 +131,10 @@ class ActivationWriter:
         backoff_s: float = 0.2,
         max_backoff_s: float = 10.0,
         writer_id: str | None = None,
+        in_flight: int = 2,
     ) -> None:
-        if min(batch_rows, max_batch_bytes, queue_size, max_attempts) < 1:
-            raise ValueError("batch_rows, max_batch_bytes, queue_size and max_attempts must be at least 1")
+        if min(batch_rows, max_batch_bytes, queue_size, max_attempts, in_flight) < 1:
+            raise ValueError("batch_rows, max_batch_bytes, queue_size, max_attempts and in_flight must be at least 1")
         self.writer_id = writer_id or uuid.uuid4().hex[:16]
         if len(self.writer_id) > MAX_WRITER_ID_LENGTH:
             raise ValueError(f"writer_id has at most {MAX_WRITER_ID_LENGTH} characters")
@@ -148,6 +155,14 @@ class ActivationWriter:
         self._dim: int | None = None
         self._seq = 0
         self._jitter = random.Random()
+        self.in_flight = in_flight
+        self._slots = threading.Semaphore(in_flight)
+        self._outstanding: list[Future] = []
+        self._lanes = (
+            ThreadPoolExecutor(in_flight, thread_name_prefix=f"eidetic-writer-{self.writer_id}-lane")
+            if in_flight > 1
+            else None
+        )
         self._thread = threading.Thread(target=self._run, name=f"eidetic-writer-{self.writer_id}", daemon=True)
         self._thread.start()
         _open_writers.add(self)
@@ -227,6 +242,8 @@ class ActivationWriter:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise TimeoutError(f"the writer did not finish sending within {timeout} s")
+            if self._lanes is not None:
+                self._lanes.shutdown(wait=True)
             self._transport.close()
             _open_writers.discard(self)
         with self._lock:
@@ -328,8 +345,10 @@ class ActivationWriter:
                 pending, pending_rows = self._send(pending, whole=True)
             deadline = None
             if isinstance(item, _Flush):
+                self._wait_for_outstanding()
                 item.done.set()
             elif item is _CLOSE:
+                self._wait_for_outstanding()
                 return
 
     def _next_item(self, deadline: float | None) -> object:
@@ -347,8 +366,8 @@ class ActivationWriter:
         start = 0
         while joined.n_rows - start >= limit or (whole and start < joined.n_rows):
             stop = min(start + limit, joined.n_rows)
-            if not self._deliver(slice_rows(joined, start, stop)):
-                self._count(rows_failed=joined.n_rows - stop)
+            if not self._dispatch(slice_rows(joined, start, stop)):
+                self._count(rows_failed=joined.n_rows - start)
                 return [], 0
             start = stop
         if start == joined.n_rows:
@@ -359,10 +378,30 @@ class ActivationWriter:
     def _rows_per_batch(self, dim: int) -> int:
         return max(1, min(self.batch_rows, self.max_batch_bytes // (4 * dim)))
 
-    def _deliver(self, rows: ActivationRows) -> bool:
-        """One batch, retried under one id until acknowledged; False (and the error set) if it never is."""
+    def _dispatch(self, rows: ActivationRows) -> bool:
+        """Starts one batch on its way (inline, or on a free lane); False once the writer has failed."""
         batch_id = f"{self.writer_id}-{self._seq}"
         self._seq += 1
+        if self._lanes is None:
+            return self._error is None and self._deliver(batch_id, rows)
+        self._slots.acquire()  # at most in_flight batches out at once
+        if self._error is not None:
+            self._slots.release()
+            return False
+        self._outstanding = [future for future in self._outstanding if not future.done()]
+        future = self._lanes.submit(self._deliver, batch_id, rows)
+        future.add_done_callback(lambda _: self._slots.release())
+        self._outstanding.append(future)
+        return True
+
+    def _wait_for_outstanding(self) -> None:
+        """Until every dispatched batch is acknowledged or has failed."""
+        for future in self._outstanding:
+            future.result()
+        self._outstanding = []
+
+    def _deliver(self, batch_id: str, rows: ActivationRows) -> bool:
+        """One batch, retried under one id until acknowledged; False (and the error set) if it never is."""
         for attempt in range(1, self.max_attempts + 1):
             try:
                 receipt = self._transport.send(batch_id, rows)
@@ -387,7 +426,8 @@ class ActivationWriter:
     def _fail(self, error: WriterError, rows: int) -> bool:
         log.error("activation writer %s stopped: %s", self.writer_id, error)
         with self._lock:
-            self._error = error
+            if self._error is None:  # with batches in flight, the first failure is the one to report
+                self._error = error
         self._count(rows_failed=rows)
         return False
 
@@ -455,6 +495,7 @@ def open_writer(
         "max_batch_bytes": settings.writer_max_batch_bytes,
         "queue_size": settings.writer_queue_size,
         "max_attempts": settings.writer_max_attempts,
+        "in_flight": settings.writer_in_flight,
     }
     options.update(writer_options)
     return ActivationWriter(sender, **options)

@@ -8,6 +8,7 @@ it never will.
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 import httpx
@@ -28,7 +29,7 @@ class TransientError(Exception):
 
 
 class Transport(Protocol):
-    """Delivers batches of one layer; used from the writer's sender thread only."""
+    """Delivers batches of one layer; `send` may be called from several of the writer's threads at once."""
 
     def send(self, batch_id: str, rows: ActivationRows) -> IngestReceipt: ...
 
@@ -36,7 +37,10 @@ class Transport(Protocol):
 
 
 class RestTransport:
-    """POSTs each batch as an Arrow IPC stream; 5xx, 408/425/429 and network errors are transient."""
+    """POSTs each batch as an Arrow IPC stream; 5xx, 408/425/429 and network errors are transient.
+
+    Concurrent sends share the client's connection pool (httpx.Client is thread-safe).
+    """
 
     def __init__(self, client: EideticClient, run_id: int, layer_id: int, *, owns_client: bool = True) -> None:
         self.client = client
@@ -65,7 +69,8 @@ class DirectTransport:
 
     It runs the same checks and the same exactly-once ledger as the REST route, so the two
     transports store identical rows; it only skips HTTP and the API key. Connection
-    failures are transient: the connection is opened again for the next attempt.
+    failures are transient: the connection is opened again for the next attempt. Each
+    sending thread has its own connection (a psycopg connection runs one transaction).
     """
 
     def __init__(
@@ -75,7 +80,9 @@ class DirectTransport:
         self.run_id = run_id
         self.layer_id = layer_id
         self.store_settings = store_settings or StoreSettings()  # the service's limits, checked the same way
-        self._conn: psycopg.Connection | None = None
+        self._local = threading.local()  # .conn: this thread's connection
+        self._opened: list[psycopg.Connection] = []  # every thread's, for close()
+        self._opened_lock = threading.Lock()
         self._layer: Layer | None = None
 
     def send(self, batch_id: str, rows: ActivationRows) -> IngestReceipt:
@@ -100,19 +107,36 @@ class DirectTransport:
         return layer
 
     def _connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed or self._conn.broken:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
             self._drop_connection()
             # Autocommit: ingest() opens its own transaction, which must be the outermost one.
-            self._conn = connect(self.database_url, self.store_settings, autocommit=True)
-        return self._conn
+            conn = connect(self.database_url, self.store_settings, autocommit=True)
+            self._local.conn = conn
+            with self._opened_lock:
+                self._opened.append(conn)
+        return conn
 
     def _drop_connection(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except psycopg.Error:
-                pass
-            self._conn = None
+        """Closes this thread's connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            with self._opened_lock:
+                if conn in self._opened:
+                    self._opened.remove(conn)
+            _close_quietly(conn)
 
     def close(self) -> None:
-        self._drop_connection()
+        """Closes every thread's connection; call it once no send is running."""
+        with self._opened_lock:
+            opened, self._opened = self._opened, []
+        for conn in opened:
+            _close_quietly(conn)
+
+
+def _close_quietly(conn: psycopg.Connection) -> None:
+    try:
+        conn.close()
+    except psycopg.Error:
+        pass

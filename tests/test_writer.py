@@ -93,13 +93,18 @@ class LoseAcknowledgement:
         self.inner = inner
         self.times = times
         self.calls: list[str] = []
+        self.lost: list[str] = []
+        self.lock = threading.Lock()  # the writer sends from several threads
 
     def send(self, batch_id: str, rows: ActivationRows) -> IngestReceipt:
-        self.calls.append(batch_id)
+        with self.lock:
+            self.calls.append(batch_id)
         receipt = self.inner.send(batch_id, rows)
-        if self.times > 0:
-            self.times -= 1
-            raise TransientError("connection reset after the store committed (injected)")
+        with self.lock:
+            if self.times > 0:
+                self.times -= 1
+                self.lost.append(batch_id)
+                raise TransientError("connection reset after the store committed (injected)")
         return receipt
 
     def close(self) -> None:
@@ -113,11 +118,14 @@ class FailBeforeSending:
         self.inner = inner
         self.times = times
         self.calls: list[str] = []
+        self.lock = threading.Lock()
 
     def send(self, batch_id: str, rows: ActivationRows) -> IngestReceipt:
-        self.calls.append(batch_id)
-        if self.times > 0:
-            self.times -= 1
+        with self.lock:
+            self.calls.append(batch_id)
+            unreachable = self.times > 0
+            self.times -= unreachable
+        if unreachable:
             raise TransientError("service unreachable (injected)")
         return self.inner.send(batch_id, rows)
 
@@ -126,17 +134,33 @@ class FailBeforeSending:
 
 
 class Gated:
-    """Holds every send until the gate opens: a store that has fallen behind."""
+    """Holds every send until the gate opens: a store that has fallen behind. Counts sends at the gate."""
 
     def __init__(self, inner: Transport) -> None:
         self.inner = inner
         self.gate = threading.Event()
-        self.sending = threading.Event()
+        self.lock = threading.Lock()
+        self.waiting = 0
+        self.most_waiting = 0
 
     def send(self, batch_id: str, rows: ActivationRows) -> IngestReceipt:
-        self.sending.set()
-        assert self.gate.wait(10), "the test never opened the gate"
+        with self.lock:
+            self.waiting += 1
+            self.most_waiting = max(self.most_waiting, self.waiting)
+        try:
+            assert self.gate.wait(10), "the test never opened the gate"
+        finally:
+            with self.lock:
+                self.waiting -= 1
         return self.inner.send(batch_id, rows)
+
+    def wait_for_senders(self, count: int, timeout: float = 5) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.waiting >= count:
+                return True
+            time.sleep(0.01)
+        return False
 
     def close(self) -> None:
         self.inner.close()
@@ -201,8 +225,9 @@ def test_a_retry_after_the_store_committed_reuses_the_batch_id(service, transpor
     with ActivationWriter(flaky, batch_rows=200, backoff_s=0.01) as writer:
         writer.write(matrix(400), sample_id=np.arange(400))
 
-    first = f"{writer.writer_id}-0"
-    assert flaky.calls == [first, first, f"{writer.writer_id}-1"]  # the retry carried the same id
+    ids = {f"{writer.writer_id}-0", f"{writer.writer_id}-1"}
+    assert sorted(flaky.calls) == sorted([*ids, *flaky.lost]) and len(flaky.lost) == 1  # the retry carried the same id
+    assert set(flaky.calls) == ids
     assert stored_row_count(service.database_url, layer_id) == 400  # ... so nothing was stored twice
     assert len(ledger(service.database_url, layer_id)) == 2
     stats = writer.stats()
@@ -235,31 +260,59 @@ def test_a_store_that_never_answers_fails_after_max_attempts() -> None:
 # ---------------------------------------------------------------- backpressure
 
 
-def test_a_full_queue_blocks_the_writer_instead_of_dropping_rows(service) -> None:
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_a_full_queue_blocks_the_writer_instead_of_dropping_rows(service, in_flight: int) -> None:
+    """What a stalled store lets the writer hold: in_flight batches at the store, one waiting for
+    a free slot, queue_size writes in the queue; the next write blocks."""
     run_id, layer_id = new_layer(service)
     slow = Gated(real_transport("rest", service, run_id, layer_id))
-    writer = ActivationWriter(slow, batch_rows=10, queue_size=1)
-    writer.write(matrix(10, seed=1))  # taken by the sender, which now waits at the gate
-    assert slow.sending.wait(5)
-    writer.write(matrix(10, seed=2))  # fills the queue (size 1)
+    writer = ActivationWriter(slow, batch_rows=10, queue_size=1, in_flight=in_flight)
+    for seed in range(in_flight):
+        writer.write(matrix(10, seed=seed))  # each a full batch, taken to the store, which holds it
+    assert slow.wait_for_senders(in_flight)
+    accepted = in_flight
+    if in_flight > 1:
+        writer.write(matrix(10, seed=accepted))  # the sender takes it and waits for a free slot
+        accepted += 1
+        deadline = time.monotonic() + 5
+        while not writer._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    writer.write(matrix(10, seed=accepted))  # fills the queue (size 1)
+    accepted += 1
 
-    third_done = threading.Event()
+    blocked_done = threading.Event()
 
-    def third_write() -> None:
-        writer.write(matrix(10, seed=3))
-        third_done.set()
+    def blocked_write() -> None:
+        writer.write(matrix(10, seed=accepted))
+        blocked_done.set()
 
-    blocked = threading.Thread(target=third_write)
+    blocked = threading.Thread(target=blocked_write)
     blocked.start()
-    assert not third_done.wait(0.3), "write() returned although the queue was full"
-    assert writer.stats().rows_queued == 30 and writer.stats().rows_sent == 0
+    assert not blocked_done.wait(0.3), "write() returned although the queue was full"
+    assert writer.stats().rows_queued == 10 * (accepted + 1) and writer.stats().rows_sent == 0
+    assert slow.most_waiting == in_flight
 
     slow.gate.set()
-    assert third_done.wait(10)
+    assert blocked_done.wait(10)
     blocked.join()
     stats = writer.close()
-    assert stored_row_count(service.database_url, layer_id) == 30
-    assert stats.rows_sent == 30 and stats.seconds_blocked >= 0.25
+    assert stored_row_count(service.database_url, layer_id) == 10 * (accepted + 1)
+    assert stats.rows_sent == 10 * (accepted + 1) and stats.seconds_blocked >= 0.25
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_at_most_in_flight_batches_are_sent_at_once(service, transport_kind: str, in_flight: int) -> None:
+    run_id, layer_id = new_layer(service)
+    slow = Gated(real_transport(transport_kind, service, run_id, layer_id))
+    with ActivationWriter(slow, batch_rows=100, in_flight=in_flight) as writer:
+        writer.write(matrix(700), sample_id=np.arange(700))  # seven batches
+        assert slow.wait_for_senders(in_flight)
+        time.sleep(0.2)  # time enough for a wrongly dispatched extra batch to arrive at the gate
+        assert slow.waiting == in_flight
+        slow.gate.set()
+    assert slow.most_waiting == in_flight
+    assert sorted(ledger(service.database_url, layer_id)) == sorted(f"{writer.writer_id}-{seq}" for seq in range(7))
+    assert stored_row_count(service.database_url, layer_id) == 700 and writer.stats().rows_sent == 700
 
 
 # ---------------------------------------------------------------- permanent failures
@@ -281,6 +334,39 @@ def test_a_wrong_dimension_surfaces_as_a_typed_error_with_the_field(service, tra
     writer.close()
     assert stored_row_count(service.database_url, layer_id) == 0
     assert writer.stats().rows_failed == 20
+
+
+class RejectOne:
+    """Refuses one batch for good (as a 4xx would); the others reach the real store."""
+
+    def __init__(self, inner: Transport, suffix: str) -> None:
+        self.inner = inner
+        self.suffix = suffix
+
+    def send(self, batch_id: str, rows: ActivationRows) -> IngestReceipt:
+        if batch_id.endswith(self.suffix):
+            raise EideticAPIError(422, "invalid_value", "refused (injected)", "rows")
+        return self.inner.send(batch_id, rows)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_batch_refused_while_others_are_in_flight_stops_the_writer_and_the_counts_add_up(
+    service, transport_kind: str
+) -> None:
+    run_id, layer_id = new_layer(service)
+    refusing = RejectOne(real_transport(transport_kind, service, run_id, layer_id), suffix="-2")
+    writer = ActivationWriter(refusing, batch_rows=100, in_flight=2)
+    writer.write(matrix(1000))
+    with pytest.raises(BatchRejected) as caught:
+        writer.close()
+    assert caught.value.batch_id == f"{writer.writer_id}-2"
+    stats = writer.stats()
+    stored = stored_row_count(service.database_url, layer_id)
+    assert stats.rows_sent == stored == 100 * len(ledger(service.database_url, layer_id))
+    assert stats.rows_sent + stats.rows_failed == stats.rows_queued == 1000 and stats.rows_pending == 0
+    assert f"{writer.writer_id}-2" not in ledger(service.database_url, layer_id)
 
 
 def test_an_unreported_failure_is_raised_by_close(service) -> None:
