@@ -21,7 +21,7 @@ Then a small CNN (28x28 inputs, batch 64) trains on CPU with the writer off and 
 fc layer's 128-d activations of every batch streamed by the direct or REST writer),
 interleaved; the slowdown of the loop (stored rows included) has the target <= 5%.
 
-Usage: .venv/bin/python bench/ingest.py [--rows 600000 --dim 128 --batch-rows 32768 --repeats 3 --train-threads 1]
+Usage: .venv/bin/python bench/ingest.py [--rows 600000 --dim 128 --batch-rows 32768 --in-flight 2 --repeats 3 --train-threads 1]
 """
 
 from __future__ import annotations
@@ -317,7 +317,9 @@ def writer_case(store: Store, stream: Stream, transport: str, sketch: bool, args
     run_id, layer_id = store.new_layer(f"ingest-{tag}", stream.dim, sketch)
     store.settle()
     started = time.perf_counter()
-    writer = open_writer(run_id, layer_id, store.client_settings(), transport, batch_rows=args.batch_rows)
+    writer = open_writer(
+        run_id, layer_id, store.client_settings(), transport, batch_rows=args.batch_rows, in_flight=args.in_flight
+    )
     stats = feed_writer(writer, stream, args.write_rows)
     seconds = time.perf_counter() - started
     rows, sketched = store.stored(run_id, layer_id)
@@ -444,7 +446,10 @@ def measure_training(store: Store, args: argparse.Namespace) -> tuple[dict[str, 
             writer, run_id, layer_id = None, None, None
             if transport is not None:
                 run_id, layer_id = store.new_layer(f"train-{name}-{repeat}", 128, sketch)
-                writer = open_writer(run_id, layer_id, store.client_settings(), transport, batch_rows=args.batch_rows)
+                writer = open_writer(
+                    run_id, layer_id, store.client_settings(), transport,
+                    batch_rows=args.batch_rows, in_flight=args.in_flight,
+                )
             seconds = train(args.train_steps, writer)
             timings[name].seconds.append(seconds)
             if writer is not None:
@@ -483,7 +488,7 @@ def run_benchmark(args: argparse.Namespace) -> Figures:
         figures.load.append(("start", os.getloadavg()[0]))
         stream = figures.stream
         print(f"ingest: {stream.n_rows:,} x {stream.dim} float32 ({stream.payload_mb:.0f} MB of values), "
-              f"writer batches of {args.batch_rows} rows, writes of {args.write_rows} rows", flush=True)
+              f"writer batches of {args.batch_rows} rows ({args.in_flight} in flight), writes of {args.write_rows} rows", flush=True)
         figures.ingest = measure_ingest(store, stream, args)
         figures.sketch_cpu_s = sketch_cpu_seconds(stream, args.batch_rows, Settings().sketch_k)
         print(f"  KLL sketch updates of the same rows alone (no database): {figures.sketch_cpu_s:.2f} s", flush=True)
@@ -527,6 +532,7 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         "",
         f"{stream.n_rows:,} rows x {stream.dim} float32 ({stream.payload_mb:.0f} MB of values; MB/s counts these bytes) "
         f"with sample id, step, epoch, label and task (A, then B). Writers send batches of {args.batch_rows} rows, "
+        f"{args.in_flight} at a time, "
         f"fed by writes of {args.write_rows} rows; the timing runs from the first write until close() returns "
         f"(every row committed). Each case ran {args.repeats} times, interleaved in rotated order, each time into "
         "a fresh table or layer after a CHECKPOINT. x anchor: the anchor's median over the path's median "
@@ -616,6 +622,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--batch-rows", type=int, default=ClientSettings.model_fields["writer_batch_rows"].default,
         help="rows per batch the writers send (default: the writer's own default)",
+    )
+    parser.add_argument(
+        "--in-flight", type=int, default=ClientSettings.model_fields["writer_in_flight"].default,
+        help="batches each writer keeps on their way at once (default: the writer's own default)",
     )
     parser.add_argument("--write-rows", type=int, default=256, help="rows per write() call into the writer")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of every ingest case")
