@@ -20,7 +20,6 @@ import threading
 import time
 import uuid
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -157,14 +156,18 @@ class ActivationWriter:
         self._jitter = random.Random()
         self.in_flight = in_flight
         self._slots = threading.Semaphore(in_flight)
-        self._outstanding: list[Future] = []
-        self._lanes = (
-            ThreadPoolExecutor(in_flight, thread_name_prefix=f"eidetic-writer-{self.writer_id}-lane")
-            if in_flight > 1
-            else None
-        )
+        self._outstanding: list[threading.Event] = []  # one per dispatched batch, set when it is settled
+        # Daemon threads of our own rather than a ThreadPoolExecutor: an executor refuses work once
+        # the interpreter begins to exit, and a writer left open still delivers at exit (atexit).
+        self._lane_jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lanes = [
+            threading.Thread(target=self._lane, name=f"eidetic-writer-{self.writer_id}-lane-{n}", daemon=True)
+            for n in range(in_flight if in_flight > 1 else 0)
+        ]
         self._thread = threading.Thread(target=self._run, name=f"eidetic-writer-{self.writer_id}", daemon=True)
         self._thread.start()
+        for lane in self._lanes:
+            lane.start()
         _open_writers.add(self)
 
     # ------------------------------------------------------------ the training thread's side
@@ -242,8 +245,10 @@ class ActivationWriter:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise TimeoutError(f"the writer did not finish sending within {timeout} s")
-            if self._lanes is not None:
-                self._lanes.shutdown(wait=True)
+            for _ in self._lanes:
+                self._lane_jobs.put(None)
+            for lane in self._lanes:
+                lane.join()
             self._transport.close()
             _open_writers.discard(self)
         with self._lock:
@@ -382,22 +387,32 @@ class ActivationWriter:
         """Starts one batch on its way (inline, or on a free lane); False once the writer has failed."""
         batch_id = f"{self.writer_id}-{self._seq}"
         self._seq += 1
-        if self._lanes is None:
+        if not self._lanes:
             return self._error is None and self._deliver(batch_id, rows)
         self._slots.acquire()  # at most in_flight batches out at once
         if self._error is not None:
             self._slots.release()
             return False
-        self._outstanding = [future for future in self._outstanding if not future.done()]
-        future = self._lanes.submit(self._deliver, batch_id, rows)
-        future.add_done_callback(lambda _: self._slots.release())
-        self._outstanding.append(future)
+        settled = threading.Event()
+        self._outstanding = [event for event in self._outstanding if not event.is_set()]
+        self._outstanding.append(settled)
+        self._lane_jobs.put((batch_id, rows, settled))
         return True
+
+    def _lane(self) -> None:
+        """Delivers dispatched batches, one at a time, until told to stop (None)."""
+        while (job := self._lane_jobs.get()) is not None:
+            batch_id, rows, settled = job
+            try:
+                self._deliver(batch_id, rows)
+            finally:
+                self._slots.release()
+                settled.set()
 
     def _wait_for_outstanding(self) -> None:
         """Until every dispatched batch is acknowledged or has failed."""
-        for future in self._outstanding:
-            future.result()
+        for settled in self._outstanding:
+            settled.wait()
         self._outstanding = []
 
     def _deliver(self, batch_id: str, rows: ActivationRows) -> bool:

@@ -8,8 +8,11 @@ told it was not), never by replacing the database.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -30,6 +33,7 @@ from model.store import (
 from model.transports import DirectTransport, RestTransport, TransientError, Transport
 
 DIM = 8
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- helpers
@@ -417,6 +421,30 @@ def test_flush_waits_for_acknowledgement_and_the_writer_goes_on(service) -> None
     assert writer.close() == final  # closing twice is a no-op
     with pytest.raises(WriterClosed):
         writer.write(matrix(1))
+
+
+def test_a_writer_left_open_delivers_its_rows_when_the_process_exits(service, transport_kind: str) -> None:
+    """The training script forgets close(): the writer still sends everything, in flight included."""
+    run_id, layer_id = new_layer(service)
+    transport = (
+        f"RestTransport(EideticClient({service.base_url!r}, {service.write_key!r}), {run_id}, {layer_id})"
+        if transport_kind == "rest"
+        else f"DirectTransport({service.database_url!r}, {run_id}, {layer_id})"
+    )
+    script = (
+        "import numpy as np\n"
+        "from model.client import EideticClient\n"
+        "from model.store import ActivationWriter\n"
+        "from model.transports import DirectTransport, RestTransport\n"
+        f"writer = ActivationWriter({transport}, batch_rows=100, linger_s=60, in_flight=2)\n"
+        f"writer.write(np.ones((1050, {DIM}), dtype=np.float32))\n"
+        "print('exiting without close', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "exiting without close" in done.stdout
+    assert stored_row_count(service.database_url, layer_id) == 1050
+    assert sorted(ledger(service.database_url, layer_id).values()) == [50] + [100] * 10
 
 
 def test_a_lingering_partial_batch_is_sent_without_flush(service) -> None:
