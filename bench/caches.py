@@ -73,7 +73,7 @@ from app.embedded import EmbeddedPostgres  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from model.memory_cache import BankSpec, MemoryCache, vote  # noqa: E402
 from model.quantile_cache import QuantileCache, local_boundaries  # noqa: E402
-from bench.common import machine_facts, Service, start_service, write_section  # noqa: E402
+from bench.common import load_words, machine_facts, Service, start_service, write_section  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Device caches (bench/caches.py)"
@@ -756,9 +756,8 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         "",
         f"- Date: {machine['date']}",
         f"- Machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory']} memory; {machine['software']}",
-        f"- Command: `{machine['command']}` (wall {figures.total_s:.0f} s, including set-up and checks; load average "
-        f"{figures.load_before:.1f} at the start, {figures.load_after:.1f} at the end: other benchmarks shared the "
-        f"{machine['nproc']} CPUs)",
+        f"- Command: `{machine['command']}` (wall {figures.total_s:.0f} s, including set-up and checks; "
+        f"{load_words(figures.load_before, figures.load_after)})",
         f"- Device: {figures.device} ({figures.device_name}); `torch.cuda.is_available()` = {cuda}. Thread counts "
         f"timed: {', '.join(map(str, args.threads))}, each set by `torch.set_num_threads` (`torch.get_num_threads()` "
         f"read back: {', '.join(str(n) for n in figures.threads_read_back)}) and, for numpy, threadpoolctl on "

@@ -84,7 +84,7 @@ from app.database import connect  # noqa: E402
 from app.embedded import EmbeddedPostgres  # noqa: E402
 from app.schemas import SearchIn  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from bench.common import machine_facts, Service, start_service, write_section  # noqa: E402
+from bench.common import load_words, machine_facts, Service, start_service, write_section  # noqa: E402
 
 try:
     import faiss  # noqa: E402
@@ -658,8 +658,8 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         "",
         f"- Date: {machine['date']}",
         f"- Machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory']} memory; {machine['software']}",
-        f"- Command: `{machine['command']}` (wall {figures.total_s:.0f} s, including set-up and checks; load average "
-        f"{figures.load_before:.1f} at the start, {figures.load_after:.1f} at the end: other work shared the CPUs)",
+        f"- Command: `{machine['command']}` (wall {figures.total_s:.0f} s, including set-up and checks; "
+        f"{load_words(figures.load_before, figures.load_after)})",
         f"- Database: a fresh embedded {figures.postgres}, pgvector {figures.pgvector} ({figures.settings_shown}); "
         "the service over HTTP on loopback (uvicorn in this process, default Settings).",
         f"- Searches: batches of {args.batch} queries (one request / one statement per batch), k={args.k}, metric cosine; "
