@@ -50,7 +50,7 @@ from app.formats import ARROW_STREAM, rows_to_arrow  # noqa: E402
 from app.quantiles import exact_boundaries_of  # noqa: E402
 from app.rows import ActivationRows  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from bench.common import Service, machine_facts, start_service, write_section  # noqa: E402
+from bench.common import load_words, Service, machine_facts, start_service, write_section  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Quantiles (bench/quantiles.py)"
@@ -364,7 +364,7 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         f"- Sketch workload read as {figures.sketch_rows:,} rows x {figures.sketch_dim} units "
         f"({figures.sketch_rows * figures.sketch_dim:,} values).",
         f"- Timings are the best of {figures.repeats} (exact at scale: best of {figures.sketch_repeats}); "
-        f"load average (1 min) {machine['load_before']} before, {_load_average()} after: other work shares this box.",
+        f"1-minute {load_words(float(machine['load_before']), float(_load_average()))}.",
         "",
         f"Exact quantiles, {figures.rows:,} x {figures.dim} float32 (anchor: numpy `np.quantile(..., axis=0, "
         f"method=\"inverted_cdf\")` on the matrix in memory):",
