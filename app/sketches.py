@@ -57,7 +57,13 @@ def update_sketches(conn: psycopg.Connection, layer: Layer, rows: ActivationRows
 
 
 def _sketch_columns(values: np.ndarray, k: int) -> list[kll_floats_sketch]:
-    columns = np.array(values.T, dtype=np.float32, order="C")  # a writable copy: Arrow-backed rows are read-only
+    """One KLL sketch per unit of a batch.
+
+    Each unit's values go in sorted: KLL's error bound holds for a stream in any order, and
+    sorted input makes its compactions (which sort their buffers) about twice as cheap, more
+    than paying for numpy's sort, which also runs without the GIL.
+    """
+    columns = np.sort(np.asarray(values, dtype=np.float32).T, axis=1)  # a new C-ordered array (rows may be read-only)
     sketches = [kll_floats_sketch(k) for _ in range(len(columns))]
     for sketch, column in zip(sketches, columns):
         sketch.update(column)
