@@ -32,7 +32,7 @@ def update_sketches(conn: psycopg.Connection, layer: Layer, rows: ActivationRows
     for code in np.unique(codes).tolist():
         name = NO_TASK if code < 0 else rows.task_names[code]
         by_task[name] = rows.values if len(by_task) == 0 and (codes == code).all() else rows.values[codes == code]
-    batch_sketches = {task: _sketch_columns(values, k) for task, values in by_task.items()}  # outside any lock
+    batch_sketches = {task: sketch_columns(values, k) for task, values in by_task.items()}  # outside any lock
     for task in sorted(by_task):
         conn.execute(
             "INSERT INTO layer_sketches (layer_id, task, k, n, sketches) VALUES (%s, %s, %s, 0, '{}') "
@@ -56,7 +56,7 @@ def update_sketches(conn: psycopg.Connection, layer: Layer, rows: ActivationRows
         )
 
 
-def _sketch_columns(values: np.ndarray, k: int) -> list[kll_floats_sketch]:
+def sketch_columns(values: np.ndarray, k: int) -> list[kll_floats_sketch]:
     """One KLL sketch per unit of a batch.
 
     Each unit's values go in sorted: KLL's error bound holds for a stream in any order, and
