@@ -44,11 +44,9 @@ import os
 import platform
 import pstats
 import re
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,20 +58,18 @@ if str(REPO) not in sys.path:
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-import psycopg  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402, N812
 from pgvector import Vector  # noqa: E402
 from psycopg import sql  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from app import memory, migrate  # noqa: E402
+from app import memory  # noqa: E402
 from app.database import connect  # noqa: E402
-from app.embedded import EmbeddedPostgres  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from model.memory_cache import BankSpec, MemoryCache, vote  # noqa: E402
 from model.quantile_cache import QuantileCache, local_boundaries  # noqa: E402
-from bench.common import load_words, machine_facts, Service, start_service, write_section  # noqa: E402
+from bench.common import activations, fresh_database, load_words, machine_facts, Service, start_service, write_section  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Device caches (bench/caches.py)"
@@ -143,21 +139,6 @@ def load_average() -> float:
 
 
 # ---------------------------------------------------------------- 1. buckets
-
-
-def activations(n_rows: int, dim: int, seed: int) -> np.ndarray:
-    """bench/quantiles.py's mixture: per-unit shifts and scales, half the units post-ReLU (exact
-    zeros, so boundaries tie), a quarter log-normal, the rest gaussian."""
-    rng = np.random.default_rng(seed)
-    values = rng.standard_normal((n_rows, dim), dtype=np.float32)
-    values *= rng.uniform(0.25, 2.0, dim).astype(np.float32)
-    values += rng.uniform(-1.0, 1.0, dim).astype(np.float32)
-    units = np.arange(dim)
-    for unit in units[units % 2 == 0]:
-        np.maximum(values[:, unit], 0, out=values[:, unit])
-    for unit in units[units % 4 == 1]:
-        np.exp(values[:, unit], out=values[:, unit])
-    return values
 
 
 class SeedBucketSearch:
@@ -714,27 +695,16 @@ def run_benchmark(args: argparse.Namespace) -> Figures:
 def measure_all_services(
     figures: Figures, caches: dict[int, MemoryCache], loaded: tuple, args: argparse.Namespace, device: torch.device
 ) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="eidetic-bench-caches-"))
-    server = None
     service = None
-    try:
-        server = EmbeddedPostgres(workdir / "pgdata", cleanup="delete")
-        with psycopg.connect(server.url(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE eidetic_bench")
-            figures.postgres = "PostgreSQL " + conn.execute("SHOW server_version").fetchone()[0]
-        database_url = server.url("eidetic_bench")
-        migrate.upgrade(database_url)
-        with psycopg.connect(database_url) as conn:
-            figures.pgvector = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()[0]
-        service = start_service(database_url, Settings(database_url=database_url, data_dir=workdir, no_auth=False))
-        for n_keys in args.n:
-            figures.service.append(measure_service(service, database_url, caches[n_keys], loaded, n_keys, args, device))
-    finally:
-        if service is not None:
-            service.stop()
-        if server is not None:
-            server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with fresh_database("caches") as database:
+        figures.postgres, figures.pgvector = database.postgres, database.pgvector
+        try:
+            service = start_service(database.url, Settings(database_url=database.url, data_dir=database.workdir, no_auth=False))
+            for n_keys in args.n:
+                figures.service.append(measure_service(service, database.url, caches[n_keys], loaded, n_keys, args, device))
+        finally:
+            if service is not None:
+                service.stop()
 
 
 # ---------------------------------------------------------------- reporting

@@ -1,27 +1,81 @@
-"""What the benchmark scripts share: the service in a thread of the script, and their section of RESULTS.md."""
+"""What the benchmark scripts share: a fresh database, the service in a thread of the script, activations
+shaped like a trained layer's, the machine facts and their section of RESULTS.md."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psycopg
 import uvicorn
 
-from app import keys
+from app import keys, migrate
+from app.embedded import EmbeddedPostgres
 from app.main import create_app
 from app.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class BenchDatabase:
+    """A fresh embedded PostgreSQL in a temporary directory, its schema at head."""
+
+    workdir: Path
+    server: EmbeddedPostgres
+    url: str
+    postgres: str  # "PostgreSQL 18.x"
+    pgvector: str  # the extension's version
+
+
+@contextlib.contextmanager
+def fresh_database(name: str) -> Iterator[BenchDatabase]:
+    """A new server and database for one benchmark run; stopped and its data directory removed at the end."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"eidetic-bench-{name}-"))
+    server = None
+    try:
+        server = EmbeddedPostgres(workdir / "pgdata", cleanup="delete")
+        with psycopg.connect(server.url(), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE eidetic_bench")
+            postgres = "PostgreSQL " + conn.execute("SHOW server_version").fetchone()[0]
+        url = server.url("eidetic_bench")
+        migrate.upgrade(url)
+        with psycopg.connect(url) as conn:
+            pgvector = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()[0]
+        yield BenchDatabase(workdir, server, url, postgres, pgvector)
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def activations(n_rows: int, dim: int, seed: int) -> np.ndarray:
+    """A mixture like a trained network's: per-unit shifts and scales, half the units post-ReLU
+    (a point mass of exact zeros: ties), a quarter log-normal (heavy right tail), the rest gaussian."""
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal((n_rows, dim), dtype=np.float32)
+    values *= rng.uniform(0.25, 2.0, dim).astype(np.float32)
+    values += rng.uniform(-1.0, 1.0, dim).astype(np.float32)
+    units = np.arange(dim)
+    for unit in units[units % 2 == 0]:
+        np.maximum(values[:, unit], 0, out=values[:, unit])
+    for unit in units[units % 4 == 1]:
+        np.exp(values[:, unit], out=values[:, unit])
+    return values
 
 
 @dataclass
@@ -34,6 +88,7 @@ class Service:
     base_url: str
     database_url: str
     project_id: int
+    write_key: str
 
     def stop(self) -> None:
         self.client.close()
@@ -60,7 +115,7 @@ def start_service(database_url: str, settings: Settings) -> Service:
         project_id = keys.ensure_project(conn, "bench")
     base_url = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=600)
-    return Service(client, server, thread, base_url, database_url, project_id)
+    return Service(client, server, thread, base_url, database_url, project_id, key)
 
 
 def write_section(path: Path, heading: str, section: str) -> None:

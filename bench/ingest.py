@@ -30,12 +30,10 @@ import argparse
 import contextlib
 import os
 import platform
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,15 +49,14 @@ import numpy as np  # noqa: E402
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from app import keys, migrate  # noqa: E402
+from app import keys  # noqa: E402
 from app.copy_binary import COPY_COLUMNS, iter_copy_chunks  # noqa: E402
 from app.database import connect  # noqa: E402
-from app.embedded import EmbeddedPostgres  # noqa: E402
 from app.rows import ActivationRows, NullableColumn, slice_rows  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from model.config import ClientSettings  # noqa: E402
 from model.store import ActivationWriter, WriterStats, open_writer  # noqa: E402
-from bench.common import machine_facts, write_section  # noqa: E402
+from bench.common import BenchDatabase, fresh_database, machine_facts, write_section  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Ingest (bench/ingest.py)"
@@ -182,13 +179,9 @@ class Store:
         return ClientSettings(eidetic_url=self.base_url, eidetic_api_key=self.api_key, database_url=self.database_url)
 
 
-def start_store(workdir: Path) -> tuple[EmbeddedPostgres, Store]:
-    server = EmbeddedPostgres(workdir / "pgdata", cleanup="delete")
-    with psycopg.connect(server.url(), autocommit=True) as conn:
-        conn.execute("CREATE DATABASE eidetic_bench")
-        postgres = "PostgreSQL " + conn.execute("SHOW server_version").fetchone()[0]
-    database_url = server.url("eidetic_bench")
-    migrate.upgrade(database_url)
+def start_store(database: BenchDatabase) -> Store:
+    """The service as a process of its own (`python -m app.cli serve`) over the benchmark's database."""
+    database_url, postgres, workdir = database.url, database.postgres, database.workdir
     admin = psycopg.connect(database_url, autocommit=True)
     api_key = keys.create_key(admin, "bench", "write")
     with socket.socket() as sock:
@@ -208,7 +201,7 @@ def start_store(workdir: Path) -> tuple[EmbeddedPostgres, Store]:
     while True:
         try:
             if api.get("/readyz").status_code == 200:
-                return server, store
+                return store
         except httpx.TransportError:
             pass
         if service.poll() is not None or time.monotonic() > deadline:
@@ -216,18 +209,15 @@ def start_store(workdir: Path) -> tuple[EmbeddedPostgres, Store]:
         time.sleep(0.1)
 
 
-def stop_store(server: EmbeddedPostgres | None, store: Store | None) -> None:
-    if store is not None:
-        store.api.close()
-        store.service.terminate()
-        try:
-            store.service.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            store.service.kill()
-            store.service.wait()
-        store.admin.close()
-    if server is not None:
-        server.stop()
+def stop_store(store: Store) -> None:
+    store.api.close()
+    store.service.terminate()
+    try:
+        store.service.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        store.service.kill()
+        store.service.wait()
+    store.admin.close()
 
 
 def _expect(response: httpx.Response, status: int) -> None:
@@ -483,26 +473,26 @@ class Figures:
 
 def run_benchmark(args: argparse.Namespace) -> Figures:
     figures = Figures(args, make_stream(args.rows, args.dim, args.write_rows))
-    workdir = Path(tempfile.mkdtemp(prefix="eidetic-bench-ingest-"))
-    server, store = None, None
-    try:
-        server, store = start_store(workdir)
-        figures.postgres = store.postgres
-        figures.load.append(("start", os.getloadavg()[0]))
-        stream = figures.stream
-        print(f"ingest: {stream.n_rows:,} x {stream.dim} float32 ({stream.payload_mb:.0f} MB of values), "
-              f"writer batches of {args.batch_rows} rows ({args.in_flight} in flight), writes of {args.write_rows} rows", flush=True)
-        figures.ingest = measure_ingest(store, stream, args)
-        figures.sketch_cpu_s = sketch_cpu_seconds(stream, args.batch_rows, Settings().sketch_k)
-        print(f"  KLL sketches of the same rows alone (no database): {figures.sketch_cpu_s:.2f} s", flush=True)
-        figures.load.append(("after ingest", os.getloadavg()[0]))
-        if args.train_repeats > 0:
-            print(f"training: {args.train_steps} steps of batch {TRAIN_BATCH}, arms interleaved", flush=True)
-            figures.training, figures.torch_threads = measure_training(store, args)
-            figures.load.append(("after training", os.getloadavg()[0]))
-    finally:
-        stop_store(server, store)
-        shutil.rmtree(workdir, ignore_errors=True)
+    with fresh_database("ingest") as database:
+        store = None
+        try:
+            store = start_store(database)
+            figures.postgres = store.postgres
+            figures.load.append(("start", os.getloadavg()[0]))
+            stream = figures.stream
+            print(f"ingest: {stream.n_rows:,} x {stream.dim} float32 ({stream.payload_mb:.0f} MB of values), "
+                  f"writer batches of {args.batch_rows} rows ({args.in_flight} in flight), writes of {args.write_rows} rows", flush=True)
+            figures.ingest = measure_ingest(store, stream, args)
+            figures.sketch_cpu_s = sketch_cpu_seconds(stream, args.batch_rows, Settings().sketch_k)
+            print(f"  KLL sketches of the same rows alone (no database): {figures.sketch_cpu_s:.2f} s", flush=True)
+            figures.load.append(("after ingest", os.getloadavg()[0]))
+            if args.train_repeats > 0:
+                print(f"training: {args.train_steps} steps of batch {TRAIN_BATCH}, arms interleaved", flush=True)
+                figures.training, figures.torch_threads = measure_training(store, args)
+                figures.load.append(("after training", os.getloadavg()[0]))
+        finally:
+            if store is not None:
+                stop_store(store)
     return figures
 
 

@@ -58,11 +58,9 @@ import os
 import platform
 import pstats
 import re
-import shutil
 import signal
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -79,12 +77,11 @@ from fastapi.responses import JSONResponse  # noqa: E402
 from pgvector import Vector  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from app import keys, memory, migrate  # noqa: E402
+from app import keys, memory  # noqa: E402
 from app.database import connect  # noqa: E402
-from app.embedded import EmbeddedPostgres  # noqa: E402
 from app.schemas import SearchIn  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from bench.common import load_words, machine_facts, Service, start_service, write_section  # noqa: E402
+from bench.common import fresh_database, load_words, machine_facts, Service, start_service, write_section  # noqa: E402
 
 try:
     import faiss  # noqa: E402
@@ -600,36 +597,26 @@ def index_plan(name: str, args: argparse.Namespace) -> IndexPlan:
 def run_benchmark(args: argparse.Namespace) -> Figures:
     began = time.perf_counter()
     figures = Figures(args, load_before=os.getloadavg()[0])
-    workdir = Path(tempfile.mkdtemp(prefix="eidetic-bench-knn-"))
-    server = None
     service = None
-    try:
-        server = EmbeddedPostgres(workdir / "pgdata", cleanup="delete")
-        with psycopg.connect(server.url(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE eidetic_bench")
-            figures.postgres = "PostgreSQL " + conn.execute("SHOW server_version").fetchone()[0]
+    with fresh_database("knn") as database:
+        figures.postgres, figures.pgvector, database_url = database.postgres, database.pgvector, database.url
+        with psycopg.connect(database_url) as conn:
             shown = {name: conn.execute(f"SHOW {name}").fetchone()[0]
                      for name in ("shared_buffers", "maintenance_work_mem", "max_parallel_maintenance_workers")}
             figures.settings_shown = ", ".join(f"{name} {value}" for name, value in shown.items())
-        database_url = server.url("eidetic_bench")
-        migrate.upgrade(database_url)
-        with psycopg.connect(database_url) as conn:
-            figures.pgvector = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()[0]
             project_id = keys.ensure_project(conn, "bench")
-        settings = Settings(database_url=database_url, data_dir=workdir, no_auth=False)
-        service = start_service(database_url, settings)
-        loaders = {
-            "fashion-mnist": lambda: fashion_mnist(args.n, args.queries, args.dim),
-            "gaussian": lambda: gaussian(args.n, args.queries, args.dim),
-        }
-        for name in args.data:
-            figures.data_sets.append(measure(name, loaders[name](), args, database_url, service, project_id))
-    finally:
-        if service is not None:
-            service.stop()
-        if server is not None:
-            server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            settings = Settings(database_url=database_url, data_dir=database.workdir, no_auth=False)
+            service = start_service(database_url, settings)
+            loaders = {
+                "fashion-mnist": lambda: fashion_mnist(args.n, args.queries, args.dim),
+                "gaussian": lambda: gaussian(args.n, args.queries, args.dim),
+            }
+            for name in args.data:
+                figures.data_sets.append(measure(name, loaders[name](), args, database_url, service, project_id))
+        finally:
+            if service is not None:
+                service.stop()
     figures.total_s = time.perf_counter() - began
     figures.load_after = os.getloadavg()[0]
     return figures

@@ -24,24 +24,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import socket
-import tempfile
-import threading
+import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
 import numpy as np
-import psycopg
 import torch
 import torch.nn.functional as F
-import uvicorn
 from torch import nn
 
-from app import keys, migrate
-from app.embedded import EmbeddedPostgres
-from app.main import create_app
 from app.settings import Settings
+from bench.common import fresh_database, start_service
 from model.client import EideticClient
 from model.memory_cache import MemoryCache
 
@@ -62,21 +59,6 @@ def best_per_sample(action, batches: list, repeats: int) -> float:
     return 1e6 * sum(best) / sum(len(batch) for batch in batches)
 
 
-def start_service(database_url: str, settings: Settings) -> tuple[uvicorn.Server, threading.Thread, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, database_url), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the service did not start")
-        time.sleep(0.01)
-    return server, thread, f"http://127.0.0.1:{port}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,10000", help="bank sizes N, comma-separated")
@@ -93,42 +75,32 @@ def main() -> None:
     queries = [torch.from_numpy(rng.standard_normal((args.batch, args.dim)).astype(np.float32)) for _ in range(args.batches)]
     head = nn.Linear(args.dim, args.classes).eval()
     load_before = os.getloadavg()[0]
-    workdir = Path(tempfile.mkdtemp(prefix="eidetic-bench-memory-path-"))
-    pg = server = thread = None
+    service = None
     rows = []
-    try:
-        pg = EmbeddedPostgres(workdir / "pgdata", cleanup="delete")
-        with psycopg.connect(pg.url(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE eidetic_bench")
-        database_url = pg.url("eidetic_bench")
-        migrate.upgrade(database_url)
-        with psycopg.connect(database_url) as conn:
-            key = keys.create_key(conn, "bench", "write")
-        server, thread, base_url = start_service(database_url, Settings(database_url=database_url, data_dir=workdir, no_auth=False))
-        with EideticClient(base_url, key, timeout=600) as client, torch.inference_mode():
-            head_us = best_per_sample(lambda q: head(q), queries, args.repeats)
-            for n in [int(size) for size in args.sizes.split(",")]:
-                stored = rng.standard_normal((n, args.dim)).astype(np.float32)
-                labels = rng.integers(0, args.classes, n)
-                bank = client.create_bank(f"path-{n}", args.dim, n, metric="cosine", policy="none")
-                for start in range(0, n, 2000):
-                    items = [{"key": k.tolist(), "label": int(l)} for k, l in zip(stored[start : start + 2000], labels[start : start + 2000])]
-                    client.write_items(bank["id"], items)
-                cache = MemoryCache.from_service(client, bank["id"])
-                unit_keys = F.normalize(torch.from_numpy(stored), dim=1)
-                cache_us = best_per_sample(lambda q: cache.search(q, k=1), queries, args.repeats)
-                anchor_us = best_per_sample(lambda q: (F.normalize(q, dim=1) @ unit_keys.T).max(dim=1), queries, args.repeats)
-                few = [q.numpy() for q in queries[: args.service_batches]]
-                exact_us = best_per_sample(lambda q: client.search(bank["id"], q, k=1, exact=True), few, 3)
-                hnsw_us = best_per_sample(lambda q: client.search(bank["id"], q, k=1, ef_search=40), few, 3)
-                rows.append((n, head_us, cache_us, anchor_us, exact_us, hnsw_us))
-    finally:
-        if server is not None:
-            server.should_exit = True
-            thread.join(timeout=30)
-        if pg is not None:
-            pg.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with fresh_database("memory-path") as database:
+        try:
+            settings = Settings(database_url=database.url, data_dir=database.workdir, no_auth=False)
+            service = start_service(database.url, settings)
+            with EideticClient(service.base_url, service.write_key, timeout=600) as client, torch.inference_mode():
+                head_us = best_per_sample(lambda q: head(q), queries, args.repeats)
+                for n in [int(size) for size in args.sizes.split(",")]:
+                    stored = rng.standard_normal((n, args.dim)).astype(np.float32)
+                    labels = rng.integers(0, args.classes, n)
+                    bank = client.create_bank(f"path-{n}", args.dim, n, metric="cosine", policy="none")
+                    for start in range(0, n, 2000):
+                        items = [{"key": k.tolist(), "label": int(l)} for k, l in zip(stored[start : start + 2000], labels[start : start + 2000])]
+                        client.write_items(bank["id"], items)
+                    cache = MemoryCache.from_service(client, bank["id"])
+                    unit_keys = F.normalize(torch.from_numpy(stored), dim=1)
+                    cache_us = best_per_sample(lambda q: cache.search(q, k=1), queries, args.repeats)
+                    anchor_us = best_per_sample(lambda q: (F.normalize(q, dim=1) @ unit_keys.T).max(dim=1), queries, args.repeats)
+                    few = [q.numpy() for q in queries[: args.service_batches]]
+                    exact_us = best_per_sample(lambda q: client.search(bank["id"], q, k=1, exact=True), few, 3)
+                    hnsw_us = best_per_sample(lambda q: client.search(bank["id"], q, k=1, ef_search=40), few, 3)
+                    rows.append((n, head_us, cache_us, anchor_us, exact_us, hnsw_us))
+        finally:
+            if service is not None:
+                service.stop()
     print(f"per query, batch {args.batch}, dim {args.dim}, {args.classes} classes, torch {torch.__version__} on "
           f"{args.threads} CPU thread(s); load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")  # fmt: skip
     print("| bank items | head (us) | device cache search (us) | anchor: matmul + max (us) | cache / head | "

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,18 +37,16 @@ if str(REPO) not in sys.path:
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from app import migrate, runs  # noqa: E402
+from app import runs  # noqa: E402
 from app.copy_binary import iter_vectors  # noqa: E402
 from app.database import connect  # noqa: E402
-from app.embedded import EmbeddedPostgres  # noqa: E402
 from app.formats import ARROW_STREAM, rows_to_arrow  # noqa: E402
 from app.quantiles import exact_boundaries_of  # noqa: E402
 from app.rows import ActivationRows  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from bench.common import load_words, Service, machine_facts, start_service, write_section  # noqa: E402
+from bench.common import activations, fresh_database, load_words, Service, machine_facts, start_service, write_section  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Quantiles (bench/quantiles.py)"
@@ -62,21 +58,6 @@ T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- data
-
-
-def activations(n_rows: int, dim: int, seed: int) -> np.ndarray:
-    """A mixture like a trained network's: per-unit shifts and scales, half the units post-ReLU
-    (a point mass of exact zeros: ties), a quarter log-normal (heavy right tail), the rest gaussian."""
-    rng = np.random.default_rng(seed)
-    values = rng.standard_normal((n_rows, dim), dtype=np.float32)
-    values *= rng.uniform(0.25, 2.0, dim).astype(np.float32)
-    values += rng.uniform(-1.0, 1.0, dim).astype(np.float32)
-    units = np.arange(dim)
-    for unit in units[units % 2 == 0]:
-        np.maximum(values[:, unit], 0, out=values[:, unit])
-    for unit in units[units % 4 == 1]:
-        np.exp(values[:, unit], out=values[:, unit])
-    return values
 
 
 def labels_of(n_rows: int, seed: int) -> np.ndarray:
@@ -240,101 +221,92 @@ class Figures:
 def run_benchmark(args: argparse.Namespace) -> Figures:
     began = time.perf_counter()
     figures = Figures(args.rows, args.dim, args.sketch_rows, args.sketch_dim, args.repeats, args.sketch_repeats)
-    workdir = Path(tempfile.mkdtemp(prefix="eidetic-bench-quantiles-"))
-    server = None
     service = None
-    try:
-        server = EmbeddedPostgres(workdir / "pgdata", cleanup="delete")
-        with psycopg.connect(server.url(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE eidetic_bench")
-            figures.postgres = "PostgreSQL " + conn.execute("SHOW server_version").fetchone()[0]
-        database_url = server.url("eidetic_bench")
-        migrate.upgrade(database_url)
-        settings = Settings(database_url=database_url, data_dir=workdir, no_auth=False)
-        service = start_service(database_url, settings)
-        response = service.client.post("/v1/runs", json={"name": "bench-quantiles", "config": {}})
-        _expect(response, 201)
-        run_id = response.json()["id"]
+    with fresh_database("quantiles") as database:
+        figures.postgres, database_url = database.postgres, database.url
+        try:
+            settings = Settings(database_url=database_url, data_dir=database.workdir, no_auth=False)
+            service = start_service(database_url, settings)
+            response = service.client.post("/v1/runs", json={"name": "bench-quantiles", "config": {}})
+            _expect(response, 201)
+            run_id = response.json()["id"]
 
-        print(f"1. exact: {args.rows:,} x {args.dim} float32, layer sketch=false", flush=True)
-        matrix = activations(args.rows, args.dim, seed=1)
-        exact_layer = create_layer(service, run_id, "exact", args.dim, sketch=False)
-        twin = create_layer(service, run_id, "exact-sketched-twin", args.dim, sketch=True)
-        spent = ingest_over_http(service, run_id, {exact_layer: args.rows, twin: args.rows}, matrix, args.batch_rows)
-        figures.ingest.append(_ingest_row(args.rows, args.dim, False, spent[exact_layer]))
-        figures.ingest.append(_ingest_row(args.rows, args.dim, True, spent[twin]))
-        print(f"   ingest: sketch=false {spent[exact_layer]:.2f} s, sketch=true twin {spent[twin]:.2f} s", flush=True)
-        for n_quantiles in (10, 100):
-            service_times, answer = timed(
-                args.repeats, lambda: quantiles_over_http(service, run_id, exact_layer, n_quantiles, "exact")
-            )
-            service_s = min(service_times)
-            numpy_s, expected = best_of(args.repeats, lambda: numpy_boundaries(matrix, n_quantiles))
-            identical = bool(np.array_equal(answer["boundaries"], expected)) and answer["rows"] == args.rows
-            figures.exact.append(
-                {
-                    "q": n_quantiles,
-                    "service_s": service_s,
-                    "first_s": service_times[0],
-                    "numpy_s": numpy_s,
-                    "ratio": service_s / numpy_s,
-                    "identical": identical,
-                }
-            )
-            print(f"   Q={n_quantiles}: service {service_s:.3f} s, numpy {numpy_s:.3f} s, "
-                  f"ratio {service_s / numpy_s:.2f}x, identical {identical}", flush=True)
-        figures.exact_parts[f"{args.rows:,} x {args.dim}"] = exact_parts(database_url, exact_layer, [10, 100], args.repeats)
-        del matrix
+            print(f"1. exact: {args.rows:,} x {args.dim} float32, layer sketch=false", flush=True)
+            matrix = activations(args.rows, args.dim, seed=1)
+            exact_layer = create_layer(service, run_id, "exact", args.dim, sketch=False)
+            twin = create_layer(service, run_id, "exact-sketched-twin", args.dim, sketch=True)
+            spent = ingest_over_http(service, run_id, {exact_layer: args.rows, twin: args.rows}, matrix, args.batch_rows)
+            figures.ingest.append(_ingest_row(args.rows, args.dim, False, spent[exact_layer]))
+            figures.ingest.append(_ingest_row(args.rows, args.dim, True, spent[twin]))
+            print(f"   ingest: sketch=false {spent[exact_layer]:.2f} s, sketch=true twin {spent[twin]:.2f} s", flush=True)
+            for n_quantiles in (10, 100):
+                service_times, answer = timed(
+                    args.repeats, lambda: quantiles_over_http(service, run_id, exact_layer, n_quantiles, "exact")
+                )
+                service_s = min(service_times)
+                numpy_s, expected = best_of(args.repeats, lambda: numpy_boundaries(matrix, n_quantiles))
+                identical = bool(np.array_equal(answer["boundaries"], expected)) and answer["rows"] == args.rows
+                figures.exact.append(
+                    {
+                        "q": n_quantiles,
+                        "service_s": service_s,
+                        "first_s": service_times[0],
+                        "numpy_s": numpy_s,
+                        "ratio": service_s / numpy_s,
+                        "identical": identical,
+                    }
+                )
+                print(f"   Q={n_quantiles}: service {service_s:.3f} s, numpy {numpy_s:.3f} s, "
+                      f"ratio {service_s / numpy_s:.2f}x, identical {identical}", flush=True)
+            figures.exact_parts[f"{args.rows:,} x {args.dim}"] = exact_parts(database_url, exact_layer, [10, 100], args.repeats)
+            del matrix
 
-        shape = f"{args.sketch_rows:,} rows x {args.sketch_dim} units ({args.sketch_rows * args.sketch_dim:,} values)"
-        print(f"2. sketch: {shape}, layer sketch=true (k={settings.sketch_k})", flush=True)
-        matrix = activations(args.sketch_rows, args.sketch_dim, seed=2)
-        sketch_layer = create_layer(service, run_id, "sketched", args.sketch_dim, sketch=True)
-        layer_rows = {sketch_layer: args.sketch_rows}
-        twin_rows = min(args.twin_rows if args.twin_rows is not None else args.sketch_rows, args.sketch_rows)
-        if twin_rows:
-            twin = create_layer(service, run_id, "sketched-unsketched-twin", args.sketch_dim, sketch=False)
-            layer_rows[twin] = twin_rows
-        spent = ingest_over_http(service, run_id, layer_rows, matrix, args.sketch_batch_rows)
-        figures.ingest.append(_ingest_row(args.sketch_rows, args.sketch_dim, True, spent[sketch_layer]))
-        print(f"   ingest: sketch=true {spent[sketch_layer]:.1f} s", end="", flush=True)
-        if twin_rows:
-            figures.ingest.append(_ingest_row(twin_rows, args.sketch_dim, False, spent[twin]))
-            print(f", sketch=false twin ({twin_rows:,} rows) {spent[twin]:.1f} s", end="")
-        print(flush=True)
-        q = 100
-        # exact first: its first scan after the bulk load also sets the rows' hint bits (reported apart)
-        exact_times, exact = timed(args.sketch_repeats, lambda: quantiles_over_http(service, run_id, sketch_layer, q, "exact"))
-        sketch_s, sketched = best_of(args.repeats, lambda: quantiles_over_http(service, run_id, sketch_layer, q, "sketch"))
-        exact_s = min(exact_times)
-        print(f"   Q={q}: sketch {sketch_s:.3f} s, exact {exact_s:.3f} s (first {exact_times[0]:.3f} s)", flush=True)
-        figures.exact_parts[f"{args.sketch_rows:,} x {args.sketch_dim}"] = exact_parts(
-            database_url, sketch_layer, [q], args.sketch_repeats
-        )
-        sorted_units = np.ascontiguousarray(matrix.T)
-        del matrix
-        sorted_units.sort(axis=1)
-        levels = np.arange(1, q) / q
-        expected = np.ascontiguousarray(np.quantile(sorted_units, levels, axis=1, method="inverted_cdf").T, dtype=np.float32)
-        figures.sketch = {
-            "q": q,
-            "k": settings.sketch_k,
-            "sketch_s": sketch_s,
-            "exact_s": exact_s,
-            "exact_first_s": exact_times[0],
-            "speedup": exact_s / sketch_s,
-            "rank_error": largest_rank_error(sorted_units, sketched["boundaries"], q),
-            "stated_bound": sketched["rank_error"],
-            "rows_sketch": sketched["rows"],
-            "exact_rank_error": largest_rank_error(sorted_units, exact["boundaries"], q),
-            "exact_identical": bool(np.array_equal(exact["boundaries"], expected)) and exact["rows"] == args.sketch_rows,
-        }
-    finally:
-        if service is not None:
-            service.stop()
-        if server is not None:
-            server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+            shape = f"{args.sketch_rows:,} rows x {args.sketch_dim} units ({args.sketch_rows * args.sketch_dim:,} values)"
+            print(f"2. sketch: {shape}, layer sketch=true (k={settings.sketch_k})", flush=True)
+            matrix = activations(args.sketch_rows, args.sketch_dim, seed=2)
+            sketch_layer = create_layer(service, run_id, "sketched", args.sketch_dim, sketch=True)
+            layer_rows = {sketch_layer: args.sketch_rows}
+            twin_rows = min(args.twin_rows if args.twin_rows is not None else args.sketch_rows, args.sketch_rows)
+            if twin_rows:
+                twin = create_layer(service, run_id, "sketched-unsketched-twin", args.sketch_dim, sketch=False)
+                layer_rows[twin] = twin_rows
+            spent = ingest_over_http(service, run_id, layer_rows, matrix, args.sketch_batch_rows)
+            figures.ingest.append(_ingest_row(args.sketch_rows, args.sketch_dim, True, spent[sketch_layer]))
+            print(f"   ingest: sketch=true {spent[sketch_layer]:.1f} s", end="", flush=True)
+            if twin_rows:
+                figures.ingest.append(_ingest_row(twin_rows, args.sketch_dim, False, spent[twin]))
+                print(f", sketch=false twin ({twin_rows:,} rows) {spent[twin]:.1f} s", end="")
+            print(flush=True)
+            q = 100
+            # exact first: its first scan after the bulk load also sets the rows' hint bits (reported apart)
+            exact_times, exact = timed(args.sketch_repeats, lambda: quantiles_over_http(service, run_id, sketch_layer, q, "exact"))
+            sketch_s, sketched = best_of(args.repeats, lambda: quantiles_over_http(service, run_id, sketch_layer, q, "sketch"))
+            exact_s = min(exact_times)
+            print(f"   Q={q}: sketch {sketch_s:.3f} s, exact {exact_s:.3f} s (first {exact_times[0]:.3f} s)", flush=True)
+            figures.exact_parts[f"{args.sketch_rows:,} x {args.sketch_dim}"] = exact_parts(
+                database_url, sketch_layer, [q], args.sketch_repeats
+            )
+            sorted_units = np.ascontiguousarray(matrix.T)
+            del matrix
+            sorted_units.sort(axis=1)
+            levels = np.arange(1, q) / q
+            expected = np.ascontiguousarray(np.quantile(sorted_units, levels, axis=1, method="inverted_cdf").T, dtype=np.float32)
+            figures.sketch = {
+                "q": q,
+                "k": settings.sketch_k,
+                "sketch_s": sketch_s,
+                "exact_s": exact_s,
+                "exact_first_s": exact_times[0],
+                "speedup": exact_s / sketch_s,
+                "rank_error": largest_rank_error(sorted_units, sketched["boundaries"], q),
+                "stated_bound": sketched["rank_error"],
+                "rows_sketch": sketched["rows"],
+                "exact_rank_error": largest_rank_error(sorted_units, exact["boundaries"], q),
+                "exact_identical": bool(np.array_equal(exact["boundaries"], expected)) and exact["rows"] == args.sketch_rows,
+            }
+        finally:
+            if service is not None:
+                service.stop()
     figures.total_s = time.perf_counter() - began
     return figures
 
