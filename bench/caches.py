@@ -69,9 +69,8 @@ from app.database import connect  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from model.memory_cache import BankSpec, MemoryCache, vote  # noqa: E402
 from model.quantile_cache import QuantileCache, local_boundaries  # noqa: E402
-from bench.common import activations, fresh_database, load_words, machine_facts, Service, start_service, write_section  # noqa: E402
+from bench.common import activations, fresh_database, load_words, machine_facts, Service, start_service, publish  # noqa: E402
 
-RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Device caches (bench/caches.py)"
 SPEEDUP_TARGET = 1000.0  # bucketize at least 1000x the seed's per-value search
 NUMPY_RATIO_TARGET = 1.25  # time_cache <= 1.25 x time_numpy (0.8x numpy's speed)
@@ -951,12 +950,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the server and removes its data
     machine = machine_description(argv)
     figures = run_benchmark(args)
-    section = report(figures, machine)
-    print()
-    print(section)
-    if not args.no_write:
-        write_section(RESULTS, SECTION, section)
-        print(f"written to {RESULTS.relative_to(REPO)}")
+    publish(report(figures, machine), SECTION, write=not args.no_write)
     return 0
 
 

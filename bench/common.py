@@ -118,6 +118,18 @@ def start_service(database_url: str, settings: Settings) -> Service:
     return Service(client, server, thread, base_url, database_url, project_id, key)
 
 
+RESULTS = REPO / "bench" / "RESULTS.md"
+
+
+def publish(section: str, heading: str, *, write: bool) -> None:
+    """Prints a run's section and, unless told not to, puts it into bench/RESULTS.md under its heading."""
+    print()
+    print(section)
+    if write:
+        write_section(RESULTS, heading, section)
+        print(f"written to {RESULTS.relative_to(REPO)}")
+
+
 def write_section(path: Path, heading: str, section: str) -> None:
     """Replaces the section under `heading` in RESULTS.md (or appends it), keeping every other section.
 

@@ -56,9 +56,8 @@ from app.rows import ActivationRows, NullableColumn, slice_rows  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from model.config import ClientSettings  # noqa: E402
 from model.store import ActivationWriter, WriterStats, open_writer  # noqa: E402
-from bench.common import BenchDatabase, fresh_database, machine_facts, write_section  # noqa: E402
+from bench.common import BenchDatabase, fresh_database, machine_facts, publish  # noqa: E402
 
-RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Ingest (bench/ingest.py)"
 DIRECT_TARGET = 0.9  # the direct writer at least 0.9x raw binary COPY
 REST_TARGET = 0.5  # the REST writer at least 0.5x raw binary COPY
@@ -635,13 +634,8 @@ def main(argv: list[str]) -> int:
     machine = machine_description(argv)
     began = time.perf_counter()
     figures = run_benchmark(args)
-    section = report(figures, machine)
-    print()
-    print(section)
     print(f"({time.perf_counter() - began:.0f} s in all)")
-    if not args.no_write:
-        write_section(RESULTS, SECTION, section)
-        print(f"written to {RESULTS.relative_to(REPO)}")
+    publish(report(figures, machine), SECTION, write=not args.no_write)
     return 0
 
 

@@ -81,14 +81,13 @@ from app import keys, memory  # noqa: E402
 from app.database import connect  # noqa: E402
 from app.schemas import SearchIn  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from bench.common import fresh_database, load_words, machine_facts, Service, start_service, write_section  # noqa: E402
+from bench.common import fresh_database, load_words, machine_facts, Service, start_service, publish  # noqa: E402
 
 try:
     import faiss  # noqa: E402
 except ImportError:  # pip install faiss-cpu
     faiss = None
 
-RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Nearest neighbours (bench/knn.py)"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 RECALL_TARGET = 0.95
@@ -774,12 +773,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the server and removes its data
     machine = machine_description(argv)
     figures = run_benchmark(args)
-    section = report(figures, machine)
-    print()
-    print(section)
-    if not args.no_write:
-        write_section(RESULTS, SECTION, section)
-        print(f"written to {RESULTS.relative_to(REPO)}")
+    publish(report(figures, machine), SECTION, write=not args.no_write)
     return 0
 
 

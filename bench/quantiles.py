@@ -46,9 +46,8 @@ from app.formats import ARROW_STREAM, rows_to_arrow  # noqa: E402
 from app.quantiles import exact_boundaries_of  # noqa: E402
 from app.rows import ActivationRows  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from bench.common import activations, fresh_database, load_words, Service, machine_facts, start_service, write_section  # noqa: E402
+from bench.common import activations, fresh_database, load_words, Service, machine_facts, start_service, publish  # noqa: E402
 
-RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Quantiles (bench/quantiles.py)"
 EXACT_TARGET_RATIO = 3.0  # the service's exact path at most 3x numpy on the same matrix
 SKETCH_TARGET_SPEEDUP = 10.0  # sketch at least 10x faster than exact at scale
@@ -443,12 +442,7 @@ def main(argv: list[str]) -> int:
         args.sketch_repeats = args.repeats
     machine = machine_description(argv)
     figures = run_benchmark(args)
-    section = report(figures, machine)
-    print()
-    print(section)
-    if not args.no_write:
-        write_section(RESULTS, SECTION, section)
-        print(f"written to {RESULTS.relative_to(REPO)}")
+    publish(report(figures, machine), SECTION, write=not args.no_write)
     if not checks_pass(figures):
         print("FAILED: a correctness check did not hold (see the tables)", file=sys.stderr)
         return 1
