@@ -45,7 +45,6 @@ import platform
 import pstats
 import re
 import signal
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -69,7 +68,7 @@ from app.database import connect  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from model.memory_cache import BankSpec, MemoryCache, vote  # noqa: E402
 from model.quantile_cache import QuantileCache, local_boundaries  # noqa: E402
-from bench.common import activations, fresh_database, load_words, machine_facts, Service, start_service, publish  # noqa: E402
+from bench.common import Repeats, activations, fresh_database, load_words, machine_facts, Service, start_service, publish  # noqa: E402
 
 SECTION = "## Device caches (bench/caches.py)"
 SPEEDUP_TARGET = 1000.0  # bucketize at least 1000x the seed's per-value search
@@ -83,16 +82,8 @@ BULK_MAINTENANCE_WORK_MEM = "1GB"
 
 
 @dataclass
-class Timing:
+class Timing(Repeats):
     seconds: list[float]
-
-    @property
-    def best(self) -> float:
-        return min(self.seconds)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
 
 
 def synchronize(device: torch.device) -> None:

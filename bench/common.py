@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,20 @@ from app.main import create_app
 from app.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class Repeats:
+    """Best and median of the timed repeats in `seconds` (a subclass's dataclass field)."""
+
+    seconds: list[float]
+
+    @property
+    def best(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
 
 
 @dataclass

@@ -56,7 +56,7 @@ from app.rows import ActivationRows, NullableColumn, slice_rows  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from model.config import ClientSettings  # noqa: E402
 from model.store import ActivationWriter, WriterStats, open_writer  # noqa: E402
-from bench.common import BenchDatabase, fresh_database, machine_facts, publish  # noqa: E402
+from bench.common import Repeats, BenchDatabase, fresh_database, machine_facts, publish  # noqa: E402
 
 SECTION = "## Ingest (bench/ingest.py)"
 DIRECT_TARGET = 0.9  # the direct writer at least 0.9x raw binary COPY
@@ -228,21 +228,13 @@ def _expect(response: httpx.Response, status: int) -> None:
 
 
 @dataclass
-class Timing:
+class Timing(Repeats):
     """The seconds of every repeat of one case."""
 
     name: str
     label: str
     seconds: list[float] = field(default_factory=list)
     retries: int = 0
-
-    @property
-    def best(self) -> float:
-        return min(self.seconds)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
 
 
 def anchor_copy(store: Store, stream: Stream, table: str, encoder: str, batch_rows: int = 0) -> float:
