@@ -6,9 +6,11 @@ from collections.abc import Iterator
 
 import psycopg
 from fastapi import Depends, Path, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 
 from app import keys
-from app.errors import PayloadTooLarge, Unauthenticated
+from app.errors import InvalidInput, PayloadTooLarge, Unauthenticated
 from app.keys import Principal, Scope
 
 
@@ -18,15 +20,26 @@ def get_conn(request: Request) -> Iterator[psycopg.Connection]:
         yield conn
 
 
-def get_principal(request: Request, conn: psycopg.Connection = Depends(get_conn)) -> Principal:
-    """The caller, from its bearer key (or the open principal when auth is off on loopback)."""
+def authenticate_request(request: Request) -> Principal:
+    """The caller, from its bearer key (or the open principal when auth is off on loopback).
+
+    Called by the service's authentication middleware before the route parses anything,
+    so a request without a valid key hears 401 whatever its body holds.
+    """
     if request.app.state.settings.no_auth:
         return request.app.state.open_principal
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthenticated("send 'Authorization: Bearer KEY'", field="Authorization")
-    return keys.authenticate(conn, key.strip())
+    with request.app.state.pool.connection() as conn:
+        return keys.authenticate(conn, key.strip())
+
+
+def get_principal(request: Request) -> Principal:
+    """The caller the middleware authenticated (routes outside /v1 authenticate here)."""
+    principal = getattr(request.state, "principal", None)
+    return principal if principal is not None else authenticate_request(request)
 
 
 def reader(principal: Principal = Depends(get_principal)) -> Principal:
@@ -57,3 +70,28 @@ async def read_body(request: Request, limit: int) -> bytes:
 def id_path() -> Path:
     """A positive 64-bit id in the path (a fresh Path per parameter, as FastAPI binds each to its name)."""
     return Path(ge=1, le=2**63 - 1)
+
+
+_KNOWN_QUERY = "eidetic_known_query"  # kept on the route object itself, worked out on first use
+
+
+def refuse_unknown_query(request: Request) -> None:
+    """A misspelt parameter (`?tsk=A`) is an error, never an unfiltered read or a default."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    known = getattr(route, _KNOWN_QUERY, None)
+    if known is None:
+        known = frozenset(_query_names(route.dependant))
+        setattr(route, _KNOWN_QUERY, known)
+    for name in request.query_params:
+        if name not in known:
+            listed = ", ".join(sorted(known)) or "none"
+            raise InvalidInput(f"unknown query parameter {name!r}; this route takes: {listed}", field=name)
+
+
+def _query_names(dependant: Dependant) -> Iterator[str]:
+    """The query parameters a route and all its dependencies declare."""
+    yield from (field.alias for field in dependant.query_params)
+    for dependency in dependant.dependencies:
+        yield from _query_names(dependency)

@@ -33,6 +33,16 @@ class NonFiniteValue(InvalidInput):
     code = "non_finite_value"
 
 
+class ZeroVector(InvalidInput):
+    """Cosine similarity is undefined for a vector of length zero."""
+
+    code = "zero_vector"
+
+
+class VectorTooLarge(InvalidInput):
+    code = "vector_too_large"
+
+
 class MalformedBody(EideticError):
     status_code = 400
     code = "malformed_body"

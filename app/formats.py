@@ -11,14 +11,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from app.errors import InvalidInput, MalformedBody, UnsupportedMediaType
+from app.errors import InvalidInput, MalformedBody, NonFiniteValue, UnsupportedMediaType
+from app.rows import INT_DTYPES, METADATA_COLUMNS, ActivationRows, InvalidRows, NullableColumn, int_column
 from app.vectors import as_float32
-from app.rows import INT_DTYPES, METADATA_COLUMNS, ActivationRows, NullableColumn
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 NPY = "application/x-npy"
 JSON = "application/json"
 BATCH_ID_METADATA_KEY = b"batch_id"
+INGEST_COLUMNS: frozenset[str] = frozenset({"values", "task", *METADATA_COLUMNS})
+_JSON_BATCH_FIELDS = frozenset({"batch_id", "rows"})
+_NUMBER_TYPES = (int, float)
 
 _ARROW_INT_TYPES = {"sample_id": pa.int64(), "step": pa.int64(), "epoch": pa.int32(), "label": pa.int32()}
 
@@ -76,8 +79,10 @@ def rows_from_arrow(body: bytes) -> tuple[ActivationRows, str | None]:
     try:
         reader = pa.ipc.open_stream(body)
         table = reader.read_all()
+        table.validate(full=True)  # offsets, lengths and UTF-8 of every string: a stream is untrusted input
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as error:
         raise MalformedBody(f"not a readable Arrow IPC stream: {error}", field="body") from error
+    _refuse_unknown(table.column_names, "column")
     if "values" not in table.column_names:
         raise InvalidInput("the Arrow stream needs a 'values' column", field="values")
     values = _arrow_values(table.column("values"))
@@ -89,13 +94,28 @@ def rows_from_arrow(body: bytes) -> tuple[ActivationRows, str | None]:
             continue
         chunked = table.column(name)
         if not pa.types.is_integer(chunked.type):
-            raise InvalidInput(f"column {name!r} must hold integers, not {chunked.type}", field=name)
+            raise InvalidInput(f"'{name}' must hold integers, not {chunked.type}", field=name)
         columns[name] = _int_column(chunked.combine_chunks(), name)
     task_codes, task_names = _arrow_tasks(table, n_rows)
-    metadata = table.schema.metadata or {}
-    batch_id = metadata.get(BATCH_ID_METADATA_KEY)
     rows = ActivationRows(values=values, task_codes=task_codes, task_names=task_names, **columns)
-    return rows, batch_id.decode() if batch_id else None
+    return rows, _arrow_batch_id(table.schema.metadata or {})
+
+
+def _arrow_batch_id(metadata: dict[bytes, bytes]) -> str | None:
+    if BATCH_ID_METADATA_KEY not in metadata:
+        return None
+    try:
+        return metadata[BATCH_ID_METADATA_KEY].decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidInput("the batch id in the schema metadata is not UTF-8", field="batch_id") from error
+
+
+def _refuse_unknown(names: Iterable[str], kind: str) -> None:
+    """A misspelt column ("lable") would otherwise store nulls where the caller meant values."""
+    for name in names:
+        if name not in INGEST_COLUMNS:
+            known = ", ".join(sorted(INGEST_COLUMNS))
+            raise InvalidInput(f"unknown {kind} {name!r}; the known ones are {known}", field=name)
 
 
 def _arrow_values(chunked: pa.ChunkedArray) -> np.ndarray:
@@ -124,14 +144,9 @@ def _arrow_values(chunked: pa.ChunkedArray) -> np.ndarray:
 
 
 def _int_column(array: pa.Array, name: str) -> NullableColumn:
-    dtype = INT_DTYPES[name]
-    info = np.iinfo(dtype)
     filled = array.fill_null(0) if array.null_count else array
-    data = filled.to_numpy(zero_copy_only=False)
-    if len(data) and (data.min() < info.min or data.max() > info.max):
-        raise InvalidInput(f"column {name!r} is out of range for {dtype}", field=name)
     nulls = np.asarray(array.is_null()) if array.null_count else None
-    return NullableColumn(data.astype(dtype, copy=False), nulls)
+    return int_column(filled.to_numpy(zero_copy_only=False), name, nulls=nulls)
 
 
 def _arrow_tasks(table: pa.Table, n_rows: int) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -157,39 +172,66 @@ def rows_from_npy(body: bytes, params: dict[str, Any]) -> ActivationRows:
     except (ValueError, OSError, EOFError) as error:
         raise MalformedBody(f"not a readable .npy array: {error}", field="body") from error
     if array.dtype.names:
+        _refuse_unknown(array.dtype.names, "field")
         if "values" not in array.dtype.names:
             raise InvalidInput("a structured .npy array needs a 'values' field", field="values")
         values = array["values"]
         given = {name: array[name] for name in (*METADATA_COLUMNS, "task") if name in array.dtype.names}
         if "task" in given:
-            given["task"] = [t.decode() if isinstance(t, bytes) else str(t) for t in given["task"].tolist()]
+            given["task"] = _npy_tasks(given["task"])
     else:
         values = array
         given = {name: params[name] for name in (*METADATA_COLUMNS, "task") if params.get(name) is not None}
         if params.get("sample_id_start") is not None:
-            given["sample_id"] = np.arange(len(values), dtype=np.int64) + int(params["sample_id_start"])
+            given["sample_id"] = _sample_ids(int(params["sample_id_start"]), len(values) if values.ndim else 0)
     if values.ndim != 2 or not np.issubdtype(values.dtype, np.floating):
         raise InvalidInput(
             f"the .npy values must be a 2-D float matrix, got {values.dtype} of shape {values.shape}",
             field="values",
         )
-    try:
-        return ActivationRows.build(values, **given)
-    except (ValueError, OverflowError, TypeError) as error:
-        raise InvalidInput(str(error), field="values") from error
+    return ActivationRows.build(values, **given)
+
+
+def _sample_ids(start: int, n_rows: int) -> np.ndarray:
+    """Consecutive ids from `start`; refused when the last would not fit in 64 bits (never wrapped)."""
+    last = start + max(n_rows, 1) - 1
+    if last > np.iinfo(np.int64).max:
+        raise InvalidInput(f"sample ids {start}..{last} run past the 64-bit range", field="sample_id_start")
+    return np.arange(start, start + n_rows, dtype=np.int64)
+
+
+def _npy_tasks(column: np.ndarray) -> list[str]:
+    if column.dtype.kind not in "SU":
+        raise InvalidInput(f"'task' must hold strings, not {column.dtype}", field="task")
+    tasks = []
+    for i, task in enumerate(column.tolist()):
+        try:
+            tasks.append(task.decode("utf-8") if isinstance(task, bytes) else task)
+        except UnicodeDecodeError as error:
+            raise InvalidInput("a task name is not UTF-8", field=f"rows[{i}].task") from error
+    return tasks
 
 
 # ---------------------------------------------------------------- JSON
 
 
 def rows_from_json(body: bytes) -> tuple[ActivationRows, str | None]:
-    """The small-batch format: {"batch_id": ..., "rows": [{"values": [...], ...}, ...]}."""
+    """The small-batch format: {"batch_id": ..., "rows": [{"values": [...], ...}, ...]}.
+
+    Strict: numbers are JSON numbers (not strings or booleans), integers are integers,
+    and an unknown field is an error, not something to ignore.
+    """
     try:
         document = json.loads(body)
+    except RecursionError as error:
+        raise MalformedBody("the JSON body nests too deeply", field="body") from error
     except (ValueError, UnicodeDecodeError) as error:
         raise MalformedBody(f"not valid JSON: {error}", field="body") from error
     if not isinstance(document, dict) or not isinstance(document.get("rows"), list):
         raise InvalidInput("the body needs a 'rows' list", field="rows")
+    for name in document:
+        if name not in _JSON_BATCH_FIELDS:
+            raise InvalidInput(f"unknown field {name!r}; a batch has 'batch_id' and 'rows'", field=name)
     batch_id = document.get("batch_id")
     if batch_id is not None and not isinstance(batch_id, str):
         raise InvalidInput("'batch_id' must be a string", field="batch_id")
@@ -200,9 +242,15 @@ def rows_from_json(body: bytes) -> tuple[ActivationRows, str | None]:
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise InvalidInput("each row is an object", field=f"rows[{i}]")
+        for name in record:
+            if name not in INGEST_COLUMNS:
+                known = ", ".join(sorted(INGEST_COLUMNS))
+                raise InvalidInput(f"unknown field {name!r}; a row has {known}", field=f"rows[{i}].{name}")
         values = record.get("values")
         if not isinstance(values, list) or not values:
             raise InvalidInput("each row needs a non-empty 'values' list", field=f"rows[{i}].values")
+        if not all(type(value) in _NUMBER_TYPES for value in values):
+            raise InvalidInput("'values' must hold JSON numbers only", field=f"rows[{i}].values")
         if dim is None:
             dim = len(values)
         elif len(values) != dim:
@@ -211,8 +259,8 @@ def rows_from_json(body: bytes) -> tuple[ActivationRows, str | None]:
             )
     try:
         matrix = as_float32([record["values"] for record in records])
-    except (ValueError, TypeError) as error:
-        raise InvalidInput(f"'values' must hold numbers: {error}", field="rows[].values") from error
+    except OverflowError as error:  # an integer literal beyond any float
+        raise NonFiniteValue(f"a value is beyond float32's range: {error}", field="rows[].values") from error
     columns = {name: _json_ints(records, name) for name in METADATA_COLUMNS}
     tasks = []
     for i, record in enumerate(records):
@@ -224,29 +272,24 @@ def rows_from_json(body: bytes) -> tuple[ActivationRows, str | None]:
 
 
 def _json_ints(records: list[dict], name: str) -> NullableColumn:
-    info = np.iinfo(INT_DTYPES[name])
-    data = np.zeros(len(records), dtype=INT_DTYPES[name])
-    nulls = np.zeros(len(records), dtype=bool)
+    column = np.empty(len(records), dtype=object)  # filled one by one: a nested list stays one item
     for i, record in enumerate(records):
-        value = record.get(name)
-        if value is None:
-            nulls[i] = True
-        elif isinstance(value, bool) or not isinstance(value, int) or not info.min <= value <= info.max:
-            raise InvalidInput(f"'{name}' must be an integer in [{info.min}, {info.max}]", field=f"rows[{i}].{name}")
-        else:
-            data[i] = value
-    return NullableColumn(data, nulls if nulls.any() else None)
+        column[i] = record.get(name)
+    return int_column(column, name)
 
 
 def parse_rows(content_type: str | None, body: bytes, params: dict[str, Any]) -> tuple[ActivationRows, str | None]:
     """Dispatches on the media type; returns rows and the batch id the body carried (if any)."""
     kind = media_type(content_type)
-    if kind == ARROW_STREAM:
-        return rows_from_arrow(body)
-    if kind == NPY:
-        return rows_from_npy(body, params), None
-    if kind == JSON:
-        return rows_from_json(body)
+    try:
+        if kind == ARROW_STREAM:
+            return rows_from_arrow(body)
+        if kind == NPY:
+            return rows_from_npy(body, params), None
+        if kind == JSON:
+            return rows_from_json(body)
+    except InvalidRows as error:
+        raise InvalidInput(error.message, field=error.field) from error
     raise UnsupportedMediaType(
         f"send {ARROW_STREAM}, {NPY} or {JSON}, not {kind!r}", field="Content-Type"
     )

@@ -14,11 +14,12 @@ from psycopg import sql
 
 from app.copy_binary import COPY_COLUMNS, iter_copy_chunks
 from app.errors import Conflict, DimensionMismatch, InvalidInput, PayloadTooLarge
-from app.rows import ActivationRows
+from app.rows import ActivationRows, InvalidRows, check_task_names, rows_digest
 from app.runs import Layer, layer_partition
 from app.settings import Settings
-from app.vectors import require_finite
 from app.sketches import DEFAULT_K, update_sketches
+from app.text import text_problem
+from app.vectors import require_finite
 
 MAX_BATCH_ID_LENGTH = 200
 _COPY_STATEMENT = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)")
@@ -31,8 +32,16 @@ class IngestResult:
     duplicate: bool
 
 
-def new_batch_id() -> str:
-    return uuid.uuid4().hex
+def choose_batch_id(from_query: str | None, from_body: str | None) -> str:
+    """The batch id a request names (query or body), or a fresh one when it names none.
+
+    An empty id is refused rather than replaced: a caller that meant to name its batch
+    would lose safe retries without noticing.
+    """
+    named = {batch_id for batch_id in (from_query, from_body) if batch_id is not None}
+    if len(named) > 1:
+        raise InvalidInput(f"the query names batch {from_query!r}, the body {from_body!r}", field="batch_id")
+    return validate_batch_id(named.pop()) if named else uuid.uuid4().hex
 
 
 def validate_rows(
@@ -49,9 +58,10 @@ def validate_rows(
         )
     if reject_non_finite:
         require_finite(rows.values, "rows[{}].values")
-    for name in rows.task_names:
-        if "\x00" in name or len(name) > 200:
-            raise InvalidInput("a task name has at most 200 characters and no NUL", field="task")
+    try:
+        check_task_names(rows)
+    except InvalidRows as error:
+        raise InvalidInput(error.message, field=error.field) from error
 
 
 def store_batch(conn: psycopg.Connection, layer: Layer, batch_id: str, rows: ActivationRows, settings: Settings) -> IngestResult:
@@ -61,8 +71,9 @@ def store_batch(conn: psycopg.Connection, layer: Layer, batch_id: str, rows: Act
 
 
 def validate_batch_id(batch_id: str) -> str:
-    if not batch_id or len(batch_id) > MAX_BATCH_ID_LENGTH or "\x00" in batch_id:
-        raise InvalidInput(f"a batch id has 1 to {MAX_BATCH_ID_LENGTH} characters", field="batch_id")
+    problem = text_problem(batch_id, MAX_BATCH_ID_LENGTH) if isinstance(batch_id, str) else "must be a string"
+    if problem is not None:
+        raise InvalidInput(f"a batch id {problem}", field="batch_id")
     return batch_id
 
 
@@ -73,27 +84,33 @@ def ingest(
 
     Runs in one transaction: the ledger row and every activation row commit together
     or not at all. A concurrent retry of the same id waits on the ledger's unique key.
+    The ledger keeps a digest of the content: a batch id reused for other rows is a
+    409 `batch_id_conflict`, never a silent duplicate (batches stored before digests
+    were kept are compared by row count only).
     On an autocommit connection (as `app.database` makes them) the batch is committed
     when this returns; inside a caller's transaction it is a savepoint of it.
     """
     validate_batch_id(batch_id)
+    digest = rows_digest(rows)
     with conn.transaction():
         inserted = conn.execute(
-            "INSERT INTO ingest_batches (run_id, layer_id, batch_id, row_count) VALUES (%s, %s, %s, %s) "
+            "INSERT INTO ingest_batches (run_id, layer_id, batch_id, row_count, digest) VALUES (%s, %s, %s, %s, %s) "
             "ON CONFLICT (layer_id, batch_id) DO NOTHING RETURNING id",
-            (layer.run_id, layer.id, batch_id, rows.n_rows),
+            (layer.run_id, layer.id, batch_id, rows.n_rows, digest),
         ).fetchone()
         if inserted is None:
-            stored = conn.execute(
-                "SELECT row_count FROM ingest_batches WHERE layer_id = %s AND batch_id = %s", (layer.id, batch_id)
-            ).fetchone()[0]
-            if stored != rows.n_rows:
+            stored_rows, stored_digest = conn.execute(
+                "SELECT row_count, digest FROM ingest_batches WHERE layer_id = %s AND batch_id = %s",
+                (layer.id, batch_id),
+            ).fetchone()
+            if stored_rows != rows.n_rows or (stored_digest is not None and bytes(stored_digest) != digest):
                 raise Conflict(
-                    f"batch {batch_id!r} was stored with {stored} rows; this one has {rows.n_rows}",
+                    f"batch {batch_id!r} was stored with other content ({stored_rows} rows); "
+                    f"this one has {rows.n_rows} rows: send new rows under a new batch id",
                     field="batch_id",
                     code="batch_id_conflict",
                 )
-            return IngestResult(batch_id=batch_id, rows=stored, duplicate=True)
+            return IngestResult(batch_id=batch_id, rows=stored_rows, duplicate=True)
         batch_seq = int(inserted[0])
         copy_rows(conn, layer, batch_seq, rows)
         if layer.sketch:  # last, so concurrent batches COPY in parallel and queue only here

@@ -7,22 +7,33 @@ import logging
 from contextlib import asynccontextmanager
 
 import psycopg
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from psycopg_pool import PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app import __version__, keys
 from app.database import open_pool
+from app.deps import authenticate_request, refuse_unknown_query
 from app.errors import EideticError
 from app.metrics import install_metrics
+from app.openapi import install_openapi
 from app.routers import activations, health, memory, quantiles, runs
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated", 403: "forbidden"}
+_HTTP_CODES = {
+    400: "malformed_body",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+}
+AUTHENTICATED_PREFIX = "/v1/"
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
@@ -48,14 +59,43 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         version=__version__,
         description="A Postgres-backed activation store and indexing service for PyTorch training.",
         lifespan=lifespan,
+        dependencies=[Depends(refuse_unknown_query)],
     )
     app.state.settings = settings
+    _install_authentication(app)
     _install_deadline(app, settings.request_timeout_s)
     install_metrics(app)
     for router in (health.router, runs.router, activations.router, quantiles.router, memory.router):
         app.include_router(router)
     _install_error_handlers(app)
+    install_openapi(app)
     return app
+
+
+def _install_authentication(app: FastAPI) -> None:
+    """Who the caller is, settled before the route reads its body: no key, no parsing (401 first).
+
+    Added before the deadline middleware, so it runs inside the deadline: a key look-up that
+    waits on the database is answered like any other request that does.
+    """
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if request.url.path.startswith(AUTHENTICATED_PREFIX):
+            try:
+                request.state.principal = await run_in_threadpool(authenticate_request, request)
+            except Exception as error:
+                return await _handled(app, request, error)
+        return await call_next(request)
+
+
+async def _handled(app: FastAPI, request: Request, error: Exception) -> Response:
+    """The answer the registered exception handlers give `error` (for failures inside middleware)."""
+    for kind in type(error).__mro__:
+        handler = app.exception_handlers.get(kind)
+        if handler is not None:
+            return await handler(request, error)
+    raise error
 
 
 def _install_deadline(app: FastAPI, seconds: float) -> None:
@@ -106,6 +146,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def database_down(request: Request, error: psycopg.OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", error)
         return error_response(503, "unavailable", "the database is unavailable; retry later")
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, error: ClientDisconnect) -> Response:
+        # Expected whenever a client gives up mid-upload; nothing was stored and nobody listens.
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -17,7 +17,7 @@ from psycopg import sql
 
 from app.copy_binary import iter_vectors
 from app.errors import Conflict, DimensionMismatch, InvalidInput, NonFiniteValue, NotFound
-from app.vectors import as_float32, require_finite
+from app.vectors import as_float32, require_comparable, require_finite
 
 METRICS = ("cosine", "l2", "ip")
 POLICIES = ("none", "fifo", "same_class_lowest_similarity", "least_confident")
@@ -58,9 +58,13 @@ def items_partition(bank_id: int) -> sql.Identifier:
 
 
 def similarity_from_distance(metric: str, distance: np.ndarray) -> np.ndarray:
-    """Higher is more similar: cosine similarity, inner product, or 1/(1+L2 distance)."""
+    """Higher is more similar: cosine similarity, inner product, or 1/(1+L2 distance).
+
+    A zero key stored before zero vectors were refused is at distance NaN under cosine;
+    its similarity is 0 (as in `similarities`), never a NaN in an answer.
+    """
     if metric == "cosine":
-        return 1.0 - distance
+        return np.where(np.isnan(distance), 0.0, 1.0 - distance)
     if metric == "ip":
         return -distance
     return 1.0 / (1.0 + distance)
@@ -164,7 +168,7 @@ class NewItems:
             raise DimensionMismatch(
                 f"bank {bank.name!r} has dimension {bank.dim}, the keys have {self.keys.shape[1]}", field="items[0].key"
             )
-        require_finite(self.keys, "items[{}].key")
+        require_comparable(self.keys, bank.metric, "items[{}].key")
         for i, value in enumerate(self.values):
             if value is None:
                 continue
@@ -447,7 +451,7 @@ def search(
     """
     if queries.ndim != 2 or queries.shape[1] != bank.dim:
         raise DimensionMismatch(f"bank {bank.name!r} has dimension {bank.dim}", field="queries")
-    require_finite(queries, "queries[{}]")
+    require_comparable(queries, bank.metric, "queries[{}]")
     partition = items_partition(bank.id)
     operator = sql.SQL(_DISTANCE[bank.metric])
     typed_key = sql.SQL("key::vector({})").format(sql.Literal(bank.dim))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from app.text import text_problem
 
 METADATA_COLUMNS: tuple[str, ...] = ("sample_id", "step", "epoch", "label")
 INT_DTYPES: dict[str, np.dtype] = {
@@ -14,6 +17,19 @@ INT_DTYPES: dict[str, np.dtype] = {
     "epoch": np.dtype(np.int32),
     "label": np.dtype(np.int32),
 }
+
+
+class InvalidRows(ValueError):
+    """A batch no store may hold; `field` names the first offending place (e.g. "rows[3].label").
+
+    Raised by the one set of checks every format and transport goes through, so the same
+    value is refused with the same message whether it came as JSON, Arrow or .npy.
+    """
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -83,7 +99,7 @@ class ActivationRows:
         """Builds rows from arrays, scalars (one value for every row) or None (missing)."""
         values = np.ascontiguousarray(values, dtype=np.float32)
         if values.ndim != 2:
-            raise ValueError(f"values must be a 2-D matrix (rows x dim), got shape {values.shape}")
+            raise InvalidRows(f"values must be a 2-D matrix (rows x dim), got shape {values.shape}", field="values")
         n_rows = values.shape[0]
         given = {"sample_id": sample_id, "step": step, "epoch": epoch, "label": label}
         columns = {name: _nullable(given[name], n_rows, INT_DTYPES[name], name) for name in METADATA_COLUMNS}
@@ -95,17 +111,58 @@ def _nullable(given, n_rows: int, dtype: np.dtype, name: str) -> NullableColumn:
     if given is None:
         return NullableColumn.missing(n_rows, dtype)
     if isinstance(given, NullableColumn):
-        return given
+        return int_column(given.data, name, nulls=given.nulls)
     if np.isscalar(given):
-        return NullableColumn(np.full(n_rows, given, dtype=dtype))
+        return NullableColumn(np.full(n_rows, _int_scalar(given, name), dtype=dtype))
     array = np.asarray(given)
     if array.shape != (n_rows,):
-        raise ValueError(f"{name} must have one value per row ({n_rows}), got shape {array.shape}")
+        raise InvalidRows(f"{name} must have one value per row ({n_rows}), got shape {array.shape}", field=name)
+    return int_column(array, name)
+
+
+def _range_message(name: str) -> str:
+    info = np.iinfo(INT_DTYPES[name])
+    return f"'{name}' must be an integer in [{info.min}, {info.max}]"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _int_scalar(value, name: str) -> int:
+    info = np.iinfo(INT_DTYPES[name])
+    if not _is_int(value) or not info.min <= int(value) <= info.max:
+        raise InvalidRows(_range_message(name), field=name)
+    return int(value)
+
+
+def int_column(array: np.ndarray, name: str, *, nulls: np.ndarray | None = None) -> NullableColumn:
+    """The one check of an integer metadata column: integer types only, every value in range.
+
+    Never casts a value it cannot hold: 2**40 + 3 is refused as a label, not stored as 3.
+    Objects (from JSON) may be ints or None; booleans, floats and strings are not integers.
+    """
+    dtype = INT_DTYPES[name]
+    info = np.iinfo(dtype)
     if array.dtype == object:
-        nulls = np.array([item is None for item in array], dtype=bool)
-        data = np.array([0 if item is None else item for item in array], dtype=dtype)
-        return NullableColumn(data, nulls if nulls.any() else None)
-    return NullableColumn(array.astype(dtype, copy=False))
+        items = array.tolist()
+        for i, item in enumerate(items):
+            if item is not None and not (_is_int(item) and info.min <= int(item) <= info.max):
+                raise InvalidRows(_range_message(name), field=f"rows[{i}].{name}")
+        missing = np.array([item is None for item in items], dtype=bool)
+        data = np.array([0 if item is None else item for item in items], dtype=dtype)
+        return NullableColumn(data, missing if missing.any() else None)
+    if array.dtype.kind not in "iu":
+        raise InvalidRows(f"'{name}' must hold integers, not {array.dtype}", field=name)
+    if array.dtype.kind == "u":
+        out_of_range = array > info.max
+    else:
+        out_of_range = (array < info.min) | (array > info.max)
+    if nulls is not None:
+        out_of_range &= ~nulls
+    if out_of_range.any():
+        raise InvalidRows(_range_message(name), field=f"rows[{int(np.argmax(out_of_range))}].{name}")
+    return NullableColumn(array.astype(dtype, copy=False), nulls if nulls is not None and nulls.any() else None)
 
 
 def _tasks(given, n_rows: int) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -116,7 +173,7 @@ def _tasks(given, n_rows: int) -> tuple[np.ndarray, tuple[str, ...]]:
         return np.zeros(n_rows, dtype=np.int32), (given,)
     tasks = list(given)
     if len(tasks) != n_rows:
-        raise ValueError(f"task must have one value per row ({n_rows}), got {len(tasks)}")
+        raise InvalidRows(f"task must have one value per row ({n_rows}), got {len(tasks)}", field="task")
     names: dict[str, int] = {}
     codes = np.fromiter(
         (-1 if task is None else names.setdefault(str(task), len(names)) for task in tasks),
@@ -170,3 +227,39 @@ def _concat_tasks(parts: Sequence[ActivationRows]) -> tuple[np.ndarray, tuple[st
         mapping = np.array([names.setdefault(name, len(names)) for name in part.task_names] + [-1], dtype=np.int32)
         codes.append(mapping[part.task_codes])
     return np.concatenate(codes), tuple(names)
+
+
+def check_task_names(rows: ActivationRows) -> None:
+    """Every task name can be stored as it is; the error names the first row that uses a bad one."""
+    for code, name in enumerate(rows.task_names):
+        problem = text_problem(name) if isinstance(name, str) else "must be a string"
+        if problem is not None:
+            first = int(np.argmax(rows.task_codes == code)) if (rows.task_codes == code).any() else 0
+            raise InvalidRows(f"a task name {problem}", field=f"rows[{first}].task")
+
+
+def rows_digest(rows: ActivationRows) -> bytes:
+    """A digest of the batch's content, the same for the same rows in any format or transport.
+
+    The ingest ledger keeps it beside the batch id, so a resend is told from another batch
+    that reuses the id. Null metadata hashes apart from zero; tasks hash by name in row order
+    (their dictionary order differs between formats).
+    """
+    digest = hashlib.sha256()
+    digest.update(np.array([rows.n_rows, rows.dim], dtype="<i8").tobytes())
+    digest.update(np.ascontiguousarray(rows.values, dtype="<f4").data)
+    for name in METADATA_COLUMNS:
+        column = rows.column(name)
+        nulls = column.null_mask()
+        digest.update(np.where(nulls, 0, column.data).astype("<i8").data)
+        digest.update(np.packbits(nulls).data)
+    codes = rows.task_codes
+    used, first_row = np.unique(codes[codes >= 0], return_index=True)
+    order = used[np.argsort(first_row)]  # names in order of first appearance
+    canonical = np.full(len(rows.task_names) + 1, -1, dtype="<i4")
+    canonical[order] = np.arange(len(order), dtype="<i4")
+    digest.update(canonical[codes].astype("<i4").data)  # code -1 indexes the trailing -1
+    for code in order.tolist():
+        name = rows.task_names[code].encode("utf-8")
+        digest.update(len(name).to_bytes(4, "little") + name)
+    return digest.digest()

@@ -3,19 +3,38 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-Name = Field(min_length=1, max_length=200, pattern=r"^[^\x00]+$")
+from app.text import text_problem
 
 
-class RunCreate(BaseModel):
-    name: str = Name
+def _storable(value: str) -> str:
+    problem = text_problem(value)
+    if problem is not None:
+        raise ValueError(f"the text {problem}")
+    return value
+
+
+Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_storable)]
+
+
+class RequestBody(BaseModel):
+    """A request body: strict types ("1.5" is not a number, true is not 1) and no unknown fields.
+
+    A misspelt field ("polcy") is refused by name instead of leaving a default in its place.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RunCreate(RequestBody):
+    name: Name
     config: dict[str, Any] = Field(default_factory=dict)
 
 
-class RunUpdate(BaseModel):
+class RunUpdate(RequestBody):
     status: Literal["running", "finished", "failed"] | None = None
     metrics: dict[str, Any] | None = Field(default=None, description="Merged into the run's metrics.")
 
@@ -33,8 +52,8 @@ class RunList(BaseModel):
     runs: list[RunOut]
 
 
-class LayerCreate(BaseModel):
-    name: str = Name
+class LayerCreate(RequestBody):
+    name: Name
     dim: int = Field(ge=1, le=16_000, description="Units per activation vector (pgvector's limit is 16,000).")
     kind: str = Field(default="activations", min_length=1, max_length=50, pattern=r"^[A-Za-z0-9_.-]+$")
     sketch: bool = Field(default=True, description="Keep per-unit quantile sketches up to date on ingest.")
@@ -54,19 +73,19 @@ class LayerList(BaseModel):
     layers: list[LayerOut]
 
 
-class ActivationRowIn(BaseModel):
+class ActivationRowIn(RequestBody):
     """One row of the JSON ingest format (documentation; bulk clients send Arrow)."""
 
     values: list[float]
     sample_id: int | None = None
     step: int | None = None
     epoch: int | None = None
-    task: str | None = None
+    task: Name | None = None
     label: int | None = None
 
 
-class ActivationBatchIn(BaseModel):
-    batch_id: str | None = Field(default=None, max_length=200)
+class ActivationBatchIn(RequestBody):
+    batch_id: Name | None = None
     rows: list[ActivationRowIn]
 
 
@@ -100,10 +119,10 @@ class SummaryOut(BaseModel):
     max: list[float | None]
 
 
-class QuantilesRequest(BaseModel):
+class QuantilesRequest(RequestBody):
     n_quantiles: int = Field(ge=2, le=1024)
     method: Literal["exact", "sketch"] = "exact"
-    task: str | None = Field(default=None, max_length=200)
+    task: Name | None = None
     label: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
     epoch: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
     step_min: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
@@ -124,7 +143,7 @@ class QuantileSetOut(BaseModel):
     created_at: datetime
 
 
-class BucketizeRequest(BaseModel):
+class BucketizeRequest(RequestBody):
     values: list[list[float]] = Field(min_length=1)
 
 
@@ -132,8 +151,8 @@ class BucketizeOut(BaseModel):
     buckets: list[list[int]]
 
 
-class BankCreate(BaseModel):
-    name: str = Name
+class BankCreate(RequestBody):
+    name: Name
     dim: int = Field(ge=1, le=2000, description="Key dimension (pgvector's HNSW index takes up to 2,000).")
     metric: Literal["cosine", "l2", "ip"] = "cosine"
     capacity: int = Field(ge=1, le=10_000_000)
@@ -166,14 +185,14 @@ class BankList(BaseModel):
     banks: list[BankOut]
 
 
-class ItemIn(BaseModel):
+class ItemIn(RequestBody):
     key: list[float] = Field(min_length=1)
     label: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
     value: list[float] | None = None
     confidence: float | None = None
 
 
-class ItemsIn(BaseModel):
+class ItemsIn(RequestBody):
     items: list[ItemIn] = Field(min_length=1)
 
 
@@ -185,7 +204,7 @@ class WriteOut(BaseModel):
     ids: list[int | None] = Field(description="Per item: the id it was stored under, or null if skipped.")
 
 
-class SearchIn(BaseModel):
+class SearchIn(RequestBody):
     queries: list[list[float]] = Field(min_length=1, description="A batch of query keys (a training batch).")
     k: int = Field(default=10, ge=1)
     exact: bool = False

@@ -16,6 +16,7 @@ from app import formats, ingest, query, runs
 from app.errors import InvalidInput
 from app.deps import id_path, get_conn, read_body, reader, writer
 from app.keys import Principal
+from app.openapi import error_responses
 from app.runs import Layer
 from app.schemas import ActivationBatchIn, ActivationPage, IngestOut, SummaryOut
 from app.settings import Settings
@@ -30,7 +31,7 @@ _INGEST_BODY = {
         "required": True,
         "description": "An Arrow IPC stream (bulk), a .npy float32 matrix, or JSON for small batches.",
         "content": {
-            formats.JSON: {"schema": ActivationBatchIn.model_json_schema(ref_template="#/components/schemas/{model}")},
+            formats.JSON: {"schema": {"$ref": f"#/components/schemas/{ActivationBatchIn.__name__}"}},
             formats.ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}},
             formats.NPY: {"schema": {"type": "string", "format": "binary"}},
         },
@@ -43,7 +44,10 @@ _INGEST_BODY = {
     status_code=201,
     response_model=IngestOut,
     openapi_extra=_INGEST_BODY,
-    responses={200: {"model": IngestOut, "description": "A retried batch, already stored: nothing copied."}},
+    responses={
+        200: {"model": IngestOut, "description": "A retried batch, already stored: nothing copied."},
+        **error_responses(409, 415),
+    },
 )
 async def ingest_activations(
     request: Request,
@@ -65,8 +69,7 @@ async def ingest_activations(
     def store() -> ingest.IngestResult:
         layer = runs.get_layer(conn, principal.project_id, run_id, layer_id)
         rows, body_batch_id = formats.parse_rows(request.headers.get("content-type"), body, params)
-        chosen_id = batch_id or body_batch_id or ingest.new_batch_id()
-        return ingest.store_batch(conn, layer, chosen_id, rows, settings)
+        return ingest.store_batch(conn, layer, ingest.choose_batch_id(batch_id, body_batch_id), rows, settings)
 
     result = await run_in_threadpool(store)
     request.app.state.metrics.record_ingest(result.rows, result.duplicate)

@@ -17,6 +17,7 @@ from app.errors import InvalidInput
 from app.vectors import as_float32
 from app.formats import ARROW_STREAM, ipc_stream
 from app.keys import Principal
+from app.openapi import error_responses
 from app.schemas import BankCreate, BankList, BankOut, ChangesOut, ItemsIn, SearchIn, SearchOut, WriteOut
 from app.settings import Settings
 
@@ -30,7 +31,7 @@ def bank_json(bank: memory.Bank) -> dict:
     return described
 
 
-@router.post("", status_code=201, response_model=BankOut)
+@router.post("", status_code=201, response_model=BankOut, responses=error_responses(409))
 def create_bank(
     body: BankCreate, principal: Principal = Depends(writer), conn: psycopg.Connection = Depends(get_conn)
 ) -> JSONResponse:

@@ -10,13 +10,14 @@ from fastapi import APIRouter, Depends, Query, Response
 from app import runs
 from app.deps import id_path, get_conn, reader, writer
 from app.keys import Principal
+from app.openapi import error_responses
 from app.schemas import LayerCreate, LayerList, LayerOut, RunCreate, RunList, RunOut, RunUpdate
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
 
 
-@router.post("", status_code=201, response_model=RunOut)
+@router.post("", status_code=201, response_model=RunOut, responses=error_responses(409))
 def create_run(
     body: RunCreate, principal: Principal = Depends(writer), conn: psycopg.Connection = Depends(get_conn)
 ) -> RunOut:
@@ -59,7 +60,7 @@ def delete_run(
     return Response(status_code=204)
 
 
-@router.post("/{run_id}/layers", status_code=201, response_model=LayerOut)
+@router.post("/{run_id}/layers", status_code=201, response_model=LayerOut, responses=error_responses(409))
 def create_layer(
     body: LayerCreate,
     run_id: int = id_path(),
