@@ -18,6 +18,20 @@ from app.settings import Settings, get_settings
 log = logging.getLogger("eidetic")
 
 
+def embedded_data_dir(settings: Settings, flag: Path | None) -> Path:
+    """The embedded server's data directory: `--data-dir` or EIDETIC_DATA_DIR, which mean the same.
+
+    Earlier versions put the server under EIDETIC_DATA_DIR/pgdata; such a directory is
+    still found there (with a warning), so an upgrade never starts an empty database.
+    """
+    chosen = Path(flag if flag is not None else settings.data_dir).expanduser()
+    earlier = chosen / "pgdata"
+    if not (chosen / "PG_VERSION").exists() and (earlier / "PG_VERSION").exists():
+        log.warning("using the server found in %s (the earlier layout); point EIDETIC_DATA_DIR there", earlier)
+        return earlier
+    return chosen
+
+
 @contextmanager
 def database(settings: Settings, data_dir: Path | None = None) -> Iterator[str]:
     """The database URL: DATABASE_URL when set, else the embedded server (stopped on exit)."""
@@ -26,7 +40,7 @@ def database(settings: Settings, data_dir: Path | None = None) -> Iterator[str]:
         return
     from app.embedded import EmbeddedPostgres
 
-    server = EmbeddedPostgres(data_dir or settings.data_dir / "pgdata", cleanup="stop")
+    server = EmbeddedPostgres(embedded_data_dir(settings, data_dir), cleanup="stop")
     try:
         yield server.url()
     finally:

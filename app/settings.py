@@ -21,8 +21,8 @@ class Settings(BaseSettings):
         description="An external PostgreSQL with pgvector; unset means the embedded server.",
     )
     data_dir: Path = Field(
-        default_factory=lambda: Path(platformdirs.user_data_dir("eidetic")),
-        description="Where the embedded server keeps its data.",
+        default_factory=lambda: Path(platformdirs.user_data_dir("eidetic")) / "pgdata",
+        description="The embedded server's data directory (the same thing `--data-dir` names).",
     )
     host: str = "127.0.0.1"
     port: int = 8000

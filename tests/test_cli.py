@@ -110,3 +110,29 @@ def test_migrate_up_and_down_through_the_cli(empty_database_url):
 def test_serve_without_database_url_explains_itself():
     result = subprocess.run([*EIDETIC, "serve"], capture_output=True, text=True, env=embedded_env(), timeout=60)
     assert result.returncode == 2 and "needs DATABASE_URL" in result.stderr
+
+
+@pytest.mark.skipif(bool(os.environ.get("DATABASE_URL")), reason="exercises the embedded server, which DATABASE_URL replaces")
+def test_data_dir_flag_and_environment_name_the_same_directory(tmp_path):
+    data_dir = tmp_path / "pg"
+    made = subprocess.run(
+        [*EIDETIC, "keys", "create", "--project", "demo", "--scope", "read"],
+        capture_output=True, text=True, env={**embedded_env(), "EIDETIC_DATA_DIR": str(data_dir)}, timeout=120,
+    )
+    assert made.returncode == 0, made.stderr
+    assert (data_dir / "PG_VERSION").exists(), "EIDETIC_DATA_DIR names the server's own data directory"
+    listed = subprocess.run(
+        [*EIDETIC, "keys", "list", "--data-dir", str(data_dir)],
+        capture_output=True, text=True, env=embedded_env(), timeout=120,
+    )
+    assert listed.returncode == 0 and made.stdout.strip().split("_")[1] in listed.stdout
+
+
+def test_a_server_in_the_earlier_layout_is_still_found(tmp_path):
+    from app.cli import embedded_data_dir
+    from app.settings import Settings
+
+    (tmp_path / "pgdata").mkdir()
+    (tmp_path / "pgdata" / "PG_VERSION").write_text("18\n")
+    assert embedded_data_dir(Settings(data_dir=tmp_path), None) == tmp_path / "pgdata"
+    assert embedded_data_dir(Settings(), tmp_path / "fresh") == tmp_path / "fresh"

@@ -404,3 +404,29 @@ def test_the_openapi_schema_documents_the_real_error_envelope(api):
                     assert ref == "#/components/schemas/ErrorOut", (path, method, status)
             if path.startswith("/v1"):
                 assert "401" in operation["responses"], (path, method)
+
+
+# ---------------------------------------------------------------- 10. expected events are not errors
+
+
+def test_a_client_gone_mid_upload_is_logged_at_info_without_a_traceback(service, layer, caplog):
+    import logging
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(service.base_url).hostname, urlsplit(service.base_url).port
+    path = activations_path(*layer)
+    with caplog.at_level(logging.INFO):
+        with socket.create_connection((host, port)) as sock:
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {service.write_key}\r\n"
+                f"Content-Type: {ARROW_STREAM}\r\nContent-Length: 1000000\r\n\r\n"
+            )
+            sock.sendall(head.encode() + b"x" * 1000)
+            time.sleep(0.3)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any("disconnected" in r.getMessage() for r in caplog.records):
+            time.sleep(0.05)
+    assert any("disconnected" in record.getMessage() for record in caplog.records), caplog.text
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
