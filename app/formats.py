@@ -93,6 +93,9 @@ def rows_from_arrow(body: bytes) -> tuple[ActivationRows, str | None]:
             columns[name] = NullableColumn.missing(n_rows, INT_DTYPES[name])
             continue
         chunked = table.column(name)
+        if pa.types.is_null(chunked.type):  # a column of nulls only, as writers infer it
+            columns[name] = NullableColumn.missing(n_rows, INT_DTYPES[name])
+            continue
         if not pa.types.is_integer(chunked.type):
             raise InvalidInput(f"'{name}' must hold integers, not {chunked.type}", field=name)
         columns[name] = _int_column(chunked.combine_chunks(), name)
@@ -137,7 +140,7 @@ def _arrow_values(chunked: pa.ChunkedArray) -> np.ndarray:
         raise InvalidInput(f"'values' must hold floats, not {flat.type}", field="values")
     if flat.null_count:
         raise InvalidInput("'values' may not hold nulls", field="values")
-    matrix = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    matrix = as_float32(flat.to_numpy(zero_copy_only=False))
     if dim == 0:
         raise InvalidInput("'values' rows are empty", field="values")
     return matrix.reshape(len(array), dim)
@@ -153,6 +156,8 @@ def _arrow_tasks(table: pa.Table, n_rows: int) -> tuple[np.ndarray, tuple[str, .
     if "task" not in table.column_names:
         return np.full(n_rows, -1, dtype=np.int32), ()
     column = table.column("task").combine_chunks()
+    if pa.types.is_null(column.type):
+        return np.full(n_rows, -1, dtype=np.int32), ()
     if pa.types.is_dictionary(column.type):
         column = column.cast(pa.string())
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):

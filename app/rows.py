@@ -97,7 +97,8 @@ class ActivationRows:
         task=None,
     ) -> "ActivationRows":
         """Builds rows from arrays, scalars (one value for every row) or None (missing)."""
-        values = np.ascontiguousarray(values, dtype=np.float32)
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf, which ingest refuses by row
+            values = np.ascontiguousarray(values, dtype=np.float32)
         if values.ndim != 2:
             raise InvalidRows(f"values must be a 2-D matrix (rows x dim), got shape {values.shape}", field="values")
         n_rows = values.shape[0]
