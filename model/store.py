@@ -524,7 +524,11 @@ class ActivationWriter:
             if self._error is not None:
                 self._abandon(batch)
                 return
+            first = self.stats().batches_spilled == 0
             if self._spill_to_disk(batch):  # outside the lock: the lanes go on meanwhile
+                if first:
+                    log.warning("activation writer %s: the store is unreachable and the memory backlog is full; "
+                                "spilling batches to %s", self.writer_id, batch.spilled.path.parent)
                 with self._backlog:
                     self._append(batch)
                 return
@@ -552,9 +556,6 @@ class ActivationWriter:
                       self.writer_id, self._spill.parent, error)
             self._spill.max_bytes = 0
             return False
-        if self.stats().batches_spilled == 0:
-            log.warning("activation writer %s: the store is unreachable and the memory backlog is full; "
-                        "spilling batches to %s", self.writer_id, spilled.path.parent)
         batch.spilled, batch.rows, batch.memory_bytes = spilled, None, 0
         self._count(rows_spilled=batch.n_rows, batches_spilled=1, rows_in_spill=batch.n_rows)
         return True
@@ -649,7 +650,7 @@ class ActivationWriter:
         with self._backlog:
             if self._outage_since is None and self._error is None:
                 self._outage_since = now
-                log.warning("activation writer %s: the store is unreachable; retrying for up to %.0f s",
+                log.warning("activation writer %s: the store is unreachable; retrying for up to %.3g s",
                             self.writer_id, self.retry_budget_s)
                 self._backlog.notify_all()  # the sender may spill from now on
             return now if self._outage_since is None else self._outage_since
@@ -798,7 +799,8 @@ def replay_spill(path: str | Path, transport: Transport, **writer_options: Any) 
     store before is acknowledged as a duplicate and nothing is stored twice: replaying again
     is safe. Each file is removed once acknowledged, the directory once empty. Retries and
     failures are the writer's (`writer_options`); if the store is still unreachable past the
-    budget, StoreUnavailable is raised and the remaining files stay where they are.
+    budget, StoreUnavailable is raised and the remaining files stay where they are. Like
+    close(), it closes `transport`.
     """
     writer = ActivationWriter(transport, **writer_options)
     try:
