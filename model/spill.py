@@ -58,7 +58,12 @@ class SpillDirectory:
         if not path.is_dir():
             raise FileNotFoundError(f"no spill directory at {path}")
         spill = cls(path.parent, path.name, max_bytes, path=path)
-        spill._bytes_held = sum(batch.file_bytes for batch in spill.saved())
+        saved = spill.saved()
+        if not saved and any(child.is_dir() for child in path.iterdir()):
+            raise ValueError(
+                f"{path} holds no spilled batches; pass one writer's directory (StoreUnavailable.spill_path)"
+            )
+        spill._bytes_held = sum(batch.file_bytes for batch in saved)
         return spill
 
     @property

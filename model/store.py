@@ -356,13 +356,17 @@ class ActivationWriter:
                 lane.join()
             self._transport.close()
             _open_writers.discard(self)
+            stats = self.stats()
             if not self._spill.remove_if_empty():
                 log.error(
                     "activation writer %s left %d rows in %s; deliver them with model.store.replay_spill",
                     self.writer_id,
-                    self.stats().rows_in_spill,
+                    stats.rows_in_spill,
                     self.spill_path,
                 )
+            if isinstance(self._error, StoreUnavailable) and stats.rows_failed > stats.rows_in_spill:
+                log.error("activation writer %s lost %d rows: the spill was off, full or refused by the disk",
+                          self.writer_id, stats.rows_failed - stats.rows_in_spill)
         with self._lock:
             error = None if self._error_surfaced else self._error
             self._error_surfaced = True
@@ -633,7 +637,7 @@ class ActivationWriter:
         if self._error is not None:
             return False
         if outage_s >= self.retry_budget_s or (self.max_attempts is not None and attempts >= self.max_attempts):
-            spill_path = self._spill.path() if self._spill.enabled or self._spill.made else None
+            spill_path = self._spill_path_to_keep_rows()
             self._fail(StoreUnavailable(batch.batch_id, attempts, error, outage_s=outage_s, spill_path=spill_path))
             return False
         delay = min(self.max_backoff_s, self.backoff_s * 2 ** min(attempts - 1, 62)) * self._jitter.uniform(0.5, 1.0)
@@ -644,6 +648,17 @@ class ActivationWriter:
             recoveries = self._recoveries
             self._backlog.wait_for(lambda: self._error is not None or self._recoveries != recoveries, timeout=delay)
         return self._error is None
+
+    def _spill_path_to_keep_rows(self) -> Path | None:
+        """Where the rows go once the writer gives up (made now, so the error names a real place)."""
+        if not (self._spill.enabled or self._spill.made):
+            return None
+        try:
+            return self._spill.path()
+        except OSError as error:
+            log.error("activation writer %s cannot make a spill directory under %s: %s",
+                      self.writer_id, self._spill.parent, error)
+            return None
 
     def _store_failed(self, now: float) -> float:
         """Notes a transient failure; returns when the outage began."""

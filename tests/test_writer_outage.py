@@ -25,7 +25,7 @@ from model.config import ClientSettings, default_spill_dir
 from model.store import ActivationWriter, StoreUnavailable, open_writer, replay_spill
 from model.transports import RestTransport, TransientError, Transport
 from tests.conftest import start_service, stop_service
-from tests.test_writer import DIM, ledger, matrix, new_layer, read_back, real_transport, stored_row_count
+from tests.test_writer import ledger, matrix, new_layer, read_back, real_transport, stored_row_count
 
 QUICK_RETRIES = {"backoff_s": 0.02, "max_backoff_s": 0.1}
 
@@ -207,7 +207,8 @@ def test_an_outage_longer_than_memory_spills_and_replays_in_order_under_the_same
 
     during = writer.stats()
     assert during.seconds_blocked < 0.2  # memory, then disk, took the rows: write() did not wait
-    assert 0 < during.batches_spilled < 20 and during.rows_in_spill == during.rows_spilled == 50 * during.batches_spilled
+    assert 0 < during.batches_spilled < 20
+    assert during.rows_in_spill == during.rows_spilled == 50 * during.batches_spilled
     files = spill_files(writer.spill_path)
     assert writer.spill_path.parent == tmp_path and len(files) == during.batches_spilled
     held = [rows_from_arrow(path.read_bytes()) for path in files]
@@ -324,6 +325,8 @@ def test_replay_spill_in_an_outage_leaves_the_files_for_the_next_try(service, tm
     with pytest.raises(StoreUnavailable) as caught:
         writer.close()
     files = spill_files(caught.value.spill_path)
+    with pytest.raises(ValueError, match="one writer's directory"):  # the parent, not the writer's own
+        replay_spill(tmp_path, real_transport("rest", service, run_id, layer_id))
 
     still_down = Outage(real_transport("rest", service, run_id, layer_id))  # a replay closes its transport
     with pytest.raises(StoreUnavailable) as again:
@@ -377,4 +380,3 @@ def test_open_writer_takes_the_outage_settings_from_the_environment(monkeypatch,
         assert writer._spill.parent == tmp_path / "spill" and not writer._spill.enabled
     finally:
         writer.close()
-    assert DIM == 8  # the shared helpers' width, which the byte sizes above assume
