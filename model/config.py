@@ -6,10 +6,19 @@ The names are the seed's (USE_DB) and the service's (DATABASE_URL), unprefixed, 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
+import platformdirs
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+def default_spill_dir() -> Path:
+    """Where writers keep batches the store could not take yet: the user's cache, never the working directory."""
+    return Path(platformdirs.user_cache_dir("eidetic")) / "spill"
 
 
 class ClientSettings(BaseSettings):
@@ -52,7 +61,7 @@ class ClientSettings(BaseSettings):
         default=32768, ge=1, validation_alias=AliasChoices("EIDETIC_WRITER_BATCH_ROWS", "writer_batch_rows")
     )
     writer_max_batch_bytes: int = Field(
-        default=32 * 1024 * 1024,
+        default=32 * MIB,
         ge=1,
         validation_alias=AliasChoices("EIDETIC_WRITER_MAX_BATCH_BYTES", "writer_max_batch_bytes"),
         description="Values per sent batch, in bytes; keep it under the service's body limit (64 MiB by default).",
@@ -69,8 +78,42 @@ class ClientSettings(BaseSettings):
         validation_alias=AliasChoices("EIDETIC_WRITER_IN_FLIGHT", "writer_in_flight"),
         description="Batches on their way to the store at once; 1 sends (and commits) strictly in order.",
     )
-    writer_max_attempts: int = Field(
-        default=8, ge=1, validation_alias=AliasChoices("EIDETIC_WRITER_MAX_ATTEMPTS", "writer_max_attempts")
+    writer_retry_budget_s: float = Field(
+        default=600.0,
+        gt=0,
+        validation_alias=AliasChoices("EIDETIC_WRITER_RETRY_BUDGET_S", "writer_retry_budget_s"),
+        description="How long the store may stay unreachable (from the first failed attempt, reset when it "
+        "answers) before the writer gives up with StoreUnavailable.",
+    )
+    writer_max_backoff_s: float = Field(
+        default=10.0,
+        gt=0,
+        validation_alias=AliasChoices("EIDETIC_WRITER_MAX_BACKOFF_S", "writer_max_backoff_s"),
+        description="Longest wait between two attempts of a batch (the waits double from 0.2 s up to it).",
+    )
+    writer_max_attempts: int | None = Field(
+        default=None,
+        ge=1,
+        validation_alias=AliasChoices("EIDETIC_WRITER_MAX_ATTEMPTS", "writer_max_attempts"),
+        description="Attempts per batch within the budget; unset = as many as the budget allows.",
+    )
+    writer_memory_backlog_bytes: int = Field(
+        default=64 * MIB,
+        ge=0,
+        validation_alias=AliasChoices("EIDETIC_WRITER_MEMORY_BACKLOG_BYTES", "writer_memory_backlog_bytes"),
+        description="Batches waiting for the store that are kept in memory; beyond it the writer spills "
+        "(during an outage) or write() blocks (while the store is merely slow).",
+    )
+    writer_spill_dir: Path = Field(
+        default_factory=default_spill_dir,
+        validation_alias=AliasChoices("EIDETIC_WRITER_SPILL_DIR", "writer_spill_dir"),
+        description="Where batches go when an outage outlasts the memory backlog (a directory per writer).",
+    )
+    writer_spill_max_bytes: int = Field(
+        default=4 * 1024 * MIB,
+        ge=0,
+        validation_alias=AliasChoices("EIDETIC_WRITER_SPILL_MAX_BYTES", "writer_spill_max_bytes"),
+        description="Most bytes one writer spills; past it write() blocks. 0 never spills.",
     )
 
     def api_key(self) -> str | None:

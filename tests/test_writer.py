@@ -249,15 +249,17 @@ def test_an_unreachable_store_is_retried_until_it_answers(service, transport_kin
     assert (writer.stats().retries, writer.stats().duplicates) == (3, 0)
 
 
-def test_a_store_that_never_answers_fails_after_max_attempts() -> None:
+def test_a_store_that_never_answers_fails_after_max_attempts_if_they_are_capped(tmp_path: Path) -> None:
     client = EideticClient(f"http://127.0.0.1:{unused_port()}", "no-key", timeout=2)
-    writer = ActivationWriter(RestTransport(client, 1, 1), max_attempts=3, backoff_s=0.01)
+    writer = ActivationWriter(RestTransport(client, 1, 1), max_attempts=3, backoff_s=0.01, spill_dir=tmp_path)
     writer.write(matrix(10))
     with pytest.raises(StoreUnavailable) as caught:
         writer.flush()
     assert caught.value.attempts == 3
+    assert caught.value.spill_path is not None and caught.value.spill_path.parent == tmp_path
     stats = writer.stats()
     assert (stats.retries, stats.rows_sent, stats.rows_failed, stats.rows_pending) == (2, 0, 10, 0)
+    assert stats.rows_in_spill == 10  # not delivered, but kept for replay_spill
     writer.close()  # the failure was already raised by flush: close does not raise it twice
 
 
@@ -266,21 +268,21 @@ def test_a_store_that_never_answers_fails_after_max_attempts() -> None:
 
 @pytest.mark.parametrize("in_flight", [1, 2])
 def test_a_full_queue_blocks_the_writer_instead_of_dropping_rows(service, in_flight: int) -> None:
-    """What a stalled store lets the writer hold: in_flight batches at the store, one waiting for
-    a free slot, queue_size writes in the queue; the next write blocks."""
+    """What a slow store (answering, not failing) lets the writer hold with no memory backlog:
+    in_flight batches at the store, one waiting for a free lane, queue_size writes in the queue;
+    the next write blocks. No outage, so nothing is spilled."""
     run_id, layer_id = new_layer(service)
     slow = Gated(real_transport("rest", service, run_id, layer_id))
-    writer = ActivationWriter(slow, batch_rows=10, queue_size=1, in_flight=in_flight)
+    writer = ActivationWriter(slow, batch_rows=10, queue_size=1, in_flight=in_flight, memory_backlog_bytes=0)
     for seed in range(in_flight):
         writer.write(matrix(10, seed=seed))  # each a full batch, taken to the store, which holds it
     assert slow.wait_for_senders(in_flight)
     accepted = in_flight
-    if in_flight > 1:
-        writer.write(matrix(10, seed=accepted))  # the sender takes it and waits for a free slot
-        accepted += 1
-        deadline = time.monotonic() + 5
-        while not writer._queue.empty() and time.monotonic() < deadline:
-            time.sleep(0.01)
+    writer.write(matrix(10, seed=accepted))  # the sender takes it and waits for a free lane
+    accepted += 1
+    deadline = time.monotonic() + 5
+    while not writer._queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
     writer.write(matrix(10, seed=accepted))  # fills the queue (size 1)
     accepted += 1
 
@@ -302,6 +304,7 @@ def test_a_full_queue_blocks_the_writer_instead_of_dropping_rows(service, in_fli
     stats = writer.close()
     assert stored_row_count(service.database_url, layer_id) == 10 * (accepted + 1)
     assert stats.rows_sent == 10 * (accepted + 1) and stats.seconds_blocked >= 0.25
+    assert stats.rows_spilled == 0 and writer.spill_path is None
 
 
 @pytest.mark.parametrize("in_flight", [1, 3])
