@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -15,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__, keys
 from app.database import open_pool
+from app.deadline import RequestDeadline
 from app.errors import EideticError
 from app.metrics import install_metrics
 from app.routers import activations, health, memory, quantiles, runs
@@ -59,16 +59,8 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
 
 
 def _install_deadline(app: FastAPI, seconds: float) -> None:
-    """Every request gets its own deadline: a frozen database can outlast statement_timeout on the
-    client side (the cancel request itself hangs), so the caller gets a 503 instead of waiting."""
-
-    @app.middleware("http")
-    async def deadline(request: Request, call_next):
-        try:
-            return await asyncio.wait_for(call_next(request), timeout=seconds)
-        except TimeoutError:
-            log.warning("deadline of %.1f s passed on %s %s", seconds, request.method, request.url.path)
-            return error_response(503, "deadline_exceeded", f"no answer within {seconds:g} s; retry later")
+    """Every request gets its own deadline, its streamed body included (see app.deadline)."""
+    app.add_middleware(RequestDeadline, seconds=seconds)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
