@@ -18,6 +18,7 @@ import numpy as np
 import psycopg
 import pyarrow as pa
 import pytest
+from psycopg import sql
 
 from app.runs import layer_partition
 from app.settings import Settings
@@ -81,11 +82,30 @@ def waiting_statements(service: Service) -> int:
         ).fetchone()[0]
 
 
+def open_transactions(service: Service) -> int:
+    """Transactions the service's connections hold open (a stream's snapshot holds back vacuum)."""
+    with admin(service) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND backend_type = 'client backend' AND application_name <> %s AND xact_start IS NOT NULL",
+            (TEST_CONNECTION,),
+        ).fetchone()[0]
+
+
+def soon(condition: Callable[[], bool], within_s: float = 3.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 @contextmanager
 def partition_locked(service: Service, run_id: int, layer_id: int) -> Iterator[None]:
     """Another transaction holds the layer's partition exclusively (as ALTER TABLE or VACUUM FULL would)."""
     with admin(service, autocommit=False) as conn:
-        conn.execute(psycopg.sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(layer_partition(run_id, layer_id)))
+        conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(layer_partition(run_id, layer_id)))
         yield
         conn.rollback()
 
@@ -132,7 +152,7 @@ def rows_before_the_break(body: bytes) -> int:
     return rows
 
 
-def read_raw(response: httpx.Response, pause_s: float = 0.0, then: Callable[[], None] | None = None) -> bytes:
+def read_raw(response: httpx.Response, then: Callable[[], None] | None = None) -> bytes:
     """Reads a body chunk by chunk; `then` runs once the first chunk arrived. Whatever arrived is on the error."""
     received = bytearray()
     try:
@@ -141,7 +161,6 @@ def read_raw(response: httpx.Response, pause_s: float = 0.0, then: Callable[[], 
             if then is not None:
                 then()
                 then = None
-            time.sleep(pause_s)
     except httpx.TransportError as error:
         error.received = bytes(received)
         raise
@@ -155,7 +174,8 @@ def big_layer(api: httpx.Client) -> tuple[int, int]:
     """A layer a stream can't hand to the sockets at once, so the server is still reading when a fault hits."""
     run_id, layer_id = make_layer(api, dim=LAYER_DIM)
     for batch in range(LAYER_BATCHES):
-        rows = random_rows(LAYER_BATCH_ROWS, LAYER_DIM, seed=batch, sample_id=np.arange(LAYER_BATCH_ROWS) + batch * LAYER_BATCH_ROWS)
+        sample_ids = np.arange(LAYER_BATCH_ROWS) + batch * LAYER_BATCH_ROWS
+        rows = random_rows(LAYER_BATCH_ROWS, LAYER_DIM, seed=batch, sample_id=sample_ids)
         assert post_arrow(api, run_id, layer_id, rows, batch_id=f"b{batch}").status_code == 201
     return run_id, layer_id
 
@@ -307,11 +327,8 @@ def test_a_stream_blocked_in_the_database_aborts_at_the_deadline_and_its_stateme
                 client.read_activations(run_id, layer_id)
             elapsed = time.monotonic() - started
         assert 1.5 < elapsed < 3.5, elapsed  # the statement timeout (30 s) would have been far later
-        for _ in range(50):  # the statement waiting for the lock is cancelled too, not left to run on
-            if waiting_statements(service) == 0:
-                break
-            time.sleep(0.05)
-        assert waiting_statements(service) == 0
+        assert soon(lambda: waiting_statements(service) == 0, within_s=1.0)  # cancelled, not left to wait on
+        assert soon(lambda: open_transactions(service) == 0)
 
 
 def test_a_stream_its_reader_stalls_past_the_deadline_is_broken_off_not_resumed(api, service):
@@ -322,4 +339,5 @@ def test_a_stream_its_reader_stalls_past_the_deadline_is_broken_off_not_resumed(
                 assert response.status_code == 200
                 with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read") as raised:
                     read_raw(response, then=lambda: time.sleep(3.0))  # then reads as fast as it can
+        assert soon(lambda: open_transactions(service) == 0)  # the stream's snapshot is let go
     assert 0 < rows_before_the_break(raised.value.received) < LAYER_BATCHES * LAYER_BATCH_ROWS
