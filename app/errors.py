@@ -81,3 +81,9 @@ class Forbidden(EideticError):
 class Unavailable(EideticError):
     status_code = 503
     code = "unavailable"
+
+
+class DeadlineExceeded(Unavailable):
+    """The request's deadline passed; like every 503, the outcome of a write is unknown: retry it."""
+
+    code = "deadline_exceeded"

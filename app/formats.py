@@ -22,6 +22,7 @@ BATCH_ID_METADATA_KEY = b"batch_id"
 INGEST_COLUMNS: frozenset[str] = frozenset({"values", "task", *METADATA_COLUMNS})
 _JSON_BATCH_FIELDS = frozenset({"batch_id", "rows"})
 _NUMBER_TYPES = (int, float)
+END_OF_ROWS = b"eidetic.end"  # custom metadata of a stream's last (empty) record batch: the rows it sent
 
 _ARROW_INT_TYPES = {"sample_id": pa.int64(), "step": pa.int64(), "epoch": pa.int32(), "label": pa.int32()}
 
@@ -63,15 +64,30 @@ def rows_to_arrow(rows: ActivationRows, batch_id: str | None = None) -> bytes:
 
 
 def ipc_stream(schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> Iterator[bytes]:
-    """An Arrow IPC stream, yielded a record batch at a time, so a large answer never sits whole in memory."""
+    """An Arrow IPC stream, yielded a record batch at a time, so a large answer never sits whole in memory.
+
+    It ends with an empty record batch whose custom metadata END_OF_ROWS holds the number of
+    rows sent, then the end-of-stream marker, both written only after the last batch was read:
+    a stream cut short by a failure lacks them, and a reader can tell it from a complete one.
+    """
     sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, schema) as stream:
-        for batch in batches:
-            stream.write_batch(batch)
-            yield sink.getvalue()
-            sink.seek(0)
-            sink.truncate()
-    yield sink.getvalue()
+    stream = pa.ipc.new_stream(sink, schema)  # not closed on failure: the end marker is for complete streams
+    rows = 0
+    for batch in batches:
+        stream.write_batch(batch)
+        rows += batch.num_rows
+        yield _drain(sink)
+    empty = pa.record_batch([pa.array([], type=field.type) for field in schema], schema=schema)
+    stream.write_batch(empty, custom_metadata={END_OF_ROWS: str(rows).encode()})
+    stream.close()
+    yield _drain(sink)
+
+
+def _drain(sink: io.BytesIO) -> bytes:
+    written = sink.getvalue()
+    sink.seek(0)
+    sink.truncate()
+    return written
 
 
 def rows_from_arrow(body: bytes) -> tuple[ActivationRows, str | None]:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from contextlib import asynccontextmanager
 
 import psycopg
 from fastapi import Depends, FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from psycopg_pool import PoolTimeout
@@ -16,8 +14,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from app import __version__, keys
+from app.authentication import Authenticate
 from app.database import open_pool
-from app.deps import authenticate_request, refuse_unknown_query
+from app.deadline import RequestDeadline
+from app.deps import refuse_unknown_query
 from app.errors import EideticError
 from app.metrics import install_metrics
 from app.openapi import install_openapi
@@ -33,7 +33,6 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
 }
-AUTHENTICATED_PREFIX = "/v1/"
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
@@ -73,42 +72,14 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
 
 
 def _install_authentication(app: FastAPI) -> None:
-    """Who the caller is, settled before the route reads its body: no key, no parsing (401 first).
-
-    Added before the deadline middleware, so it runs inside the deadline: a key look-up that
-    waits on the database is answered like any other request that does.
-    """
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if request.url.path.startswith(AUTHENTICATED_PREFIX):
-            try:
-                request.state.principal = await run_in_threadpool(authenticate_request, request)
-            except Exception as error:
-                return await _handled(app, request, error)
-        return await call_next(request)
-
-
-async def _handled(app: FastAPI, request: Request, error: Exception) -> Response:
-    """The answer the registered exception handlers give `error` (for failures inside middleware)."""
-    for kind in type(error).__mro__:
-        handler = app.exception_handlers.get(kind)
-        if handler is not None:
-            return await handler(request, error)
-    raise error
+    """Added before the deadline, so it runs inside it: a key look-up that waits on the database
+    is answered like any other request that does (see app.authentication)."""
+    app.add_middleware(Authenticate)
 
 
 def _install_deadline(app: FastAPI, seconds: float) -> None:
-    """Every request gets its own deadline: a frozen database can outlast statement_timeout on the
-    client side (the cancel request itself hangs), so the caller gets a 503 instead of waiting."""
-
-    @app.middleware("http")
-    async def deadline(request: Request, call_next):
-        try:
-            return await asyncio.wait_for(call_next(request), timeout=seconds)
-        except TimeoutError:
-            log.warning("deadline of %.1f s passed on %s %s", seconds, request.method, request.url.path)
-            return error_response(503, "deadline_exceeded", f"no answer within {seconds:g} s; retry later")
+    """Every request gets its own deadline, its streamed body included (see app.deadline)."""
+    app.add_middleware(RequestDeadline, seconds=seconds)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

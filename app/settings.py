@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     max_dim: int = 16_000
     max_page_limit: int = 10_000
     default_page_limit: int = 500
+    stream_window_rows: int = Field(
+        default=8192, ge=1, description="Rows read per statement of an Arrow stream (activations, bank snapshots)."
+    )
     reject_non_finite: bool = True
 
     sketch_k: int = Field(default=400, ge=8, le=65535, description="KLL k of the quantile sketches.")

@@ -3,6 +3,10 @@
 Every error answer of the service becomes one typed exception carrying its JSON error
 (code, message, field), so callers branch on `code`, never on message text. Later
 resources (quantiles, memory banks) add methods on top of `request`.
+
+Arrow streams (activations, bank snapshots) are only returned whole: the service ends each
+with an empty record batch whose custom metadata counts the rows sent, and drops the
+connection when it fails midway; anything else raises IncompleteStream.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pyarrow as pa
 
 from model.config import ClientSettings
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
+END_OF_ROWS = b"eidetic.end"  # custom metadata of an Arrow stream's last, empty record batch: the rows sent
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
 
 
@@ -42,6 +48,18 @@ class EideticAPIError(Exception):
         except (ValueError, KeyError, TypeError):  # not our JSON shape (a proxy, a crash page)
             text = response.text[:200].strip() or response.reason_phrase
             return cls(response.status_code, "http_error", text)
+
+
+class IncompleteStream(EideticAPIError):
+    """An Arrow stream that did not arrive whole: the connection broke, or its end record is missing or
+    disagrees with the rows that came. Reading again is safe (a stream reads one snapshot)."""
+
+    def __init__(self, message: str, status: int = 200) -> None:
+        super().__init__(status, "incomplete_stream", message)
+
+    @property
+    def retryable(self) -> bool:
+        return True
 
 
 @dataclass(frozen=True)
@@ -151,6 +169,16 @@ class EideticClient:
         answer = response.json()
         return IngestReceipt(batch_id=answer["batch_id"], rows=int(answer["rows"]), duplicate=bool(answer["duplicate"]))
 
+    def read_activations(
+        self, run_id: int, layer_id: int, *, limit: int | None = None, cursor: str | None = None, **filters: Any
+    ) -> pa.Table:
+        """Stored rows as one Arrow table read from one snapshot, all of them unless `limit`; filters are
+        the route's (task, label, epoch, step_min, step_max, sample_id). IncompleteStream unless whole."""
+        params = {"format": "arrow", "limit": limit, "cursor": cursor, **filters}
+        params = {name: value for name, value in params.items() if value is not None}
+        _, table = self.read_arrow_stream(f"/v1/runs/{run_id}/layers/{layer_id}/activations", params=params)
+        return table
+
     def layer_summary(self, run_id: int, layer_id: int, **filters: Any) -> LayerSummary:
         """Per-unit count, mean, std, min, max; filters are the route's (task, label, epoch, step_min, ...)."""
         params = {name: value for name, value in filters.items() if value is not None}
@@ -214,8 +242,28 @@ class EideticClient:
         return self.request("GET", f"/v1/memory-banks/{bank_id}/changes", params={"since": since, "limit": limit}).json()
 
     def snapshot(self, bank_id: int) -> bytes:
-        """The whole bank as Arrow IPC bytes (schema metadata: bank_version, metric)."""
-        return self.request("GET", f"/v1/memory-banks/{bank_id}/snapshot").content
+        """The whole bank as Arrow IPC bytes (schema metadata: bank_version, metric), checked to be whole."""
+        body, _ = self.read_arrow_stream(f"/v1/memory-banks/{bank_id}/snapshot")
+        return body
+
+    def snapshot_table(self, bank_id: int) -> pa.Table:
+        """The whole bank as an Arrow table (schema metadata: bank_version, metric), checked to be whole."""
+        _, table = self.read_arrow_stream(f"/v1/memory-banks/{bank_id}/snapshot")
+        return table
+
+    # ---------------------------------------------------------------- Arrow streams
+
+    def read_arrow_stream(self, path: str, **kwargs: Any) -> tuple[bytes, pa.Table]:
+        """A GET answered by an Arrow stream: its bytes and its table, or IncompleteStream unless it came whole."""
+        with self._http.stream("GET", path, **kwargs) as response:
+            if response.is_error:
+                response.read()
+                raise EideticAPIError.from_response(response)
+            try:
+                body = response.read()
+            except httpx.TransportError as error:  # the service drops the connection when a stream fails
+                raise IncompleteStream(f"the stream of {path} broke off: {error!r}", response.status_code) from error
+        return body, whole_stream(body)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -227,6 +275,34 @@ class EideticClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def whole_stream(body: bytes) -> pa.Table:
+    """The table an Arrow stream of the service holds, once its end record shows every row arrived."""
+    batches: list[pa.RecordBatch] = []
+    arrived = 0
+    counted: int | None = None
+    try:
+        reader = pa.ipc.open_stream(body)
+        while True:
+            try:
+                batch, metadata = reader.read_next_batch_with_custom_metadata()
+            except StopIteration:
+                break
+            if counted is not None:
+                raise IncompleteStream("record batches follow the stream's end record")
+            if metadata is not None and END_OF_ROWS in metadata:
+                counted = int(metadata[END_OF_ROWS])
+                continue
+            batches.append(batch)
+            arrived += batch.num_rows
+    except (pa.ArrowException, OSError, ValueError) as error:  # pyarrow: ArrowInvalid, or OSError when short
+        raise IncompleteStream(f"not a whole Arrow stream: {error}") from error
+    if counted is None:
+        raise IncompleteStream(f"the stream stopped after {arrived} rows without its end record")
+    if counted != arrived:
+        raise IncompleteStream(f"the stream's end record counts {counted} rows but {arrived} arrived")
+    return pa.Table.from_batches(batches, schema=reader.schema)
 
 
 def _run(body: dict) -> RunInfo:

@@ -10,7 +10,6 @@ memory with the same policy (USE_DB off).
 
 from __future__ import annotations
 
-import io
 import queue
 import threading
 import time
@@ -177,7 +176,7 @@ class MemoryCache:
 
     def warm(self) -> None:
         """Loads the bank from its Arrow snapshot (the most-hit items when it does not all fit)."""
-        table = pa.ipc.open_stream(io.BytesIO(self.client.snapshot(self.spec.id))).read_all()
+        table = self.client.snapshot_table(self.spec.id)
         version = int(table.schema.metadata[b"bank_version"])
         if table.num_rows > self.capacity:
             order = np.argsort(-np.asarray(table.column("hits")), kind="stable")[: self.capacity]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Literal
 
@@ -10,9 +11,10 @@ import psycopg
 import pyarrow as pa
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from app import formats, ingest, query, runs
+from app.deadline import request_deadline, within_deadline
 from app.errors import InvalidInput
 from app.deps import id_path, get_conn, read_body, reader, writer
 from app.keys import Principal
@@ -20,6 +22,7 @@ from app.openapi import error_responses
 from app.runs import Layer
 from app.schemas import ActivationBatchIn, ActivationPage, IngestOut, SummaryOut
 from app.settings import Settings
+from app.streams import ArrowStreamResponse
 
 router = APIRouter(prefix="/v1/runs/{run_id}/layers/{layer_id}", tags=["activations"])
 
@@ -94,7 +97,13 @@ def activation_filter(
 @router.get(
     "/activations",
     response_model=ActivationPage,
-    responses={200: {"content": {formats.ARROW_STREAM: {}}, "description": "JSON page, or an Arrow stream."}},
+    responses={
+        200: {
+            "content": {formats.ARROW_STREAM: {}},
+            "description": "JSON page, or an Arrow stream that ends with an empty record batch whose custom "
+            "metadata 'eidetic.end' holds its row count; a stream that fails midway is cut off without it.",
+        }
+    },
 )
 def read_activations(
     request: Request,
@@ -113,10 +122,8 @@ def read_activations(
     if limit is not None and limit > settings.max_page_limit:
         raise InvalidInput(f"limit is at most {settings.max_page_limit}", field="limit")
     if format == "arrow":
-        return StreamingResponse(
-            _arrow_stream(request.app.state.pool, layer, where, after, limit),
-            media_type=formats.ARROW_STREAM,
-        )
+        rows = _arrow_stream(request.app.state.pool, layer, where, after, limit, settings, request_deadline(request))
+        return ArrowStreamResponse(rows)
     rows, next_cursor = query.page(conn, layer, where, after, limit or settings.default_page_limit)
     return JSONResponse({"rows": [_row_json(row) for row in rows], "next_cursor": next_cursor})
 
@@ -128,15 +135,22 @@ def _row_json(row: tuple) -> dict:
 
 
 def _arrow_stream(
-    pool, layer: Layer, where: query.ActivationFilter, after: query.RowKey, limit: int | None
+    pool,
+    layer: Layer,
+    where: query.ActivationFilter,
+    after: query.RowKey,
+    limit: int | None,
+    settings: Settings,
+    deadline: float,
 ) -> Iterator[bytes]:
-    """Record batches as they are read, inside one snapshot; memory stays at one window."""
+    """Record batches as they are read, inside one snapshot, by the deadline; memory stays at one window."""
     schema = pa.schema(
         [pa.field("batch_id", pa.string()), pa.field("row", pa.int32()), *formats.arrow_schema(layer.dim)]
     )
-    with pool.connection() as conn, conn.transaction():
+    with pool.connection(timeout=max(deadline - time.monotonic(), 0.001)) as conn, conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        windows = query.iter_row_windows(conn, layer, where, after, limit)
+        windows = query.iter_row_windows(conn, layer, where, after, limit, window_rows=settings.stream_window_rows)
+        windows = within_deadline(conn, windows, deadline, settings.statement_timeout_ms)
         yield from formats.ipc_stream(schema, (_window_batch(window, schema, layer.dim) for window in windows))
 
 

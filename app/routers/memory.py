@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 
@@ -9,17 +10,19 @@ import numpy as np
 import psycopg
 import pyarrow as pa
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from app import memory
 from app.deps import get_conn, id_path, reader, writer
 from app.errors import InvalidInput
 from app.vectors import as_float32
+from app.deadline import request_deadline, within_deadline
 from app.formats import ARROW_STREAM, ipc_stream
 from app.keys import Principal
 from app.openapi import error_responses
 from app.schemas import BankCreate, BankList, BankOut, ChangesOut, ItemsIn, SearchIn, SearchOut, WriteOut
 from app.settings import Settings
+from app.streams import ArrowStreamResponse
 
 router = APIRouter(prefix="/v1/memory-banks", tags=["memory banks"])
 
@@ -142,14 +145,17 @@ def snapshot(
     bank_id: int = id_path(),
     principal: Principal = Depends(reader),
     conn: psycopg.Connection = Depends(get_conn),
-) -> StreamingResponse:
-    """The whole bank as an Arrow stream; its schema metadata carries the bank version it shows."""
+) -> ArrowStreamResponse:
+    """The whole bank as an Arrow stream; its schema metadata carries the bank version it shows, and
+    its last, empty record batch the row count ('eidetic.end'); a stream that fails is cut off without it."""
+    settings: Settings = request.app.state.settings
     bank = memory.get_bank(conn, principal.project_id, bank_id)
-    return StreamingResponse(_snapshot_stream(request.app.state.pool, principal.project_id, bank), media_type=ARROW_STREAM)
+    pool = request.app.state.pool
+    return ArrowStreamResponse(_snapshot_stream(pool, principal.project_id, bank, settings, request_deadline(request)))
 
 
-def _snapshot_stream(pool, project_id: int, bank: memory.Bank) -> Iterator[bytes]:
-    with pool.connection() as conn, conn.transaction():
+def _snapshot_stream(pool, project_id: int, bank: memory.Bank, settings: Settings, deadline: float) -> Iterator[bytes]:
+    with pool.connection(timeout=max(deadline - time.monotonic(), 0.001)) as conn, conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         current = memory.get_bank(conn, project_id, bank.id)
         value_type = pa.list_(pa.float32(), current.value_dim) if current.value_dim else pa.list_(pa.float32())
@@ -166,7 +172,9 @@ def _snapshot_stream(pool, project_id: int, bank: memory.Bank) -> Iterator[bytes
             ],
             metadata={b"bank_version": str(current.version).encode(), b"metric": current.metric.encode()},
         )
-        batches = (_snapshot_batch(rows, schema, current.dim) for rows in memory.snapshot_rows(conn, current))
+        chunks = memory.snapshot_rows(conn, current, chunk_rows=settings.stream_window_rows)
+        chunks = within_deadline(conn, chunks, deadline, settings.statement_timeout_ms)
+        batches = (_snapshot_batch(rows, schema, current.dim) for rows in chunks)
         yield from ipc_stream(schema, batches)
 
 
