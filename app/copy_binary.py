@@ -13,7 +13,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from app.rows import METADATA_COLUMNS, ActivationRows
+from eidetic.wire.rows import METADATA_COLUMNS, ActivationRows
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
 TRAILER = (-1).to_bytes(2, "big", signed=True)

@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import DeadlineExceeded
+from eidetic.errors import DeadlineExceeded
 from app.streams import StreamAborted
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
 from app import keys
-from app.errors import InvalidInput, PayloadTooLarge, Unauthenticated
+from eidetic.errors import InvalidInput, PayloadTooLarge, Unauthenticated
 from app.keys import Principal, Scope
 
 

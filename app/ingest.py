@@ -13,13 +13,13 @@ import psycopg
 from psycopg import sql
 
 from app.copy_binary import COPY_COLUMNS, iter_copy_chunks
-from app.errors import Conflict, DimensionMismatch, InvalidInput, PayloadTooLarge
-from app.rows import ActivationRows, InvalidRows, check_task_names, rows_digest
+from eidetic.errors import Conflict, DimensionMismatch, InvalidInput, PayloadTooLarge
+from eidetic.wire.rows import ActivationRows, InvalidRows, check_task_names, rows_digest
 from app.runs import Layer, layer_partition
 from app.settings import Settings
 from app.sketches import DEFAULT_K, update_sketches
-from app.text import text_problem
-from app.vectors import require_finite
+from eidetic.wire.text import text_problem
+from eidetic.wire.vectors import require_finite
 
 MAX_BATCH_ID_LENGTH = 200
 _COPY_STATEMENT = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)")

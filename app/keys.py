@@ -9,7 +9,7 @@ from enum import IntEnum
 
 import psycopg
 
-from app.errors import Forbidden, InvalidInput, Unauthenticated
+from eidetic.errors import Forbidden, InvalidInput, Unauthenticated
 
 KEY_PREFIX = "eid"
 DEFAULT_PROJECT = "default"

@@ -18,7 +18,7 @@ from app.authentication import Authenticate
 from app.database import open_pool
 from app.deadline import RequestDeadline
 from app.deps import refuse_unknown_query
-from app.errors import EideticError
+from eidetic.errors import EideticError
 from app.metrics import install_metrics
 from app.openapi import install_openapi
 from app.routers import activations, health, memory, quantiles, runs

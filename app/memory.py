@@ -16,8 +16,8 @@ from pgvector import Vector
 from psycopg import sql
 
 from app.copy_binary import iter_vectors
-from app.errors import Conflict, DimensionMismatch, InvalidInput, NonFiniteValue, NotFound
-from app.vectors import as_float32, require_comparable, require_finite
+from eidetic.errors import Conflict, DimensionMismatch, InvalidInput, NonFiniteValue, NotFound
+from eidetic.wire.vectors import as_float32, require_comparable, require_finite
 
 METRICS = ("cosine", "l2", "ip")
 POLICIES = ("none", "fifo", "same_class_lowest_similarity", "least_confident")

@@ -17,9 +17,10 @@ from psycopg import sql
 
 from app import sketches
 from app.copy_binary import iter_vectors
-from app.errors import InvalidInput, NotFound, PayloadTooLarge
+from eidetic.errors import InvalidInput, NotFound, PayloadTooLarge
 from app.query import ActivationFilter
 from app.runs import Layer, layer_partition
+from eidetic.wire.order_statistics import exact_boundaries_of
 
 METHODS = ("exact", "sketch")
 
@@ -37,24 +38,6 @@ class QuantileSet:
     boundaries: np.ndarray  # units x (Q-1), float32
     rank_error: float | None
     created_at: datetime
-
-
-def order_statistics(n_rows: int, n_quantiles: int) -> np.ndarray:
-    """0-based sorted positions of the Q-1 boundaries among n_rows values.
-
-    Asked of numpy itself (inverted_cdf over 0..n-1), so the positions agree with
-    `np.quantile(..., method="inverted_cdf")` to the last rounding.
-    """
-    levels = np.arange(1, n_quantiles) / n_quantiles
-    return np.quantile(np.arange(n_rows, dtype=np.float64), levels, method="inverted_cdf").astype(np.int64)
-
-
-def exact_boundaries_of(matrix: np.ndarray, n_quantiles: int) -> np.ndarray:
-    """Exact boundaries of every column of an in-memory matrix (rows x units)."""
-    positions = order_statistics(matrix.shape[0], n_quantiles)
-    columns = np.ascontiguousarray(matrix.T, dtype=np.float32)  # units-major: each sort runs over contiguous memory
-    columns.sort(axis=1)  # measured faster than np.partition for every Q tried (bench/quantiles.py)
-    return np.ascontiguousarray(columns[:, positions])
 
 
 def exact_boundaries(

@@ -12,7 +12,7 @@ import psycopg
 from psycopg import sql
 
 from app.copy_binary import iter_vectors
-from app.errors import InvalidInput
+from eidetic.errors import InvalidInput
 from app.runs import Layer, layer_partition
 
 ROW_FIELDS = ("batch_id", "row", "sample_id", "step", "epoch", "task", "label", "values")

@@ -9,7 +9,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from app.errors import Conflict, NotFound
+from eidetic.errors import Conflict, NotFound
 
 
 @dataclass(frozen=True)

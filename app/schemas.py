@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from app.text import text_problem
+from eidetic.wire.text import text_problem
 
 
 def _storable(value: str) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import psycopg
 from datasketches import kll_floats_sketch
 
-from app.rows import ActivationRows
+from eidetic.wire.rows import ActivationRows
 from app.runs import Layer
 
 NO_TASK = ""

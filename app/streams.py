@@ -13,8 +13,8 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.errors import EideticError
-from app.formats import ARROW_STREAM
+from eidetic.errors import EideticError
+from eidetic.wire.formats import ARROW_STREAM
 
 log = logging.getLogger(__name__)
 

@@ -66,8 +66,8 @@ from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 from app import memory  # noqa: E402
 from app.database import connect  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from model.memory_cache import BankSpec, MemoryCache, vote  # noqa: E402
-from model.quantile_cache import QuantileCache, local_boundaries  # noqa: E402
+from eidetic.torch.memory_cache import BankSpec, MemoryCache, vote  # noqa: E402
+from eidetic.torch.quantile_cache import QuantileCache, local_boundaries  # noqa: E402
 from bench.common import Repeats, activations, fresh_database, load_words, machine_facts, Service, start_service, publish  # noqa: E402
 
 SECTION = "## Device caches (bench/caches.py)"

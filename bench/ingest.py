@@ -52,10 +52,10 @@ from psycopg import sql  # noqa: E402
 from app import keys  # noqa: E402
 from app.copy_binary import COPY_COLUMNS, iter_copy_chunks  # noqa: E402
 from app.database import connect  # noqa: E402
-from app.rows import ActivationRows, NullableColumn, slice_rows  # noqa: E402
+from eidetic.wire.rows import ActivationRows, NullableColumn, slice_rows  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from model.config import ClientSettings  # noqa: E402
-from model.store import ActivationWriter, WriterStats, open_writer  # noqa: E402
+from eidetic.config import ClientSettings  # noqa: E402
+from eidetic.writer import ActivationWriter, WriterStats, open_writer  # noqa: E402
 from bench.common import Repeats, BenchDatabase, fresh_database, machine_facts, publish  # noqa: E402
 
 SECTION = "## Ingest (bench/ingest.py)"

@@ -39,8 +39,8 @@ from torch import nn
 
 from app.settings import Settings
 from bench.common import fresh_database, start_service
-from model.client import EideticClient
-from model.memory_cache import MemoryCache
+from eidetic.client import EideticClient
+from eidetic.torch.memory_cache import MemoryCache
 
 
 def best_per_sample(action, batches: list, repeats: int) -> float:

@@ -42,9 +42,9 @@ from psycopg import sql  # noqa: E402
 from app import runs  # noqa: E402
 from app.copy_binary import iter_vectors  # noqa: E402
 from app.database import connect  # noqa: E402
-from app.formats import ARROW_STREAM, rows_to_arrow  # noqa: E402
-from app.quantiles import exact_boundaries_of  # noqa: E402
-from app.rows import ActivationRows  # noqa: E402
+from eidetic.wire.formats import ARROW_STREAM, rows_to_arrow  # noqa: E402
+from eidetic.wire.order_statistics import exact_boundaries_of  # noqa: E402
+from eidetic.wire.rows import ActivationRows  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from bench.common import activations, fresh_database, load_words, Service, machine_facts, start_service, publish  # noqa: E402
 

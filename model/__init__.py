@@ -1,5 +1,5 @@
-"""The training side of Eidetic: clients of the store that run inside PyTorch training jobs.
+"""The models and experiments of Eidetic's design notes: clients of the store through `eidetic`.
 
-Nothing here is imported by the service (app/), and nothing imports torch at module
-import time unless the module is about a model, so the writer also runs in slim workers.
+Nothing here is imported by the service (app/), and nothing here imports the service: the
+models reach the store only through `eidetic` (tests/test_layout.py holds both rules).
 """

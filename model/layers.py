@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.client import EideticClient
-from model.config import ClientSettings
-from model.quantile_cache import QuantileCache, local_boundaries
-from model.store import ActivationWriter, open_writer
+from eidetic.client import EideticClient
+from eidetic.config import ClientSettings
+from eidetic.torch.quantile_cache import QuantileCache, local_boundaries
+from eidetic.writer import ActivationWriter, open_writer
 
 
 def bucket_linear(

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.client import EideticAPIError, EideticClient
-from model.memory_cache import BankSpec, MemoryCache, WriteOutcome
+from eidetic.client import EideticAPIError, EideticClient
+from eidetic.torch.memory_cache import BankSpec, MemoryCache, WriteOutcome
 
 NO_PREDICTION = -1  # the memory's prediction where it holds nothing
 

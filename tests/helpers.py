@@ -6,8 +6,8 @@ import httpx
 import numpy as np
 import psycopg
 
-from app.formats import ARROW_STREAM, rows_to_arrow
-from app.rows import ActivationRows
+from eidetic.wire.formats import ARROW_STREAM, rows_to_arrow
+from eidetic.wire.rows import ActivationRows
 
 
 def make_layer(api: httpx.Client, dim: int = 8, run: str = "run", layer: str = "fc") -> tuple[int, int]:

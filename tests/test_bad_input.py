@@ -6,7 +6,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from app.formats import ARROW_STREAM, NPY
+from eidetic.wire.formats import ARROW_STREAM, NPY
 from tests.conftest import start_service, stop_service
 from tests.helpers import activations_path, error_of, make_layer, post_arrow, random_rows, stored_batches, stored_rows
 

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings as hsettings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
-from app.formats import ARROW_STREAM, NPY
+from eidetic.wire.formats import ARROW_STREAM, NPY
 from app.settings import Settings
 from tests.conftest import start_service, stop_service
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import psycopg
 
-from app.formats import ARROW_STREAM, NPY
+from eidetic.wire.formats import ARROW_STREAM, NPY
 from app.ingest import ingest
 from app.runs import find_layer
 from tests.helpers import (

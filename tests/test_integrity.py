@@ -15,7 +15,7 @@ import psycopg
 import pyarrow as pa
 import pytest
 
-from app.formats import ARROW_STREAM, NPY, rows_to_arrow
+from eidetic.wire.formats import ARROW_STREAM, NPY, rows_to_arrow
 from tests.helpers import activations_path, error_of, make_layer, post_arrow, random_rows, stored_batches, stored_rows
 
 DIM = 4

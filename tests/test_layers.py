@@ -10,8 +10,8 @@ torch = pytest.importorskip("torch", reason="the layers are torch modules (the [
 from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
-from model.client import EideticClient  # noqa: E402
-from model.config import ClientSettings  # noqa: E402
+from eidetic.client import EideticClient  # noqa: E402
+from eidetic.config import ClientSettings  # noqa: E402
 from model.layers import (  # noqa: E402
     ActivationRecorder,
     EideticIndexedLinear,
@@ -22,7 +22,7 @@ from model.layers import (  # noqa: E402
     freeze_all_but,
     indexed_parameters,
 )
-from model.quantile_cache import QuantileCache, local_boundaries  # noqa: E402
+from eidetic.torch.quantile_cache import QuantileCache, local_boundaries  # noqa: E402
 from tests.helpers import stored_rows  # noqa: E402
 
 

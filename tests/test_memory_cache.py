@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.client import EideticClient
-from model.memory_cache import NO_LABEL, BankSpec, MemoryCache, vote
+from eidetic.client import EideticClient
+from eidetic.torch.memory_cache import NO_LABEL, BankSpec, MemoryCache, vote
 
 
 @pytest.fixture

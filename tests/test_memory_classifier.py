@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model.client import EideticClient
-from model.config import ClientSettings
+from eidetic.client import EideticClient
+from eidetic.config import ClientSettings
 from model.enhanced_classifier import BackboneUnavailable, make_backbone
 from model.experiments import memory_classifier as experiment
 from model.experiments.memory_classifier import MemoryClassifierConfig, load_data, run_once

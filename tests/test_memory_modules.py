@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from model.client import EideticClient
+from eidetic.client import EideticClient
 from model.enhanced_classifier import EnhancedClassifier
-from model.memory_cache import BankSpec, MemoryCache
+from eidetic.torch.memory_cache import BankSpec, MemoryCache
 from model.memory_modules import (
     BankMismatch,
     CachedMemory,

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from model.client import EideticClient
-from model.quantile_cache import QuantileCache, local_boundaries
+from eidetic.client import EideticClient
+from eidetic.torch.quantile_cache import QuantileCache, local_boundaries
 from tests.helpers import make_layer, post_arrow, random_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_bucketing_falls_back_to_eager_with_a_warning_when_compiling_fails(tmp_p
     """No working C++ compiler (a real failure of torch.compile, in a fresh process): same buckets, one warning."""
     script = (
         "import torch\n"
-        "from model.quantile_cache import QuantileCache, local_boundaries\n"
+        "from eidetic.torch.quantile_cache import QuantileCache, local_boundaries\n"
         "values = torch.randn(200, 5, generator=torch.Generator().manual_seed(1))\n"
         "cache = QuantileCache(local_boundaries(values, 6))\n"
         "first, second = cache.bucketize(values), cache.bucketize(values[:50])\n"

@@ -13,7 +13,7 @@ from app.database import connect
 from app.ingest import ingest
 from app.keys import ensure_project
 from app.query import ActivationFilter
-from app.rows import ActivationRows
+from eidetic.wire.rows import ActivationRows
 from app.settings import Settings
 from app.sketches import merged_sketches
 from tests.helpers import error_of, make_layer, post_arrow, random_rows

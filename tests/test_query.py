@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from app.rows import ActivationRows
+from eidetic.wire.rows import ActivationRows
 from tests.helpers import activations_path, error_of, make_layer, post_arrow
 
 

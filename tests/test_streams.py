@@ -22,8 +22,8 @@ from psycopg import sql
 
 from app.runs import layer_partition
 from app.settings import Settings
-from model.client import EideticClient, IncompleteStream, whole_stream
-from model.memory_cache import MemoryCache
+from eidetic.client import EideticClient, IncompleteStream, whole_stream
+from eidetic.torch.memory_cache import MemoryCache
 from tests.conftest import Service, start_service, stop_service
 from tests.helpers import activations_path, make_layer, post_arrow, random_rows
 

@@ -19,10 +19,10 @@ import psycopg
 import pytest
 from pydantic import ValidationError
 
-from app.rows import ActivationRows
-from model.client import EideticAPIError, EideticClient, IngestReceipt
-from model.config import ClientSettings
-from model.store import (
+from eidetic.wire.rows import ActivationRows
+from eidetic.client import EideticAPIError, EideticClient, IngestReceipt
+from eidetic.config import ClientSettings
+from eidetic.writer import (
     ActivationWriter,
     BatchRejected,
     StoreUnavailable,
@@ -30,7 +30,8 @@ from model.store import (
     WriterStats,
     open_writer,
 )
-from model.transports import DirectTransport, RestTransport, TransientError, Transport
+from eidetic.direct import DirectTransport
+from eidetic.transports import RestTransport, TransientError, Transport
 
 DIM = 8
 REPO = Path(__file__).resolve().parents[1]
@@ -436,9 +437,10 @@ def test_a_writer_left_open_delivers_its_rows_when_the_process_exits(service, tr
     )
     script = (
         "import numpy as np\n"
-        "from model.client import EideticClient\n"
-        "from model.store import ActivationWriter\n"
-        "from model.transports import DirectTransport, RestTransport\n"
+        "from eidetic.client import EideticClient\n"
+        "from eidetic.writer import ActivationWriter\n"
+        "from eidetic.direct import DirectTransport\n"
+        "from eidetic.transports import RestTransport\n"
         f"writer = ActivationWriter({transport}, batch_rows=100, linger_s=60, in_flight=2)\n"
         f"writer.write(np.ones((1050, {DIM}), dtype=np.float32))\n"
         "print('exiting without close', flush=True)\n"

@@ -17,13 +17,13 @@ import psycopg
 import pytest
 import uvicorn
 
-from app.formats import rows_from_arrow, rows_to_arrow
+from eidetic.wire.formats import rows_from_arrow, rows_to_arrow
 from app.main import create_app
-from app.rows import ActivationRows
-from model.client import EideticClient, IngestReceipt
-from model.config import ClientSettings, default_spill_dir
-from model.store import ActivationWriter, StoreUnavailable, open_writer, replay_spill
-from model.transports import RestTransport, TransientError, Transport
+from eidetic.wire.rows import ActivationRows
+from eidetic.client import EideticClient, IngestReceipt
+from eidetic.config import ClientSettings, default_spill_dir
+from eidetic.writer import ActivationWriter, StoreUnavailable, open_writer, replay_spill
+from eidetic.transports import RestTransport, TransientError, Transport
 from tests.conftest import start_service, stop_service
 from tests.test_writer import ledger, matrix, new_layer, read_back, real_transport, stored_row_count
 

@@ -13,11 +13,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from app import formats, ingest, query, runs
+from app import ingest, query, runs
 from app.deadline import request_deadline, within_deadline
-from app.errors import InvalidInput
+from eidetic.errors import InvalidInput
 from app.deps import id_path, get_conn, read_body, reader, writer
 from app.keys import Principal
+from eidetic.wire import formats
 from app.openapi import error_responses
 from app.runs import Layer
 from app.schemas import ActivationBatchIn, ActivationPage, IngestOut, SummaryOut

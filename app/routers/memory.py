@@ -14,10 +14,10 @@ from fastapi.responses import JSONResponse
 
 from app import memory
 from app.deps import get_conn, id_path, reader, writer
-from app.errors import InvalidInput
-from app.vectors import as_float32
+from eidetic.errors import InvalidInput
+from eidetic.wire.vectors import as_float32
 from app.deadline import request_deadline, within_deadline
-from app.formats import ARROW_STREAM, ipc_stream
+from eidetic.wire.formats import ARROW_STREAM, ipc_stream
 from app.keys import Principal
 from app.openapi import error_responses
 from app.schemas import BankCreate, BankList, BankOut, ChangesOut, ItemsIn, SearchIn, SearchOut, WriteOut

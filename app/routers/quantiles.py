@@ -8,8 +8,8 @@ from fastapi.responses import JSONResponse
 
 from app import quantiles, runs
 from app.deps import id_path, get_conn, reader, writer
-from app.errors import InvalidInput
-from app.vectors import as_float32, require_finite
+from eidetic.errors import InvalidInput
+from eidetic.wire.vectors import as_float32, require_finite
 from app.keys import Principal
 from app.query import ActivationFilter
 from app.schemas import BucketizeOut, BucketizeRequest, QuantileSetOut, QuantilesRequest

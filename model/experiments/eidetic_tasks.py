@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 from model import data as datasets
 from model.cl_metrics import ContinualMetrics
-from model.client import EideticClient
-from model.config import ClientSettings
+from eidetic.client import EideticClient
+from eidetic.config import ClientSettings
 from model.layers import (
     EideticIndexedLinear,
     EideticLinear,

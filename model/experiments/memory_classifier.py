@@ -47,8 +47,8 @@ from torch import nn
 from tqdm import tqdm
 
 from model import data as datasets
-from model.client import EideticClient
-from model.config import ClientSettings
+from eidetic.client import EideticClient
+from eidetic.config import ClientSettings
 from model.enhanced_classifier import BackboneUnavailable, EnhancedClassifier, make_backbone
 from model.memory_modules import CachedMemory, MemoryStore, TrainableMemory
 

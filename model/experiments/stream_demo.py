@@ -29,9 +29,9 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from tqdm import tqdm
 
-from model.client import EideticClient, LayerSummary
-from model.config import ClientSettings
-from model.store import ActivationWriter, open_writer
+from eidetic.client import EideticClient, LayerSummary
+from eidetic.config import ClientSettings
+from eidetic.writer import ActivationWriter, open_writer
 
 EXPERIMENT = "stream_demo"
 LAYER_NAME = "penultimate"

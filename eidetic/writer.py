@@ -36,11 +36,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from app.rows import METADATA_COLUMNS, ActivationRows, concat_rows, slice_rows
-from model.client import EideticAPIError, EideticClient
-from model.config import MIB, ClientSettings, default_spill_dir
-from model.spill import SpillDirectory, SpilledBatch
-from model.transports import DirectTransport, RestTransport, TransientError, Transport
+from eidetic.wire.rows import METADATA_COLUMNS, ActivationRows, concat_rows, slice_rows
+from eidetic.client import EideticAPIError, EideticClient
+from eidetic.config import MIB, ClientSettings, default_spill_dir
+from eidetic.spill import SpillDirectory, SpilledBatch
+from eidetic.transports import RestTransport, TransientError, Transport
 
 __all__ = [
     "ActivationWriter",
@@ -93,7 +93,7 @@ class StoreUnavailable(WriterError):
         spill_path: Path | None = None,
     ) -> None:
         kept = (
-            f"undelivered rows are kept in {spill_path} (deliver them with model.store.replay_spill)"
+            f"undelivered rows are kept in {spill_path} (deliver them with eidetic.writer.replay_spill)"
             if spill_path is not None
             else "spilling is off: undelivered rows are lost"
         )
@@ -359,7 +359,7 @@ class ActivationWriter:
             stats = self.stats()
             if not self._spill.remove_if_empty():
                 log.error(
-                    "activation writer %s left %d rows in %s; deliver them with model.store.replay_spill",
+                    "activation writer %s left %d rows in %s; deliver them with eidetic.writer.replay_spill",
                     self.writer_id,
                     stats.rows_in_spill,
                     self.spill_path,
@@ -785,6 +785,8 @@ def open_writer(
     elif kind == "direct":
         if not settings.database_url:
             raise ValueError("the direct transport needs DATABASE_URL")
+        from eidetic.direct import DirectTransport  # the service's code, loaded only when chosen
+
         sender = DirectTransport(settings.database_url, run_id, layer_id)
     else:
         raise ValueError(f"transport is 'rest' or 'direct', not {kind!r}")

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from model.client import EideticClient
+from eidetic.client import EideticClient
 
 NO_LABEL = -(2**62)  # stands for a missing label; matches no real label
 

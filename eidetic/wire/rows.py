@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.text import text_problem
+from eidetic.wire.text import text_problem
 
 METADATA_COLUMNS: tuple[str, ...] = ("sample_id", "step", "epoch", "label")
 INT_DTYPES: dict[str, np.dtype] = {

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from app.errors import InvalidInput, MalformedBody, NonFiniteValue, UnsupportedMediaType
-from app.rows import INT_DTYPES, METADATA_COLUMNS, ActivationRows, InvalidRows, NullableColumn, int_column
-from app.vectors import as_float32
+from eidetic.errors import InvalidInput, MalformedBody, NonFiniteValue, UnsupportedMediaType
+from eidetic.wire.rows import INT_DTYPES, METADATA_COLUMNS, ActivationRows, InvalidRows, NullableColumn, int_column
+from eidetic.wire.vectors import as_float32
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 NPY = "application/x-npy"

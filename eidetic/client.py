@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pyarrow as pa
 
-from model.config import ClientSettings
+from eidetic.config import ClientSettings
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 END_OF_ROWS = b"eidetic.end"  # custom metadata of an Arrow stream's last, empty record batch: the rows sent

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from app.quantiles import order_statistics
-from model.client import EideticClient
-from model.kernels import count_below
+from eidetic.wire.order_statistics import order_statistics
+from eidetic.client import EideticClient
+from eidetic.torch.kernels import count_below
 
 
 def local_boundaries(values: torch.Tensor, n_quantiles: int) -> torch.Tensor:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from app.formats import BATCH_ID_METADATA_KEY, rows_from_arrow, rows_to_arrow
-from app.rows import ActivationRows
+from eidetic.wire.formats import BATCH_ID_METADATA_KEY, rows_from_arrow, rows_to_arrow
+from eidetic.wire.rows import ActivationRows
 
 __all__ = ["SpillDirectory", "SpilledBatch"]
 

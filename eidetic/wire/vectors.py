@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.errors import NonFiniteValue, VectorTooLarge, ZeroVector
+from eidetic.errors import NonFiniteValue, VectorTooLarge, ZeroVector
 
 # Up to a quarter of float32's range per squared norm, every L2 distance and inner product of
 # two such vectors is finite in float32 (|a-b|^2 <= 2|a|^2 + 2|b|^2, |a.b| <= |a||b|).
