@@ -121,7 +121,9 @@ def make_tasks(
     classes = class_order if class_order is not None else sorted(int(c) for c in torch.unique(train.labels))
     groups = class_incremental_splits(classes, classes_per_task)
     groups = groups if n_tasks is None else groups[:n_tasks]
-    return [Task(i, group, train.of_classes(list(group)), test.of_classes(list(group))) for i, group in enumerate(groups)]
+    return [
+        Task(i, group, train.of_classes(list(group)), test.of_classes(list(group))) for i, group in enumerate(groups)
+    ]
 
 
 # ---------------------------------------------------------------- learners
@@ -149,8 +151,14 @@ class BackpropTwin(nn.Module):
             pool = nn.MaxPool2d if layer.pool == "max" else nn.AvgPool2d
             layers += [
                 nn.BatchNorm2d(channels, affine=False),
-                nn.Conv2d(channels, layer.channels, layer.kernel_size, padding=layer.kernel_size // 2,
-                          padding_mode="reflect", bias=False),
+                nn.Conv2d(
+                    channels,
+                    layer.channels,
+                    layer.kernel_size,
+                    padding=layer.kernel_size // 2,
+                    padding_mode="reflect",
+                    bias=False,
+                ),
                 Triangle(layer.power),
                 pool(layer.pool_kernel, stride=layer.pool_stride, padding=layer.pool_padding),
             ]
@@ -228,7 +236,7 @@ class SoftHebbLearner:
         self.layer_names = list(self.convs)
         self.meter = KernelChangeMeter(self.convs, config.neuromodulation.interval)
         self.importance = ActivationImportance(
-            {name: block.activation for name, block in zip(self.layer_names, self.net.blocks)}
+            {name: block.activation for name, block in zip(self.layer_names, self.net.hebbian_blocks())}
         )
 
     def earlier_records(self, task: int, layer: str) -> list[KernelRecord]:
@@ -288,7 +296,9 @@ def make_learner(arm: str, config: HebbianCLConfig, sink: KernelStatsSink | None
     if arm in ("softhebb", "softhebb_plasticity"):
         policy = Neuromodulation(config.neuromodulation) if arm == "softhebb_plasticity" else None
         return SoftHebbLearner(
-            config, sink=sink if sink is not None else InMemoryKernelStatsSink(), neuromodulation=policy,
+            config,
+            sink=sink if sink is not None else InMemoryKernelStatsSink(),
+            neuromodulation=policy,
             generator=generator,
         )
     raise ValueError(f"unknown arm {arm!r}; the arms are {', '.join(ARMS)}")
@@ -298,7 +308,9 @@ def make_learner(arm: str, config: HebbianCLConfig, sink: KernelStatsSink | None
 
 
 @torch.no_grad()
-def task_accuracies(learner: ContinualLearner, tasks: Sequence[Task], device: torch.device | str) -> tuple[list[float], list[float]]:
+def task_accuracies(
+    learner: ContinualLearner, tasks: Sequence[Task], device: torch.device | str
+) -> tuple[list[float], list[float]]:
     """Test accuracy on every task: (class-incremental over all outputs, task-incremental masked to the task's classes)."""
     class_incremental, task_incremental = [], []
     for task in tasks:

@@ -112,7 +112,8 @@ class KernelChangeMeter:
         return self._sum[layer] / max(self._looks[layer], 1)
 
     def finish_task(self, layer: str) -> Tensor:
-        """The task's mean change; a layer updated fewer than `interval` times is measured once now."""
+        """The task's mean change over its complete intervals (updates after the last one are not
+        counted); a layer updated fewer than `interval` times in all is measured once now."""
         if self._looks[layer] == 0 and self._updates[layer] > 0:
             self._look(layer)
         return self.mean_change(layer)
@@ -133,7 +134,7 @@ class ActivationImportance:
         return accumulate
 
     @contextmanager
-    def watching(self) -> Iterator["ActivationImportance"]:
+    def watching(self) -> Iterator[ActivationImportance]:
         """Accumulate over every forward pass inside the block, from zero."""
         self.totals = {}
         handles = [module.register_forward_hook(self._hook(name)) for name, module in self.activations.items()]

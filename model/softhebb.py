@@ -51,7 +51,9 @@ class Triangle(nn.Module):
         return f"power={self.power}"
 
 
-def softhebb_delta(x_padded: Tensor, u: Tensor, weight: Tensor, inverse_temperature: float, *, stride: int = 1) -> Tensor:
+def softhebb_delta(
+    x_padded: Tensor, u: Tensor, weight: Tensor, inverse_temperature: float, *, stride: int = 1
+) -> Tensor:
     """The layer's update direction ΔW, already divided by its largest absolute entry.
 
     `x_padded` is the input the convolution saw (N x C x H' x W'), `u` its output (N x K x H x W).

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ __all__ = [
 BatchHook = Callable[[int, "SoftHebbBlock"], None]  # (block index, block) after each Hebbian update
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SoftHebbLayerConfig:
     """One block: its convolution, its learning rule's settings, its activation and its pooling."""
 
@@ -83,9 +83,39 @@ CIFAR10_NET = SoftHebbNetConfig(
     image_size=32,
     n_classes=10,
     layers=(
-        SoftHebbLayerConfig(96, 5, 1.0, 0.08, 0.7, "max", 4, 2, 1),
-        SoftHebbLayerConfig(384, 3, 0.65, 0.005, 1.4, "max", 4, 2, 1),
-        SoftHebbLayerConfig(1536, 3, 0.25, 0.01, 1.0, "avg", 2, 2, 0),
+        SoftHebbLayerConfig(
+            channels=96,
+            kernel_size=5,
+            inverse_temperature=1.0,
+            lr=0.08,
+            power=0.7,
+            pool="max",
+            pool_kernel=4,
+            pool_stride=2,
+            pool_padding=1,
+        ),
+        SoftHebbLayerConfig(
+            channels=384,
+            kernel_size=3,
+            inverse_temperature=0.65,
+            lr=0.005,
+            power=1.4,
+            pool="max",
+            pool_kernel=4,
+            pool_stride=2,
+            pool_padding=1,
+        ),
+        SoftHebbLayerConfig(
+            channels=1536,
+            kernel_size=3,
+            inverse_temperature=0.25,
+            lr=0.01,
+            power=1.0,
+            pool="avg",
+            pool_kernel=2,
+            pool_stride=2,
+            pool_padding=0,
+        ),
     ),
 )
 
@@ -96,8 +126,28 @@ GREY28_NET = SoftHebbNetConfig(
     image_size=28,
     n_classes=10,
     layers=(
-        SoftHebbLayerConfig(32, 5, 1.0, 0.08, 0.7, "max", 4, 2, 1),  # 28 -> 14
-        SoftHebbLayerConfig(128, 3, 0.65, 0.005, 1.4, "avg", 2, 2, 0),  # 14 -> 7: 6,272 features
+        SoftHebbLayerConfig(
+            channels=32,
+            kernel_size=5,
+            inverse_temperature=1.0,
+            lr=0.08,
+            power=0.7,
+            pool="max",
+            pool_kernel=4,
+            pool_stride=2,
+            pool_padding=1,
+        ),  # 28 -> 14
+        SoftHebbLayerConfig(
+            channels=128,
+            kernel_size=3,
+            inverse_temperature=0.65,
+            lr=0.005,
+            power=1.4,
+            pool="avg",
+            pool_kernel=2,
+            pool_stride=2,
+            pool_padding=0,
+        ),  # 14 -> 7: 6,272 features
     ),
 )
 
@@ -108,8 +158,28 @@ DIGITS8_NET = SoftHebbNetConfig(
     image_size=8,
     n_classes=10,
     layers=(
-        SoftHebbLayerConfig(16, 3, 1.0, 0.08, 0.7, "max", 4, 2, 1),  # 8 -> 4
-        SoftHebbLayerConfig(32, 3, 0.65, 0.005, 1.4, "avg", 2, 2, 0),  # 4 -> 2: 128 features
+        SoftHebbLayerConfig(
+            channels=16,
+            kernel_size=3,
+            inverse_temperature=1.0,
+            lr=0.08,
+            power=0.7,
+            pool="max",
+            pool_kernel=4,
+            pool_stride=2,
+            pool_padding=1,
+        ),  # 8 -> 4
+        SoftHebbLayerConfig(
+            channels=32,
+            kernel_size=3,
+            inverse_temperature=0.65,
+            lr=0.005,
+            power=1.4,
+            pool="avg",
+            pool_kernel=2,
+            pool_stride=2,
+            pool_padding=0,
+        ),  # 4 -> 2: 128 features
     ),
 )
 
@@ -164,9 +234,12 @@ class SoftHebbNet(nn.Module):
         self.train(was_training)
         return int(size)
 
+    def hebbian_blocks(self) -> list[SoftHebbBlock]:
+        return [cast(SoftHebbBlock, block) for block in self.blocks]
+
     def conv_layers(self) -> dict[str, SoftHebbConv2d]:
         """The Hebbian convolutions by a stable name ("block0", ...) that records can key on."""
-        return {f"block{i}": block.conv for i, block in enumerate(self.blocks)}
+        return {f"block{i}": block.conv for i, block in enumerate(self.hebbian_blocks())}
 
     def features(self, x: Tensor, upto: int | None = None) -> Tensor:
         """Output of the first `upto` blocks (all by default); flattened when all of them ran."""
@@ -179,7 +252,9 @@ class SoftHebbNet(nn.Module):
         return self.readout(self.features(x))
 
 
-def batch_indices(n: int, batch_size: int, generator: torch.Generator | None, *, shuffle: bool = True) -> Iterator[Tensor]:
+def batch_indices(
+    n: int, batch_size: int, generator: torch.Generator | None, *, shuffle: bool = True
+) -> Iterator[Tensor]:
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     yield from order.split(batch_size)
 
@@ -199,7 +274,7 @@ def train_hebbian(
     `images` are normalised, on the network's device. `on_batch(i, block)` runs after each
     update of block i: kernel statistics and neuromodulation hook in there.
     """
-    for i, block in enumerate(net.blocks):
+    for i, block in enumerate(net.hebbian_blocks()):
         net.eval()
         for _ in range(epochs):
             for index in batch_indices(images.shape[0], batch_size, generator):
@@ -243,4 +318,3 @@ def train_readout(
             seen += index.numel()
     net.readout.eval()
     return loss_sum / max(seen, 1)
-

@@ -11,8 +11,15 @@ import pytest
 import torch
 
 from model import data as datasets
-from model.hebbian_cl import ARMS, HebbianCLConfig, make_learner, make_tasks, run_arms, run_continual
-from model.hebbian_cl import class_incremental_splits
+from model.hebbian_cl import (
+    ARMS,
+    HebbianCLConfig,
+    class_incremental_splits,
+    make_learner,
+    make_tasks,
+    run_arms,
+    run_continual,
+)
 from model.kernel_plasticity import (
     ActivationImportance,
     InMemoryKernelStatsSink,

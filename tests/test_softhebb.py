@@ -32,8 +32,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def slow_softhebb_step(x: torch.Tensor, weight: torch.Tensor, inverse_temperature: float, lr: float,
-                       plasticity: torch.Tensor) -> torch.Tensor:
+def slow_softhebb_step(
+    x: torch.Tensor, weight: torch.Tensor, inverse_temperature: float, lr: float, plasticity: torch.Tensor
+) -> torch.Tensor:
     """The rule written out patch by patch and kernel by kernel, straight from its formula."""
     n_kernels, _, k, _ = weight.shape
     p = k // 2
@@ -120,25 +121,37 @@ def test_triangle_passes_only_channels_above_the_mean_raised_to_p():
     torch.testing.assert_close(triangle(u, 2.0).flatten(), torch.tensor([0.0, 0.0, 9.0]))
 
 
-@pytest.mark.parametrize(
-    ("config", "features"),
-    [(CIFAR10_NET, 24576), (GREY28_NET, 128 * 7 * 7), (DIGITS8_NET, 32 * 2 * 2)],
-)
-def test_presets_build_the_expected_feature_size(config, features):
-    if config is CIFAR10_NET:
-        assert [layer.channels for layer in config.layers] == [96, 384, 1536]
-        assert [layer.kernel_size for layer in config.layers] == [5, 3, 3]
-        assert [layer.inverse_temperature for layer in config.layers] == [1.0, 0.65, 0.25]
-        assert [layer.lr for layer in config.layers] == [0.08, 0.005, 0.01]
-        assert [layer.power for layer in config.layers] == [0.7, 1.4, 1.0]
-        assert [(lay.pool, lay.pool_kernel, lay.pool_stride, lay.pool_padding) for lay in config.layers] == [
-            ("max", 4, 2, 1), ("max", 4, 2, 1), ("avg", 2, 2, 0)
-        ]
-    net = SoftHebbNet(config)
+def test_the_cifar10_preset_is_the_published_network():
+    layers = CIFAR10_NET.layers
+    assert [layer.channels for layer in layers] == [96, 384, 1536]
+    assert [layer.kernel_size for layer in layers] == [5, 3, 3]
+    assert [layer.inverse_temperature for layer in layers] == [1.0, 0.65, 0.25]
+    assert [layer.lr for layer in layers] == [0.08, 0.005, 0.01]
+    assert [layer.power for layer in layers] == [0.7, 1.4, 1.0]
+    pooling = [(layer.pool, layer.pool_kernel, layer.pool_stride, layer.pool_padding) for layer in layers]
+    assert pooling == [("max", 4, 2, 1), ("max", 4, 2, 1), ("avg", 2, 2, 0)]
+    assert SoftHebbNet(CIFAR10_NET).n_features == 24576  # built, not run: that is not a unit test
+
+
+@pytest.mark.parametrize(("config", "features"), [(GREY28_NET, 128 * 7 * 7), (DIGITS8_NET, 32 * 2 * 2)])
+def test_the_small_presets_classify_their_images(config, features):
+    net = SoftHebbNet(config).eval()
     assert net.n_features == features
-    if config is not CIFAR10_NET:  # the big one only builds; running it is not a unit test
-        images = torch.randn(3, config.in_channels, config.image_size, config.image_size)
-        assert net.eval()(images).shape == (3, config.n_classes)
+    images = torch.randn(3, config.in_channels, config.image_size, config.image_size)
+    assert net(images).shape == (3, config.n_classes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_update_is_the_same_on_cuda():
+    torch.manual_seed(7)
+    layer = SoftHebbConv2d(3, 8, 5, lr=0.08, dtype=torch.float64)
+    twin = SoftHebbConv2d(3, 8, 5, lr=0.08, dtype=torch.float64, device="cuda")
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
+    for _ in range(3):
+        layer.learn(x)
+        twin.learn(x.cuda())
+    torch.testing.assert_close(twin.weight.cpu(), layer.weight, rtol=1e-9, atol=1e-12)
 
 
 def test_layer_by_layer_training_changes_only_the_kernels_and_the_readout_learns():
