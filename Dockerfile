@@ -20,6 +20,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 # pyproject.toml names README.md as the long description, so the build needs it.
 COPY pyproject.toml README.md ./
+COPY eidetic ./eidetic
 COPY app ./app
 COPY migrations ./migrations
 COPY model ./model
