@@ -114,6 +114,14 @@ def test_the_concat_variant_ignores_attention_and_the_attention_variant_does_not
     assert parameter_count(Glom(tiny(lateral="concat"))) > parameter_count(Glom(tiny(lateral="attention")))
 
 
+def test_window_inputs_let_every_network_read_the_neighbourhood() -> None:
+    with seeded(0):
+        model = Glom(tiny(lateral="concat", window_inputs=True))
+    assert model(torch.randn(2, 1, 5, 4)).state.shape == (2, 3, 10, 5, 4)
+    assert model.bottom_up.net[0].in_channels == 2 * 9 * 10  # two level pairs, nine neighbours of ten dims
+    assert parameter_count(model) > parameter_count(Glom(tiny(lateral="concat")))
+
+
 def test_the_vote_is_the_most_common_location_argmax() -> None:
     scores = torch.zeros(2, 3, 2, 2)
     scores[0, 1, :, :] = 1.0
