@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="GLOM is a torch module (the [train] extra)")
@@ -212,3 +213,18 @@ def test_the_cnn_baseline_matches_the_glom_parameter_count_and_learns() -> None:
     history = train(cnn, images, labels, config)
     assert history[-1].train_loss < history[0].train_loss
     assert evaluate(cnn, images, labels, config).accuracy_by_iteration is None
+
+
+def test_the_experiment_writes_results_a_plot_and_islands(tmp_path) -> None:
+    from model.experiments import glom as experiment
+
+    summary = experiment.main([
+        "--dataset", "digits8", "--iterations", "2", "--levels", "3", "--hidden", "8", "--column", "patch",
+        "--epochs", "1", "--train-limit", "16", "--test-limit", "8", "--island-images", "2",
+        "--out-dir", str(tmp_path), "--no-progress",
+    ])
+    assert set(summary["results"]) == {"glom", "glom-concat", "cnn"}
+    assert len(summary["results"]["glom"]["accuracy_by_iteration"]) == 2
+    assert (tmp_path / "results.json").exists() and (tmp_path / "accuracy_by_iteration.png").stat().st_size > 0
+    assert set(np.load(tmp_path / "islands.npz")["level"]) <= {0, 1, 2}
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 3
