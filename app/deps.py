@@ -8,13 +8,16 @@ import psycopg
 from fastapi import Depends, Path, Request
 
 from app import keys
+from app.deadline import held_connections
 from app.errors import PayloadTooLarge, Unauthenticated
 from app.keys import Principal, Scope
 
 
 def get_conn(request: Request) -> Iterator[psycopg.Connection]:
-    """A pooled connection for one request, committed when the route returns without error."""
-    with request.app.state.pool.connection() as conn:
+    """A pooled connection for one request (autocommit), refused at once with 503 while the database is down."""
+    health = request.app.state.database_health
+    timeout = request.app.state.settings.request_timeout_s
+    with health.connection(request.app.state.pool, timeout, held_connections(request)) as conn:
         yield conn
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -15,6 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__, keys
 from app.database import open_pool
+from app.database_health import DatabaseHealth
+from app.deadline import RetryAfter, install_deadline
 from app.errors import EideticError
 from app.metrics import install_metrics
 from app.routers import activations, health, memory, quantiles, runs
@@ -34,13 +35,17 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.pool = open_pool(database_url, settings)
+        database_health = DatabaseHealth(database_url, settings)
+        app.state.pool = open_pool(database_url, settings, on_connect_failed=database_health.suspect)
+        database_health.start(app.state.pool)
+        app.state.database_health = database_health
         if settings.no_auth:
             with app.state.pool.connection() as conn:
                 app.state.open_principal = keys.open_principal(conn)
         try:
             yield
         finally:
+            database_health.stop()
             app.state.pool.close()
 
     app = FastAPI(
@@ -50,25 +55,13 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    _install_deadline(app, settings.request_timeout_s)
+    install_deadline(app, settings.request_timeout_s, settings.cancel_grace_s)
+    app.add_middleware(RetryAfter, seconds=settings.retry_after_s)
     install_metrics(app)
     for router in (health.router, runs.router, activations.router, quantiles.router, memory.router):
         app.include_router(router)
     _install_error_handlers(app)
     return app
-
-
-def _install_deadline(app: FastAPI, seconds: float) -> None:
-    """Every request gets its own deadline: a frozen database can outlast statement_timeout on the
-    client side (the cancel request itself hangs), so the caller gets a 503 instead of waiting."""
-
-    @app.middleware("http")
-    async def deadline(request: Request, call_next):
-        try:
-            return await asyncio.wait_for(call_next(request), timeout=seconds)
-        except TimeoutError:
-            log.warning("deadline of %.1f s passed on %s %s", seconds, request.method, request.url.path)
-            return error_response(503, "deadline_exceeded", f"no answer within {seconds:g} s; retry later")
 
 
 def _install_error_handlers(app: FastAPI) -> None:
