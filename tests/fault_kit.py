@@ -210,16 +210,20 @@ def _postgres_user() -> str | None:
 
 
 class ApiChild(ChildProcess):
-    """`eidetic serve` (python -m app.cli serve) over one database, on its own port."""
+    """`eidetic serve` (python -m app.cli serve) over one database, on its own port.
 
-    def __init__(self, workdir: Path, database_url: str, settings: dict[str, str]) -> None:
+    `code` is the source tree it runs from: this one, or another revision's (a benchmark's anchor).
+    """
+
+    def __init__(self, workdir: Path, database_url: str, settings: dict[str, str], code: Path = REPO) -> None:
         super().__init__(workdir / "api.log")
         self.database_url = database_url
+        self.code = code
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,
-            "PYTHONPATH": str(REPO),
+            "PYTHONPATH": str(code),
             "DATABASE_URL": database_url,
             "EIDETIC_PORT": str(self.port),
             **{f"EIDETIC_{name.upper()}": value for name, value in settings.items()},
@@ -232,7 +236,7 @@ class ApiChild(ChildProcess):
 
     def start(self, timeout: float = 60) -> float:
         """Starts the API and returns the monotonic time it answered /healthz."""
-        self._spawn([sys.executable, "-m", "app.cli", "serve"], cwd=REPO, env=self.env)
+        self._spawn([sys.executable, "-m", "app.cli", "serve"], cwd=self.code, env=self.env)
         _wait_until(self._answers, timeout, "the API", self.log)
         return time.monotonic()
 
@@ -271,14 +275,14 @@ class FaultBed:
 
 
 @contextmanager
-def fault_bed(settings: dict[str, str]) -> Iterator[FaultBed]:
+def fault_bed(settings: dict[str, str], api_code: Path = REPO) -> Iterator[FaultBed]:
     workdir = Path(tempfile.mkdtemp(prefix="eidetic-faults-"))
     postgres = PostgresChild(workdir)
     api = None
     try:
         postgres.start()
         url = postgres.create_database("eidetic")
-        api = ApiChild(workdir, url, settings)
+        api = ApiChild(workdir, url, settings, api_code)
         api.start()
         yield FaultBed(workdir, postgres, api)
     finally:
