@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager, suppress
 
@@ -47,7 +47,6 @@ class DatabaseHealth:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pinger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="database-ping")
         self._ping: Future[bool] | None = None
         self._probe_conn: psycopg.Connection | None = None
 
@@ -65,7 +64,6 @@ class DatabaseHealth:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=self._probe_timeout + 1)
-        self._pinger.shutdown(wait=False, cancel_futures=True)
         if self._probe_conn is not None:
             with suppress(Exception):
                 self._probe_conn.close()
@@ -75,11 +73,11 @@ class DatabaseHealth:
         self._wake.set()
 
     def raise_if_down(self) -> None:
-        if self._down_since is not None:
-            seconds = time.monotonic() - self._down_since
+        down_since = self._down_since
+        if down_since is not None:
             raise Unavailable(
-                f"the database has not answered for {seconds:.1f} s ({self._reason}); retry later "
-                "(a write's outcome is unknown: retry it with the same batch id)"
+                f"the database has not answered for {time.monotonic() - down_since:.1f} s ({self._reason}); "
+                "retry later (a write with the same batch id)"
             )
 
     @contextmanager
@@ -137,13 +135,18 @@ class DatabaseHealth:
     def _probe(self) -> tuple[bool, str]:
         """One verdict within probe_timeout_s; a ping still hanging (a frozen server) is waited on, not repeated."""
         if self._ping is None or self._ping.done():
-            self._ping = self._pinger.submit(self._select_one)
+            self._ping = Future()
+            # a daemon thread: one stuck on a frozen server must not hold up the process's exit
+            threading.Thread(target=self._select_one, args=(self._ping,), name="database-ping", daemon=True).start()
         try:
             return self._ping.result(timeout=self._probe_timeout), "no connection"
         except FutureTimeout:
             return False, f"no answer within {self._probe_timeout:g} s"
 
-    def _select_one(self) -> bool:
+    def _select_one(self, answer: Future[bool]) -> None:
+        answer.set_result(self._answers())
+
+    def _answers(self) -> bool:
         for fresh in (False, True):
             try:
                 if fresh or self._probe_conn is None or self._probe_conn.closed:
@@ -151,7 +154,9 @@ class DatabaseHealth:
                         with suppress(Exception):
                             self._probe_conn.close()
                     self._probe_conn = None
-                    self._probe_conn = psycopg.connect(self._url, autocommit=True, connect_timeout=self._connect_timeout)
+                    self._probe_conn = psycopg.connect(
+                        self._url, autocommit=True, connect_timeout=self._connect_timeout
+                    )
                 self._probe_conn.execute("SELECT 1")
                 return True
             except Exception:  # refused, reset, timed out: all mean no answer

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import EideticError
 
-__all__ = ["DeadlineExceeded", "HeldConnections", "held_connections", "install_deadline", "RetryAfter"]
+__all__ = ["DeadlineExceeded", "HeldConnections", "RetryAfter", "held_connections", "install_deadline"]
 
 log = logging.getLogger(__name__)
 

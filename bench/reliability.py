@@ -96,7 +96,14 @@ class FaultFigures:
     def longest_during_fault(self) -> float:
         """The longest any request took to be answered while the fault lasted."""
         return max(
-            (a.seconds for t in self.trials for a in t.answers if a.status is not None and t.struck <= a.started + a.seconds and a.started < t.back),
+            (
+                answer.seconds
+                for trial in self.trials
+                for answer in trial.answers
+                if answer.status is not None
+                and answer.started + answer.seconds >= trial.struck
+                and answer.started < trial.back
+            ),
             default=float("nan"),
         )
 
@@ -112,7 +119,7 @@ class FaultFigures:
             f"{self.total('duplicated')} / {self.total('duplicated', 'after')}",
             str(sum(trial.resent for trial in self.trials)),
             str(sum(trial.resent_already_stored for trial in self.trials)),
-            "yes" if all(trial.after.sound and trial.after.stored == trial.after.sent for trial in self.trials) else "NO",
+            "yes" if all(t.after.sound and t.after.stored == t.after.sent for t in self.trials) else "NO",
             f"{statistics.median(recovery):.2f} / {max(recovery):.2f}",
             f"{1000 * percentile(refusals, 99):.0f} / {1000 * max(refusals):.0f} ms" if refusals else "-",
             f"{self.longest_during_fault:.2f} s",
@@ -133,7 +140,8 @@ def run_faults(
                 )
                 figures[fault].trials.append(trial)
                 print(
-                    f"{'' if code == REPO else 'anchor '}{fault} trial {trial_no + 1}: acknowledged {trial.during.acknowledged}, "
+                    f"{'' if code == REPO else 'anchor '}{fault} trial {trial_no + 1}: "
+                    f"acknowledged {trial.during.acknowledged}, "
                     f"lost {len(trial.during.lost)}, partial {len(trial.during.partial)}, "
                     f"resent {trial.resent} ({trial.resent_already_stored} already stored), "
                     f"recovery {trial.recovery_s:.2f} s",
@@ -194,7 +202,8 @@ def prepare_load(api: ApiChild, dim: int, read_rows: int, bank_items: int) -> Lo
         bank_id = bank.json()["id"]
         keys = np.random.default_rng(1).standard_normal((bank_items, dim)).astype(np.float32)
         for start in range(0, bank_items, 1000):
-            items = [{"key": key.tolist(), "label": int(i % 10)} for i, key in enumerate(keys[start:start + 1000], start)]
+            chunk = keys[start:start + 1000]
+            items = [{"key": key.tolist(), "label": int(i % 10)} for i, key in enumerate(chunk, start)]
             answer = client.post(f"/v1/memory-banks/{bank_id}/items", json={"items": items})
             assert answer.status_code == 200, answer.text
     return LoadTarget(api, run_id, layers[0], read_rows // 2000 * 2000, layers[1], bank_id, dim)

@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -410,8 +409,9 @@ class IngestLoad:
             for batch_id, batch in self.sent.items():
                 if batch_id in self.acknowledged:
                     continue
+                body = batch.body
                 answer = wait_for_answer(
-                    lambda: client.post(self.path, content=batch.body, headers={"content-type": ARROW_STREAM}),
+                    lambda body=body: client.post(self.path, content=body, headers={"content-type": ARROW_STREAM}),
                     timeout,
                 )
                 already += answer.json()["duplicate"]
@@ -423,7 +423,8 @@ def _post_batch(client: httpx.Client, path: str, batch: Batch) -> Answer:
     started = time.monotonic()
     try:
         response = client.post(path, content=batch.body, headers={"content-type": ARROW_STREAM})
-        return Answer("ingest", response.status_code, time.monotonic() - started, started, response.headers.get("retry-after"))
+        retry_after = response.headers.get("retry-after")
+        return Answer("ingest", response.status_code, time.monotonic() - started, started, retry_after)
     except httpx.HTTPError:
         return Answer("ingest", None, time.monotonic() - started, started)
 
@@ -496,23 +497,25 @@ def read_arrow_in_flight(api: ApiChild, run_id: int, layer_id: int, fault: Calla
     import pyarrow as pa
 
     chunks = []
+    path = f"/v1/runs/{run_id}/layers/{layer_id}/activations"
     try:
-        with api.client(timeout=30) as client:
-            with client.stream("GET", f"/v1/runs/{run_id}/layers/{layer_id}/activations", params={"format": "arrow"}) as response:
-                if response.status_code != 200:
-                    return "error", 0
-                for chunk in response.iter_bytes(64 * 1024):
-                    chunks.append(chunk)
-                    if len(chunks) == 1:
-                        fault()
-                    time.sleep(0.002)
+        with api.client(timeout=30) as client, client.stream("GET", path, params={"format": "arrow"}) as response:
+            if response.status_code != 200:
+                return "error", 0
+            for chunk in response.iter_bytes(64 * 1024):
+                chunks.append(chunk)
+                if len(chunks) == 1:
+                    fault()
+                time.sleep(0.002)
         table = pa.ipc.open_stream(b"".join(chunks)).read_all()
     except (httpx.HTTPError, pa.ArrowInvalid):
         return "error", 0
     return "complete", table.num_rows
 
 
-def read_pages_in_flight(api: ApiChild, run_id: int, layer_id: int, fault: Callable[[], None], limit: int = 2000) -> tuple[str, int]:
+def read_pages_in_flight(
+    api: ApiChild, run_id: int, layer_id: int, fault: Callable[[], None], limit: int = 2000
+) -> tuple[str, int]:
     """Reads a layer page by page (JSON, keyset cursor) while `fault` strikes after the first page.
 
     Returns ("complete", rows) when every page arrived, or ("error", rows read) at the first page that did not.
@@ -546,12 +549,6 @@ def fill_layer(api: ApiChild, run_id: int, layer_id: int, n_batches: int, rows: 
             )
             assert answer.status_code == 201, answer.text
     return n_batches * rows
-
-
-def summary(seconds: list[float]) -> str:
-    if not seconds:
-        return "-"
-    return f"{statistics.median(seconds):.2f} / {max(seconds):.2f}"
 
 
 FAULTS = ("postgres_kill", "api_kill", "postgres_freeze")
