@@ -40,7 +40,6 @@ class DatabaseHealth:
         self._interval = settings.probe_interval_s
         self._heartbeat = settings.heartbeat_s
         self._probe_timeout = settings.probe_timeout_s
-        self.retry_after_s = settings.retry_after_s
         self._down_since: float | None = None  # monotonic time, None while up
         self._reason = ""
         self._pool: ConnectionPool | None = None

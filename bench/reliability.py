@@ -128,7 +128,7 @@ class FaultFigures:
 
 
 def run_faults(
-    trials: int, writers: int, rows: int, dim: int, outage_s: float, freeze_s: float, code: Path = REPO
+    trials: int, writers: int, rows: int, dim: int, before: int, outage_s: float, freeze_s: float, code: Path = REPO
 ) -> list[FaultFigures]:
     figures = {fault: FaultFigures(fault) for fault in FAULTS}
     with fault_bed(FAULT_SETTINGS, api_code=code) as bed:
@@ -136,7 +136,8 @@ def run_faults(
             for fault in FAULTS:  # interleaved, so a slow spell of the machine hits every fault alike
                 bed.ensure_running()
                 trial = ingest_trial(
-                    bed, fault, writers=writers, rows=rows, dim=dim, outage_s=outage_s, freeze_s=freeze_s
+                    bed, fault, writers=writers, rows=rows, dim=dim, acknowledged_first=before,
+                    outage_s=outage_s, freeze_s=freeze_s,
                 )
                 figures[fault].trials.append(trial)
                 print(
@@ -286,6 +287,7 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--rows", type=int, default=200, help="rows per batch")
     parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--before", type=int, default=100, help="batches acknowledged before the fault strikes")
     parser.add_argument("--outage", type=float, default=5.0, help="seconds a killed process stays down")
     parser.add_argument("--freeze", type=float, default=3.0, help="seconds PostgreSQL stays frozen")
     parser.add_argument("--clients", type=int, default=8)
@@ -297,11 +299,12 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     started = time.monotonic()
 
-    figures = run_faults(args.trials, args.writers, args.rows, args.dim, args.outage, args.freeze)
+    shape = (args.writers, args.rows, args.dim, args.before, args.outage, args.freeze)
+    figures = run_faults(args.trials, *shape)
     anchor: list[FaultFigures] = []
     if args.anchor:
         with source_tree(args.anchor) as code:
-            anchor = run_faults(args.anchor_trials, args.writers, args.rows, args.dim, args.outage, args.freeze, code)
+            anchor = run_faults(args.anchor_trials, *shape, code)
     with fault_bed({}) as bed:
         target = prepare_load(bed.api, dim=32, read_rows=20_000, bank_items=2000)
         answers = run_mixed_load(target, args.clients, args.load_seconds)
@@ -318,7 +321,7 @@ def main() -> None:
         f"{load_words(load_before, os.getloadavg()[0])}.",
         "",
         f"Faults mid-ingest: {args.writers} writers sending batches of {args.rows} x {args.dim} (Arrow) without "
-        f"pause, the API with a {DEADLINE_S:g} s request deadline and default probing (0.25 s while down, "
+        f"pause, the fault struck once {args.before} were acknowledged, the API with a {DEADLINE_S:g} s request deadline and default probing (0.25 s while down, "
         f"1 s heartbeat, 1 s probe timeout); a killed process restarted after {args.outage:g} s, PostgreSQL frozen "
         f"for {args.freeze:g} s.",
         "",
