@@ -331,7 +331,8 @@ def main() -> None:
             [
                 f"Anchor: the same trials with the API of revision {args.anchor} (before fail-fast: requests wait on "
                 "the pool up to the deadline, the pool reconnects with its own backoff, the deadline leaves the "
-                "statement running):",
+                "statement running). Its recovery depends on where PostgreSQL's return falls in the pool's "
+                "reconnection backoff (attempts 1, 2, 4 ... s apart), so it varies widely from trial to trial:",
                 "",
                 *fault_table(anchor),
                 "",

