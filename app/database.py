@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import psycopg
 from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
@@ -16,7 +18,11 @@ def connection_kwargs(settings: Settings) -> dict:
     statement opens `conn.transaction()`, which then is a real BEGIN/COMMIT, so a
     route's answer is sent only after its writes are durable.
     """
-    return {"options": f"-c statement_timeout={int(settings.statement_timeout_ms)}", "autocommit": True}
+    return {
+        "options": f"-c statement_timeout={int(settings.statement_timeout_ms)}",
+        "autocommit": True,
+        "connect_timeout": settings.connect_timeout_s,
+    }
 
 
 def connect(url: str, settings: Settings, **kwargs) -> psycopg.Connection:
@@ -29,7 +35,10 @@ def _configure(conn: psycopg.Connection) -> None:
     register_vector(conn)
 
 
-def open_pool(url: str, settings: Settings) -> ConnectionPool:
+def open_pool(url: str, settings: Settings, on_connect_failed: Callable[[], None] = lambda: None) -> ConnectionPool:
+    """The service's pool. It gives up on a failed connection attempt at once (after one retry) instead of
+    backing off for minutes: `DatabaseHealth` probes the database and heals the pool when it returns,
+    and the pool grows again on demand."""
     pool = ConnectionPool(
         url,
         min_size=settings.pool_min_size,
@@ -37,6 +46,8 @@ def open_pool(url: str, settings: Settings) -> ConnectionPool:
         kwargs=connection_kwargs(settings),
         configure=_configure,
         timeout=settings.request_timeout_s,
+        reconnect_timeout=0.0,
+        reconnect_failed=lambda pool: on_connect_failed(),
         open=False,
     )
     pool.open(wait=True, timeout=30)

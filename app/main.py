@@ -16,7 +16,8 @@ from starlette.requests import ClientDisconnect
 from app import __version__, keys
 from app.authentication import Authenticate
 from app.database import open_pool
-from app.deadline import RequestDeadline
+from app.database_health import DatabaseHealth
+from app.deadline import RequestDeadline, RetryAfter
 from app.deps import refuse_unknown_query
 from eidetic.errors import EideticError
 from app.metrics import install_metrics
@@ -44,13 +45,17 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.pool = open_pool(database_url, settings)
+        database_health = DatabaseHealth(database_url, settings)
+        app.state.pool = open_pool(database_url, settings, on_connect_failed=database_health.suspect)
+        database_health.start(app.state.pool)
+        app.state.database_health = database_health
         if settings.no_auth:
             with app.state.pool.connection() as conn:
                 app.state.open_principal = keys.open_principal(conn)
         try:
             yield
         finally:
+            database_health.stop()
             app.state.pool.close()
 
     app = FastAPI(
@@ -61,25 +66,17 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         dependencies=[Depends(refuse_unknown_query)],
     )
     app.state.settings = settings
-    _install_authentication(app)
-    _install_deadline(app, settings.request_timeout_s)
+    # Added first, runs innermost: who the caller is, settled before any route reads its body
+    # and inside the deadline (a key look-up that waits on the database is cancelled like any other).
+    app.add_middleware(Authenticate)
+    app.add_middleware(RequestDeadline, seconds=settings.request_timeout_s, cancel_grace_s=settings.cancel_grace_s)
+    app.add_middleware(RetryAfter, seconds=settings.retry_after_s)
     install_metrics(app)
     for router in (health.router, runs.router, activations.router, quantiles.router, memory.router):
         app.include_router(router)
     _install_error_handlers(app)
     install_openapi(app)
     return app
-
-
-def _install_authentication(app: FastAPI) -> None:
-    """Added before the deadline, so it runs inside it: a key look-up that waits on the database
-    is answered like any other request that does (see app.authentication)."""
-    app.add_middleware(Authenticate)
-
-
-def _install_deadline(app: FastAPI, seconds: float) -> None:
-    """Every request gets its own deadline, its streamed body included (see app.deadline)."""
-    app.add_middleware(RequestDeadline, seconds=seconds)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

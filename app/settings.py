@@ -49,6 +49,16 @@ class Settings(BaseSettings):
     statement_timeout_ms: int = 30_000
     scan_timeout_ms: int = 600_000  # exact quantiles read whole layers
     request_timeout_s: float = 60.0
+    cancel_grace_s: float = Field(
+        default=1.0, gt=0, description="How long before a request's deadline its running statement is cancelled."
+    )
+    connect_timeout_s: int = Field(default=5, ge=2, description="libpq's connect_timeout (it counts 2 s at least).")
+    probe_interval_s: float = Field(default=0.25, gt=0, description="How often the database is probed while down.")
+    heartbeat_s: float = Field(default=1.0, gt=0, description="How often the database is probed while up.")
+    probe_timeout_s: float = Field(
+        default=1.0, gt=0, description="A probe unanswered this long (a frozen server) marks the database down."
+    )
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After of every 503.")
     pool_min_size: int = 1
     pool_max_size: int = 10
 
