@@ -78,7 +78,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     if settings.no_auth:
         log.warning("*" * 72)
-        log.warning("AUTHENTICATION IS OFF: every caller on %s is an admin of project %r", settings.host, keys.DEFAULT_PROJECT)
+        log.warning(
+            "AUTHENTICATION IS OFF: every caller on %s is an admin of project %r", settings.host, keys.DEFAULT_PROJECT
+        )
         log.warning("*" * 72)
     data_dir = Path(args.data_dir) if args.data_dir else None
     with database(settings, data_dir) as url:
@@ -118,10 +120,9 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
                 for row in keys.list_keys(conn, args.project):
                     state = "revoked" if row["revoked_at"] else "active"
                     print(f"{row['prefix']}  {row['project']}  {row['scope']}  {state}  {row['created_at']:%Y-%m-%d}")
-            elif args.keys_command == "revoke":
-                if not keys.revoke_key(conn, args.prefix):
-                    print(f"no active key with prefix {args.prefix}", file=sys.stderr)
-                    return 1
+            elif args.keys_command == "revoke" and not keys.revoke_key(conn, args.prefix):
+                print(f"no active key with prefix {args.prefix}", file=sys.stderr)
+                return 1
     return 0
 
 

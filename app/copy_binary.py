@@ -122,7 +122,9 @@ def iter_vectors(
     Binary COPY out, parsed with one structured dtype (every tuple has the same width), so
     a scan of millions of rows never builds a Python object per row or per value.
     """
-    record = np.dtype([("n_fields", ">i2"), ("length", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("values", ">f4", (dim,))])
+    record = np.dtype(
+        [("n_fields", ">i2"), ("length", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("values", ">f4", (dim,))]
+    )
     statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(select)
     buffer = bytearray()
     header_left = len(HEADER)

@@ -23,8 +23,8 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from app.deadline import HeldConnections
-from eidetic.errors import Unavailable
 from app.settings import Settings
+from eidetic.errors import Unavailable
 
 __all__ = ["DatabaseHealth"]
 

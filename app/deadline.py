@@ -33,7 +33,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.streams import StreamAborted
 from eidetic.errors import DeadlineExceeded
 
-__all__ = ["HeldConnections", "RequestDeadline", "RetryAfter", "held_connections", "request_deadline", "within_deadline"]
+__all__ = [
+    "HeldConnections",
+    "RequestDeadline",
+    "RetryAfter",
+    "held_connections",
+    "request_deadline",
+    "within_deadline",
+]
 
 log = logging.getLogger(__name__)
 

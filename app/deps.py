@@ -12,8 +12,8 @@ from fastapi.routing import APIRoute
 
 from app import keys
 from app.deadline import held_connections
-from eidetic.errors import InvalidInput, PayloadTooLarge, Unauthenticated
 from app.keys import Principal, Scope
+from eidetic.errors import InvalidInput, PayloadTooLarge, Unauthenticated
 
 
 @contextmanager

@@ -13,11 +13,11 @@ import psycopg
 from psycopg import sql
 
 from app.copy_binary import COPY_COLUMNS, iter_copy_chunks
-from eidetic.errors import Conflict, DimensionMismatch, InvalidInput, PayloadTooLarge
-from eidetic.wire.rows import ActivationRows, InvalidRows, check_task_names, rows_digest
 from app.runs import Layer, layer_partition
 from app.settings import Settings
 from app.sketches import DEFAULT_K, update_sketches
+from eidetic.errors import Conflict, DimensionMismatch, InvalidInput, PayloadTooLarge
+from eidetic.wire.rows import ActivationRows, InvalidRows, check_task_names, rows_digest
 from eidetic.wire.text import text_problem
 from eidetic.wire.vectors import require_finite
 
@@ -44,9 +44,7 @@ def choose_batch_id(from_query: str | None, from_body: str | None) -> str:
     return validate_batch_id(named.pop()) if named else uuid.uuid4().hex
 
 
-def validate_rows(
-    rows: ActivationRows, layer: Layer, *, max_rows: int, reject_non_finite: bool = True
-) -> None:
+def validate_rows(rows: ActivationRows, layer: Layer, *, max_rows: int, reject_non_finite: bool = True) -> None:
     """Checks a batch before anything is written; the error names the first offending field."""
     if rows.n_rows == 0:
         raise InvalidInput("a batch needs at least one row", field="rows")
@@ -64,7 +62,9 @@ def validate_rows(
         raise InvalidInput(error.message, field=error.field) from error
 
 
-def store_batch(conn: psycopg.Connection, layer: Layer, batch_id: str, rows: ActivationRows, settings: Settings) -> IngestResult:
+def store_batch(
+    conn: psycopg.Connection, layer: Layer, batch_id: str, rows: ActivationRows, settings: Settings
+) -> IngestResult:
     """Checks a batch under the service's limits and stores it: what every transport calls."""
     validate_rows(rows, layer, max_rows=settings.max_rows_per_batch, reject_non_finite=settings.reject_non_finite)
     return ingest(conn, layer, batch_id, rows, sketch_k=settings.sketch_k)

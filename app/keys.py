@@ -45,8 +45,7 @@ def ensure_project(conn: psycopg.Connection, name: str) -> int:
     if not name or len(name) > 200:
         raise InvalidInput("a project name has 1 to 200 characters", field="project")
     row = conn.execute(
-        "INSERT INTO projects (name) VALUES (%s) ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name "
-        "RETURNING id",
+        "INSERT INTO projects (name) VALUES (%s) ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
         (name,),
     ).fetchone()
     return int(row[0])
@@ -77,9 +76,7 @@ def list_keys(conn: psycopg.Connection, project: str | None = None) -> list[dict
 
 
 def revoke_key(conn: psycopg.Connection, prefix: str) -> bool:
-    cur = conn.execute(
-        "UPDATE api_keys SET revoked_at = now() WHERE key_prefix = %s AND revoked_at IS NULL", (prefix,)
-    )
+    cur = conn.execute("UPDATE api_keys SET revoked_at = now() WHERE key_prefix = %s AND revoked_at IS NULL", (prefix,))
     return cur.rowcount > 0
 
 

@@ -19,11 +19,11 @@ from app.database import open_pool
 from app.database_health import DatabaseHealth
 from app.deadline import RequestDeadline, RetryAfter
 from app.deps import refuse_unknown_query
-from eidetic.errors import EideticError
 from app.metrics import install_metrics
 from app.openapi import install_openapi
 from app.routers import activations, health, memory, quantiles, runs
 from app.settings import Settings
+from eidetic.errors import EideticError
 
 log = logging.getLogger(__name__)
 

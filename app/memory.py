@@ -101,20 +101,35 @@ def create_bank(
     """A bank and its partition, with an HNSW index (m, ef_construction) on its keys."""
     with conn.transaction():
         row = conn.execute(
-            f"INSERT INTO memory_banks (project_id, name, dim, value_dim, metric, capacity, policy, similarity_threshold, "
-            f"hnsw_m, hnsw_ef_construction) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            f"INSERT INTO memory_banks (project_id, name, dim, value_dim, metric, capacity, policy, "
+            f"similarity_threshold, hnsw_m, hnsw_ef_construction) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
             f"ON CONFLICT (project_id, name) DO NOTHING RETURNING {_BANK_COLUMNS}",
-            (project_id, name, dim, value_dim, metric, capacity, policy, similarity_threshold, hnsw_m, hnsw_ef_construction),
+            (
+                project_id,
+                name,
+                dim,
+                value_dim,
+                metric,
+                capacity,
+                policy,
+                similarity_threshold,
+                hnsw_m,
+                hnsw_ef_construction,
+            ),
         ).fetchone()
         if row is None:
             raise Conflict(f"a memory bank named {name!r} already exists in this project", field="name")
         bank = Bank(*row)
         partition = items_partition(bank.id)
         conn.execute(
-            sql.SQL("CREATE TABLE {} PARTITION OF memory_items FOR VALUES IN ({})").format(partition, sql.Literal(bank.id))
+            sql.SQL("CREATE TABLE {} PARTITION OF memory_items FOR VALUES IN ({})").format(
+                partition, sql.Literal(bank.id)
+            )
         )
         conn.execute(
-            sql.SQL("CREATE INDEX {} ON {} USING hnsw ((key::vector({})) {}) WITH (m = {}, ef_construction = {})").format(
+            sql.SQL(
+                "CREATE INDEX {} ON {} USING hnsw ((key::vector({})) {}) WITH (m = {}, ef_construction = {})"
+            ).format(
                 sql.Identifier(f"memory_items_b{bank.id}_hnsw"),
                 partition,
                 sql.Literal(bank.dim),
@@ -283,7 +298,8 @@ def write_items(
         new_ids = _insert(conn, bank, items, inserts, version)
         _replace(conn, bank, items, replacements, version)
         conn.execute(
-            "UPDATE memory_banks SET version = %s, size = %s WHERE id = %s", (version, bank.size + len(inserts), bank.id)
+            "UPDATE memory_banks SET version = %s, size = %s WHERE id = %s",
+            (version, bank.size + len(inserts), bank.id),
         )
     ids = [None if o is None else (new_ids[-1 - o] if o < 0 else o) for o in outcome]
     return WriteResult(len(inserts), replaced_and_kept, skipped, version, ids)
@@ -330,7 +346,9 @@ def _insert(conn: psycopg.Connection, bank: Bank, items: NewItems, positions: li
     if not positions:
         return []
     partition = items_partition(bank.id)
-    first = conn.execute("SELECT nextval(pg_get_serial_sequence('memory_items', 'id')) FROM generate_series(1, %s)", (len(positions),)).fetchall()
+    first = conn.execute(
+        "SELECT nextval(pg_get_serial_sequence('memory_items', 'id')) FROM generate_series(1, %s)", (len(positions),)
+    ).fetchall()
     ids = [row[0] for row in first]
     statement = sql.SQL(
         "COPY {} (bank_id, id, key, label, value, confidence, version, inserted_version, inserted_rank) "
@@ -474,7 +492,9 @@ def search(
     params = [vectors, *([labels] if labels is not None else []), k]
     with conn.transaction():
         if not exact:
-            conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(min(max(ef_search, k), MAX_EF_SEARCH))))
+            conn.execute(
+                sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(min(max(ef_search, k), MAX_EF_SEARCH)))
+            )
             if labels is not None:
                 conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
         rows = conn.execute(statement, params).fetchall()

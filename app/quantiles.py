@@ -17,9 +17,9 @@ from psycopg import sql
 
 from app import sketches
 from app.copy_binary import iter_vectors
-from eidetic.errors import InvalidInput, NotFound, PayloadTooLarge
 from app.query import ActivationFilter
 from app.runs import Layer, layer_partition
+from eidetic.errors import InvalidInput, NotFound, PayloadTooLarge
 from eidetic.wire.order_statistics import exact_boundaries_of
 
 METHODS = ("exact", "sketch")
@@ -130,7 +130,9 @@ def _filter_json(where: ActivationFilter) -> dict:
     return {name: value for name, value in described.items() if value is not None}
 
 
-_SET_COLUMNS = "id, run_id, layer_id, version, n_quantiles, method, filter, rows_used, units, boundaries, rank_error, created_at"
+_SET_COLUMNS = (
+    "id, run_id, layer_id, version, n_quantiles, method, filter, rows_used, units, boundaries, rank_error, created_at"
+)
 
 
 def _store(conn, layer, n_quantiles, method, where, n_rows, boundaries, rank_error) -> QuantileSet:
@@ -159,7 +161,9 @@ def _store(conn, layer, n_quantiles, method, where, n_rows, boundaries, rank_err
 def _from_row(row: tuple) -> QuantileSet:
     (id_, run_id, layer_id, version, n_quantiles, method, filter_, rows, units, blob, rank_error, created_at) = row
     boundaries = np.frombuffer(bytes(blob), dtype=np.float32).reshape(units, n_quantiles - 1)
-    return QuantileSet(id_, run_id, layer_id, version, n_quantiles, method, filter_, rows, boundaries, rank_error, created_at)
+    return QuantileSet(
+        id_, run_id, layer_id, version, n_quantiles, method, filter_, rows, boundaries, rank_error, created_at
+    )
 
 
 def latest(conn: psycopg.Connection, layer: Layer, method: str | None = None) -> QuantileSet:

@@ -12,8 +12,8 @@ import psycopg
 from psycopg import sql
 
 from app.copy_binary import iter_vectors
-from eidetic.errors import InvalidInput
 from app.runs import Layer, layer_partition
+from eidetic.errors import InvalidInput
 
 ROW_FIELDS = ("batch_id", "row", "sample_id", "step", "epoch", "task", "label", "values")
 MAX_SAMPLE_IDS = 10_000
@@ -51,7 +51,7 @@ class ActivationFilter:
             params.append(list(self.sample_ids))
         return sql.SQL(" AND ").join(conditions), params
 
-    def check(self) -> "ActivationFilter":
+    def check(self) -> ActivationFilter:
         if self.step_min is not None and self.step_max is not None and self.step_min > self.step_max:
             raise InvalidInput("step_min is above step_max", field="step_min")
         if len(self.sample_ids) > MAX_SAMPLE_IDS:
@@ -70,7 +70,7 @@ class RowKey:
         return base64.urlsafe_b64encode(f"{self.batch_seq}:{self.row_no}".encode()).decode().rstrip("=")
 
     @classmethod
-    def decode(cls, cursor: str) -> "RowKey":
+    def decode(cls, cursor: str) -> RowKey:
         try:
             padded = cursor + "=" * (-len(cursor) % 4)
             batch_seq, row_no = base64.urlsafe_b64decode(padded.encode()).decode().split(":")
@@ -118,7 +118,9 @@ def iter_row_windows(
         covered = np.cumsum([b[1] for b in batches])
         last = ids[min(int(np.searchsorted(covered, window_rows)), len(ids) - 1)]
         take = window_rows if remaining is None else min(window_rows, remaining)
-        window = cursor.execute(statement, (int(ids[0]), int(last), after.batch_seq, after.row_no, *params, take)).fetchall()
+        window = cursor.execute(
+            statement, (int(ids[0]), int(last), after.batch_seq, after.row_no, *params, take)
+        ).fetchall()
         if window:
             yield [(*row[:7], _vector_array(row[7]), row[8]) for row in window]
             if remaining is not None:

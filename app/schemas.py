@@ -158,10 +158,16 @@ class BankCreate(RequestBody):
     capacity: int = Field(ge=1, le=10_000_000)
     policy: Literal["none", "fifo", "same_class_lowest_similarity", "least_confident"] = "same_class_lowest_similarity"
     similarity_threshold: float = Field(
-        default=0.85, allow_inf_nan=False, description="When full, an item is stored only if its best similarity is below this."
+        default=0.85,
+        allow_inf_nan=False,
+        description="When full, an item is stored only if its best similarity is below this.",
     )
-    value_dim: int | None = Field(default=None, ge=1, le=16_000, description="Length of item values, if items carry them.")
-    hnsw_m: int = Field(default=16, ge=2, le=100, description="HNSW graph degree (higher: better recall, slower build).")
+    value_dim: int | None = Field(
+        default=None, ge=1, le=16_000, description="Length of item values, if items carry them."
+    )
+    hnsw_m: int = Field(
+        default=16, ge=2, le=100, description="HNSW graph degree (higher: better recall, slower build)."
+    )
     hnsw_ef_construction: int = Field(default=64, ge=4, le=1000, description="HNSW build-time candidate list.")
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import psycopg
 from datasketches import kll_floats_sketch
 
-from eidetic.wire.rows import ActivationRows
 from app.runs import Layer
+from eidetic.wire.rows import ActivationRows
 
 NO_TASK = ""
 DEFAULT_K = 400  # rank error 0.68% at 99% confidence; about 10 KB per unit once full

@@ -55,20 +55,29 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402, N812
-from pgvector import Vector  # noqa: E402
-from psycopg import sql  # noqa: E402
-from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
+import httpx
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pgvector import Vector
+from psycopg import sql
+from threadpoolctl import threadpool_info, threadpool_limits
 
-from app import memory  # noqa: E402
-from app.database import connect  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from eidetic.torch.memory_cache import BankSpec, MemoryCache, vote  # noqa: E402
-from eidetic.torch.quantile_cache import QuantileCache, local_boundaries  # noqa: E402
-from bench.common import Repeats, activations, fresh_database, load_words, machine_facts, Service, start_service, publish  # noqa: E402
+from app import memory
+from app.database import connect
+from app.settings import Settings
+from bench.common import (
+    Repeats,
+    Service,
+    activations,
+    fresh_database,
+    load_words,
+    machine_facts,
+    publish,
+    start_service,
+)
+from eidetic.torch.memory_cache import BankSpec, MemoryCache, vote
+from eidetic.torch.quantile_cache import QuantileCache, local_boundaries
 
 SECTION = "## Device caches (bench/caches.py)"
 SPEEDUP_TARGET = 1000.0  # bucketize at least 1000x the seed's per-value search
@@ -142,10 +151,10 @@ class SeedBucketSearch:
     def __init__(self, boundaries: np.ndarray) -> None:
         self.quantiles = [list(row) for row in np.asarray(boundaries, dtype=np.float64)]
 
-    def binarySearchQuantiles(self, activation: float, index: int) -> int:  # noqa: N802 (the seed's name)
+    def binarySearchQuantiles(self, activation: float, index: int) -> int:
         return self.__bsqHelper(activation, index, 0, len(self.quantiles[index]))
 
-    def __bsqHelper(self, activation: float, index: int, low: int, high: int) -> int:  # noqa: N802
+    def __bsqHelper(self, activation: float, index: int, low: int, high: int) -> int:
         quantiles = self.quantiles[index]
         mid = (high + low) // 2
         above = int(activation > quantiles[mid])
@@ -248,7 +257,8 @@ def measure_buckets(args: argparse.Namespace, device: torch.device) -> BucketFig
     sample_lists = matrix[picked].tolist()
     seed_timings = interleaved(
         {"search": lambda: seed_search_only(seed, sample_lists), "loop": lambda: seed_forward_loop(seed, sample)},
-        args.seed_repeats, torch.device("cpu"),
+        args.seed_repeats,
+        torch.device("cpu"),
     )
     seed_buckets = np.asarray(seed_search_only(seed, sample_lists), dtype=np.int64)
     loop_buckets = seed_forward_loop(seed, sample).numpy().astype(np.int64)
@@ -267,23 +277,32 @@ def measure_buckets(args: argparse.Namespace, device: torch.device) -> BucketFig
         set_threads(n)
         profile[n] = torch_profile(lambda: cache.bucketize(values), device, 5, rows=3)
     figures = BucketFigures(
-        rows=args.rows, units=args.units, n_quantiles=args.n_quantiles, sample_values=sampled.size,
+        rows=args.rows,
+        units=args.units,
+        n_quantiles=args.n_quantiles,
+        sample_values=sampled.size,
         bucketize={n: timings[f"bucketize {n}"] for n in args.threads},
         bucketize_int32={n: timings[f"int32 {n}"] for n in args.threads},
         eager={n: timings[f"eager {n}"] for n in args.threads},
         first_call_s=first_call_s,
-        seed_search=seed_timings["search"], seed_loop=seed_timings["loop"],
+        seed_search=seed_timings["search"],
+        seed_loop=seed_timings["loop"],
         strictly_below_everywhere=strictly_below_everywhere,
-        agree_untied=(int(agree[~tied].sum()), int((~tied).sum())), tied=int(tied.sum()),
-        tied_last_index=(int(last_index[tied].sum()), int(tied.sum())), tied_disagree=int((~agree & tied).sum()),
+        agree_untied=(int(agree[~tied].sum()), int((~tied).sum())),
+        tied=int(tied.sum()),
+        tied_last_index=(int(last_index[tied].sum()), int(tied.sum())),
+        tied_disagree=int((~agree & tied).sum()),
         units_with_tied_boundaries=int((np.diff(bounds, axis=1) == 0).any(axis=1).sum()),
         profile=profile,
     )
     fastest = figures.bucketize[figures.fastest]
-    print(f"   bucketize: best {fastest.best * 1e3:.2f} ms ({figures.fastest} threads); "
-          f"seed search {figures.extrapolated(figures.seed_search, 'best'):.2f} s extrapolated, "
-          f"seed loop {figures.extrapolated(figures.seed_loop, 'best'):.2f} s; "
-          f"agree on untied {figures.agree_untied[0]}/{figures.agree_untied[1]}, tied {figures.tied}", flush=True)
+    print(
+        f"   bucketize: best {fastest.best * 1e3:.2f} ms ({figures.fastest} threads); "
+        f"seed search {figures.extrapolated(figures.seed_search, 'best'):.2f} s extrapolated, "
+        f"seed loop {figures.extrapolated(figures.seed_loop, 'best'):.2f} s; "
+        f"agree on untied {figures.agree_untied[0]}/{figures.agree_untied[1]}, tied {figures.tied}",
+        flush=True,
+    )
     return figures
 
 
@@ -394,11 +413,13 @@ def search_parts(
     actions = {
         "similarity(): normalise the queries + matmul with the unit keys": lambda: cache.similarity(queries),
         "  of which the matmul alone (`unit_queries @ unit_keys.T`)": lambda: unit_queries @ unit_keys.T,
-        "  for comparison, not in model/: `F.linear(unit_queries, unit_keys)`": lambda: F.linear(unit_queries, unit_keys),
+        "  for comparison, not in model/: `F.linear(unit_queries, unit_keys)`": lambda: F.linear(
+            unit_queries, unit_keys
+        ),
     }
     if device.type == "cpu":
-        actions["  for comparison, not in model/: the same product by numpy's BLAS on the tensors' memory"] = (
-            lambda: torch.from_numpy(unit_queries.numpy() @ unit_keys.numpy().T)
+        actions["  for comparison, not in model/: the same product by numpy's BLAS on the tensors' memory"] = lambda: (
+            torch.from_numpy(unit_queries.numpy() @ unit_keys.numpy().T)
         )
     actions |= {
         "torch.topk of the (batch x N) similarities": lambda: torch.topk(similarity, k, dim=1),
@@ -498,9 +519,12 @@ def measure_top_k(
         set_threads(n)
         figures.torch_ops = torch_profile(lambda: cache.search(queries_device, args.k), device, 5, rows=5)
         figures.python_profile = python_profile(lambda: cache.search(queries_device, args.k), 5, rows=4)
-        print(f"   {n} threads: cache best {figures.cache.best * 1e3:.2f} ms (median {figures.cache.median * 1e3:.2f}), "
-              f"numpy best {figures.numpy.best * 1e3:.2f} ms (median {figures.numpy.median * 1e3:.2f}): "
-              f"{figures.ratio:.2f}x numpy's time; identical top-{args.k} {check.identical}/{check.queries}", flush=True)
+        print(
+            f"   {n} threads: cache best {figures.cache.best * 1e3:.2f} ms (median {figures.cache.median * 1e3:.2f}), "
+            f"numpy best {figures.numpy.best * 1e3:.2f} ms (median {figures.numpy.median * 1e3:.2f}): "
+            f"{figures.ratio:.2f}x numpy's time; identical top-{args.k} {check.identical}/{check.queries}",
+            flush=True,
+        )
         results.append(figures)
     return results, cache
 
@@ -510,11 +534,15 @@ def measure_top_k(
 
 def _expect(response: httpx.Response, status: int) -> dict:
     if response.status_code != status:
-        raise RuntimeError(f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text[:500]}")
+        raise RuntimeError(
+            f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text[:500]}"
+        )
     return response.json() if response.content else {}
 
 
-def bulk_load(database_url: str, bank_id: int, keys_: np.ndarray, labels: np.ndarray) -> tuple[float, float, np.ndarray]:
+def bulk_load(
+    database_url: str, bank_id: int, keys_: np.ndarray, labels: np.ndarray
+) -> tuple[float, float, np.ndarray]:
     """Fills a fresh bank's partition as bench/knn.py does: its HNSW index dropped, a binary COPY,
     the index re-created from its own definition (pg_get_indexdef), size and version set as a write
     would. Returns the COPY and CREATE INDEX seconds and the ids of the rows."""
@@ -526,9 +554,13 @@ def bulk_load(database_url: str, bank_id: int, keys_: np.ndarray, labels: np.nda
         conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name)))
         began = time.perf_counter()
         ids = np.array(
-            [row[0] for row in conn.execute(
-                "SELECT nextval(pg_get_serial_sequence('memory_items', 'id')) FROM generate_series(1, %s)", (len(keys_),)
-            )],
+            [
+                row[0]
+                for row in conn.execute(
+                    "SELECT nextval(pg_get_serial_sequence('memory_items', 'id')) FROM generate_series(1, %s)",
+                    (len(keys_),),
+                )
+            ],
             dtype=np.int64,
         )
         statement = sql.SQL("COPY {} (bank_id, id, key, label, version, inserted_version) FROM STDIN (FORMAT BINARY)")
@@ -553,15 +585,22 @@ class ServiceFigures:
     index_s: float
     exact: Timing
     hnsw: Timing
-    cache_beside_exact: dict[int, Timing]  # per thread count: MemoryCache.search of the batch, alternating with the requests
+    cache_beside_exact: dict[
+        int, Timing
+    ]  # per thread count: MemoryCache.search of the batch, alternating with the requests
     cache_beside_hnsw: dict[int, Timing]
     exact_check: TopKCheck
     hnsw_recall: float
 
 
 def measure_service(
-    service: Service, database_url: str, cache: MemoryCache, loaded: tuple[np.ndarray, np.ndarray, np.ndarray],
-    n_keys: int, args: argparse.Namespace, device: torch.device,
+    service: Service,
+    database_url: str,
+    cache: MemoryCache,
+    loaded: tuple[np.ndarray, np.ndarray, np.ndarray],
+    n_keys: int,
+    args: argparse.Namespace,
+    device: torch.device,
 ) -> ServiceFigures:
     all_keys, all_labels, queries = loaded
     keys_, labels = all_keys[:n_keys], all_labels[:n_keys]
@@ -571,7 +610,13 @@ def measure_service(
     bank = _expect(
         service.client.post(
             "/v1/memory-banks",
-            json={"name": f"caches-{n_keys}", "dim": keys_.shape[1], "metric": "cosine", "capacity": n_keys, "policy": "none"},
+            json={
+                "name": f"caches-{n_keys}",
+                "dim": keys_.shape[1],
+                "metric": "cosine",
+                "capacity": n_keys,
+                "policy": "none",
+            },
         ),
         201,
     )
@@ -587,6 +632,7 @@ def measure_service(
                 f"/v1/memory-banks/{bank['id']}/search", content=body, headers={"content-type": "application/json"}
             )
             found[exact] = [[row_of[int(i)] for i in result["ids"]] for result in _expect(response, 200)["results"]]
+
         return post
 
     def body(exact: bool) -> bytes:
@@ -611,14 +657,23 @@ def measure_service(
         kth = float(keys_unit[want[-1]] @ queries_unit[row])
         hits += int((keys_unit[np.asarray(got, dtype=np.int64)] @ queries_unit[row] >= kth - TIE_TOLERANCE).sum())
     figures = ServiceFigures(
-        n_keys, copy_s, index_s, exact["service"], hnsw["service"],
-        {n: exact[f"cache {n}"] for n in args.threads}, {n: hnsw[f"cache {n}"] for n in args.threads},
-        compare_top_k(exact_found, truth, keys_unit, queries), hits / truth.size,
+        n_keys,
+        copy_s,
+        index_s,
+        exact["service"],
+        hnsw["service"],
+        {n: exact[f"cache {n}"] for n in args.threads},
+        {n: hnsw[f"cache {n}"] for n in args.threads},
+        compare_top_k(exact_found, truth, keys_unit, queries),
+        hits / truth.size,
     )
     _expect(service.client.delete(f"/v1/memory-banks/{bank['id']}"), 204)
-    print(f"   exact=true best {figures.exact.best * 1e3:.0f} ms, HNSW ef={EF_SEARCH} best {figures.hnsw.best * 1e3:.0f} ms "
-          f"(recall@{args.k} {figures.hnsw_recall:.3f}); cache beside them "
-          f"{', '.join(f'{t.best * 1e3:.2f} ms ({n} threads)' for n, t in figures.cache_beside_hnsw.items())}", flush=True)
+    print(
+        f"   exact=true best {figures.exact.best * 1e3:.0f} ms, HNSW ef={EF_SEARCH} best {figures.hnsw.best * 1e3:.0f} ms "
+        f"(recall@{args.k} {figures.hnsw_recall:.3f}); cache beside them "
+        f"{', '.join(f'{t.best * 1e3:.2f} ms ({n} threads)' for n, t in figures.cache_beside_hnsw.items())}",
+        flush=True,
+    )
     return figures
 
 
@@ -659,8 +714,11 @@ def run_benchmark(args: argparse.Namespace) -> Figures:
     blas = threadpool_limits(limits=max(args.threads), user_api="blas")  # restored at the end
     shown = ", ".join(sorted({info["internal_api"] for info in threadpool_info() if info["user_api"] == "blas"}))
     figures = Figures(args, device, device_name, shown, load_before=load_average())
-    print(f"device {device} ({device_name}); torch.cuda.is_available() = {torch.cuda.is_available()}; "
-          f"thread counts {args.threads} (torch.set_num_threads and threadpoolctl for {shown})", flush=True)
+    print(
+        f"device {device} ({device_name}); torch.cuda.is_available() = {torch.cuda.is_available()}; "
+        f"thread counts {args.threads} (torch.set_num_threads and threadpoolctl for {shown})",
+        flush=True,
+    )
     for n in args.threads:
         set_threads(n)
         figures.threads_read_back.append(torch.get_num_threads())
@@ -689,9 +747,13 @@ def measure_all_services(
     with fresh_database("caches") as database:
         figures.postgres, figures.pgvector = database.postgres, database.pgvector
         try:
-            service = start_service(database.url, Settings(database_url=database.url, data_dir=database.workdir, no_auth=False))
+            service = start_service(
+                database.url, Settings(database_url=database.url, data_dir=database.workdir, no_auth=False)
+            )
             for n_keys in args.n:
-                figures.service.append(measure_service(service, database.url, caches[n_keys], loaded, n_keys, args, device))
+                figures.service.append(
+                    measure_service(service, database.url, caches[n_keys], loaded, n_keys, args, device)
+                )
         finally:
             if service is not None:
                 service.stop()
@@ -812,7 +874,7 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         lines += [
             f"### MemoryCache top-{args.k} against numpy (batch of {args.batch} queries, dim {args.dim}, cosine)",
             "",
-            f"- The cache: `MemoryCache(BankSpec(dim={args.dim}, capacity=N, metric=\"cosine\", policy=\"none\"))` on "
+            f'- The cache: `MemoryCache(BankSpec(dim={args.dim}, capacity=N, metric="cosine", policy="none"))` on '
             f"{figures.device}, filled by `.write(keys, labels)` in chunks of {args.write_chunk:,}.",
             "- The data: bench/knn.py's Gaussian set (seed 1): keys, labels 0..9 and queries.",
             "- numpy holds the normalised float32 keys in memory. Per batch it normalises the queries, then runs one "
@@ -844,7 +906,9 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
                 ours = t.parts[row] if row < len(t.parts) else None
                 theirs = t.numpy_parts[row] if row < len(t.numpy_parts) else None
                 left = f"{ours.name} | {_ms(ours.timing.best)} | {_ms(ours.timing.median)}" if ours else " | | "
-                right = f"{theirs.name} | {_ms(theirs.timing.best)} | {_ms(theirs.timing.median)}" if theirs else " | | "
+                right = (
+                    f"{theirs.name} | {_ms(theirs.timing.best)} | {_ms(theirs.timing.median)}" if theirs else " | | "
+                )
                 lines.append(f"| {left} | | {right} |")
             lines += [
                 "",
@@ -888,9 +952,7 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         ]
         for s in figures.service:
             c = s.exact_check
-            beside = "<br>".join(
-                f"{n} thr: {_ms(t.best)} / {_ms(t.median)}" for n, t in s.cache_beside_hnsw.items()
-            )
+            beside = "<br>".join(f"{n} thr: {_ms(t.best)} / {_ms(t.median)}" for n, t in s.cache_beside_hnsw.items())
             speedups = "<br>".join(
                 f"{n} thr: {s.exact.best / s.cache_beside_exact[n].best:,.0f}x; {s.hnsw.best / s.cache_beside_hnsw[n].best:,.0f}x"
                 for n in s.cache_beside_hnsw
@@ -917,17 +979,27 @@ def machine_description(argv: list[str]) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where the caches live (auto: cuda when torch.cuda.is_available())")
-    parser.add_argument("--threads", type=lambda s: [int(v) for v in s.split(",")], default=sorted({1, os.cpu_count() or 1}),
-                        help="thread counts to time at (torch.set_num_threads and numpy's BLAS alike), e.g. 1,2")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the caches live (auto: cuda when torch.cuda.is_available())",
+    )
+    parser.add_argument(
+        "--threads",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=sorted({1, os.cpu_count() or 1}),
+        help="thread counts to time at (torch.set_num_threads and numpy's BLAS alike), e.g. 1,2",
+    )
     parser.add_argument("--rows", type=int, default=60_000, help="rows of the activation matrix")
     parser.add_argument("--units", type=int, default=36, help="units of the activation matrix")
     parser.add_argument("--n-quantiles", type=int, default=10, help="Q")
     parser.add_argument("--sample-values", type=int, default=20_000, help="values the seed's search is timed on")
     parser.add_argument("--bucket-repeats", type=int, default=20, help="timed bucketize calls")
     parser.add_argument("--seed-repeats", type=int, default=3, help="timed passes of the seed over the sample")
-    parser.add_argument("--n", type=lambda s: [int(v) for v in s.split(",")], default=[10_000, 100_000], help="bank sizes")
+    parser.add_argument(
+        "--n", type=lambda s: [int(v) for v in s.split(",")], default=[10_000, 100_000], help="bank sizes"
+    )
     parser.add_argument("--dim", type=int, default=128, help="key dimension")
     parser.add_argument("--batch", type=int, default=128, help="queries per batch")
     parser.add_argument("--k", type=int, default=10, help="neighbours per query")

@@ -165,17 +165,19 @@ def load_words(before: float, after: float) -> str:
     """The 1-minute load average at the start and end of a run, and whether other work shared the CPUs."""
     cpus = os.cpu_count() or 1
     shared = max(before, after) > cpus / 2 + 0.5  # our own run keeps about one CPU busy
-    return (
-        f"load average {before:.1f} at the start, {after:.1f} at the end"
-        + (f": other work shared the {cpus} CPUs" if shared else f", on {cpus} CPUs: no other work to speak of")
+    return f"load average {before:.1f} at the start, {after:.1f} at the end" + (
+        f": other work shared the {cpus} CPUs" if shared else f", on {cpus} CPUs: no other work to speak of"
     )
 
 
 def machine_facts(argv: list[str], software: str) -> dict[str, str]:
     """The date, machine and exact command a section of RESULTS.md was measured with."""
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
         "unknown CPU",
     )
     match = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())

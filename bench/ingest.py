@@ -44,19 +44,19 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import psycopg  # noqa: E402
-from psycopg import sql  # noqa: E402
+import httpx
+import numpy as np
+import psycopg
+from psycopg import sql
 
-from app import keys  # noqa: E402
-from app.copy_binary import COPY_COLUMNS, iter_copy_chunks  # noqa: E402
-from app.database import connect  # noqa: E402
-from eidetic.wire.rows import ActivationRows, NullableColumn, slice_rows  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from eidetic.config import ClientSettings  # noqa: E402
-from eidetic.writer import ActivationWriter, WriterStats, open_writer  # noqa: E402
-from bench.common import Repeats, BenchDatabase, fresh_database, machine_facts, publish  # noqa: E402
+from app import keys
+from app.copy_binary import COPY_COLUMNS, iter_copy_chunks
+from app.database import connect
+from app.settings import Settings
+from bench.common import BenchDatabase, Repeats, fresh_database, machine_facts, publish
+from eidetic.config import ClientSettings
+from eidetic.wire.rows import ActivationRows, NullableColumn, slice_rows
+from eidetic.writer import ActivationWriter, WriterStats, open_writer
 
 SECTION = "## Ingest (bench/ingest.py)"
 DIRECT_TARGET = 0.9  # the direct writer at least 0.9x raw binary COPY
@@ -112,9 +112,9 @@ def make_stream(n_rows: int, dim: int, write_rows: int, seed: int = 0) -> Stream
     rows = np.arange(n_rows, dtype=np.int64)
     epoch = (rows // EPOCH_SAMPLES).astype(np.int32)
     dataset_labels = rng.integers(0, 10, EPOCH_SAMPLES).astype(np.int32)
-    sample_id = np.concatenate(
-        [rng.permutation(EPOCH_SAMPLES) for _ in range(int(epoch[-1]) + 1)]
-    )[:n_rows].astype(np.int64)
+    sample_id = np.concatenate([rng.permutation(EPOCH_SAMPLES) for _ in range(int(epoch[-1]) + 1)])[:n_rows].astype(
+        np.int64
+    )
     half = (n_rows // 2 // write_rows) * write_rows  # a whole number of writes per task
     return Stream(values, sample_id, rows // TRAIN_BATCH, epoch, dataset_labels[sample_id], half)
 
@@ -191,7 +191,10 @@ def start_store(database: BenchDatabase) -> Store:
     with service_log.open("w") as log_file:
         service = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-            cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
     base_url = f"http://127.0.0.1:{port}"
     api = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=600)
@@ -221,7 +224,9 @@ def stop_store(store: Store) -> None:
 
 def _expect(response: httpx.Response, status: int) -> None:
     if response.status_code != status:
-        raise RuntimeError(f"{response.request.method} {response.request.url}: {response.status_code} {response.text[:500]}")
+        raise RuntimeError(
+            f"{response.request.method} {response.request.url}: {response.status_code} {response.text[:500]}"
+        )
 
 
 # ---------------------------------------------------------------- the cases
@@ -293,7 +298,9 @@ def feed_writer(writer: ActivationWriter, stream: Stream, write_rows: int) -> Wr
     return writer.stats()
 
 
-def writer_case(store: Store, stream: Stream, transport: str, sketch: bool, args: argparse.Namespace, tag: str) -> tuple[float, int]:
+def writer_case(
+    store: Store, stream: Stream, transport: str, sketch: bool, args: argparse.Namespace, tag: str
+) -> tuple[float, int]:
     """The stream through ActivationWriter into a fresh layer; seconds and retries."""
     run_id, layer_id = store.new_layer(f"ingest-{tag}", stream.dim, sketch)
     store.settle()
@@ -312,8 +319,14 @@ def writer_case(store: Store, stream: Stream, transport: str, sketch: bool, args
 
 def measure_ingest(store: Store, stream: Stream, args: argparse.Namespace) -> dict[str, Timing]:
     cases: dict[str, tuple[str, Callable[[str], tuple[float, int]]]] = {
-        "anchor_numpy": ("(a) raw binary COPY, numpy encoder", lambda tag: (anchor_copy(store, stream, tag, "numpy"), 0)),
-        "anchor_write_row": ("(a) raw binary COPY, psycopg write_row", lambda tag: (anchor_copy(store, stream, tag, "write_row"), 0)),
+        "anchor_numpy": (
+            "(a) raw binary COPY, numpy encoder",
+            lambda tag: (anchor_copy(store, stream, tag, "numpy"), 0),
+        ),
+        "anchor_write_row": (
+            "(a) raw binary COPY, psycopg write_row",
+            lambda tag: (anchor_copy(store, stream, tag, "write_row"), 0),
+        ),
         "raw_batched": (
             f"raw binary COPY, a commit per {args.batch_rows} rows",
             lambda tag: (anchor_copy(store, stream, tag, "numpy", args.batch_rows), 0),
@@ -323,18 +336,23 @@ def measure_ingest(store: Store, stream: Stream, args: argparse.Namespace) -> di
         for sketch in (False, True):
             cases[f"{transport}_sketch_{str(sketch).lower()}"] = (
                 f"({letter}) writer, {transport}, sketch={str(sketch).lower()}",
-                lambda tag, transport=transport, sketch=sketch: writer_case(store, stream, transport, sketch, args, tag),
+                lambda tag, transport=transport, sketch=sketch: writer_case(
+                    store, stream, transport, sketch, args, tag
+                ),
             )
     timings = {name: Timing(name, label) for name, (label, _) in cases.items()}
     names = list(cases)
     for repeat in range(args.repeats):
-        order = names[repeat % len(names):] + names[: repeat % len(names)]  # rotated: no case always goes first
+        order = names[repeat % len(names) :] + names[: repeat % len(names)]  # rotated: no case always goes first
         for name in order:
             seconds, retries = cases[name][1](f"{name}_{repeat}")
             timings[name].seconds.append(seconds)
             timings[name].retries += retries
-            print(f"  repeat {repeat + 1}/{args.repeats}  {cases[name][0]:<42} {seconds:7.2f} s  "
-                  f"{stream.n_rows / seconds:10,.0f} rows/s", flush=True)
+            print(
+                f"  repeat {repeat + 1}/{args.repeats}  {cases[name][0]:<42} {seconds:7.2f} s  "
+                f"{stream.n_rows / seconds:10,.0f} rows/s",
+                flush=True,
+            )
     return timings
 
 
@@ -424,15 +442,19 @@ def measure_training(store: Store, args: argparse.Namespace) -> tuple[dict[str, 
     train(20, None)  # warm-up: the first steps allocate and pick kernels
     names = list(arms)
     for repeat in range(args.train_repeats):
-        order = names[repeat % len(names):] + names[: repeat % len(names)]
+        order = names[repeat % len(names) :] + names[: repeat % len(names)]
         for name in order:
             _, transport, sketch = arms[name]
             writer, run_id, layer_id = None, None, None
             if transport is not None:
                 run_id, layer_id = store.new_layer(f"train-{name}-{repeat}", 128, sketch)
                 writer = open_writer(
-                    run_id, layer_id, store.client_settings(), transport,
-                    batch_rows=args.batch_rows, in_flight=args.in_flight,
+                    run_id,
+                    layer_id,
+                    store.client_settings(),
+                    transport,
+                    batch_rows=args.batch_rows,
+                    in_flight=args.in_flight,
                 )
             seconds = train(args.train_steps, writer)
             timings[name].seconds.append(seconds)
@@ -442,8 +464,11 @@ def measure_training(store: Store, args: argparse.Namespace) -> tuple[dict[str, 
                 store.drop_run(run_id)
                 if rows != args.train_steps * TRAIN_BATCH:
                     raise RuntimeError(f"training arm {name}: {rows} rows stored, not {args.train_steps * TRAIN_BATCH}")
-            print(f"  repeat {repeat + 1}/{args.train_repeats}  {arms[name][0]:<34} {seconds:6.2f} s  "
-                  f"({1000 * seconds / args.train_steps:.1f} ms/step)", flush=True)
+            print(
+                f"  repeat {repeat + 1}/{args.train_repeats}  {arms[name][0]:<34} {seconds:6.2f} s  "
+                f"({1000 * seconds / args.train_steps:.1f} ms/step)",
+                flush=True,
+            )
     return timings, torch.get_num_threads()
 
 
@@ -471,8 +496,11 @@ def run_benchmark(args: argparse.Namespace) -> Figures:
             figures.postgres = store.postgres
             figures.load.append(("start", os.getloadavg()[0]))
             stream = figures.stream
-            print(f"ingest: {stream.n_rows:,} x {stream.dim} float32 ({stream.payload_mb:.0f} MB of values), "
-                  f"writer batches of {args.batch_rows} rows ({args.in_flight} in flight), writes of {args.write_rows} rows", flush=True)
+            print(
+                f"ingest: {stream.n_rows:,} x {stream.dim} float32 ({stream.payload_mb:.0f} MB of values), "
+                f"writer batches of {args.batch_rows} rows ({args.in_flight} in flight), writes of {args.write_rows} rows",
+                flush=True,
+            )
             figures.ingest = measure_ingest(store, stream, args)
             figures.sketch_cpu_s = sketch_cpu_seconds(stream, args.batch_rows, Settings().sketch_k)
             print(f"  KLL sketches of the same rows alone (no database): {figures.sketch_cpu_s:.2f} s", flush=True)
@@ -511,7 +539,8 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         f"client, service process and PostgreSQL share these cores",
         f"- software: {machine['software']}, {figures.postgres} (embedded, default settings: fsync on)",
         f"- command: `{machine['command']}`",
-        "- load average (1 min) during the run: " + ", ".join(f"{value:.1f} {point}" for point, value in figures.load)
+        "- load average (1 min) during the run: "
+        + ", ".join(f"{value:.1f} {point}" for point, value in figures.load)
         + f" (on {machine['nproc']} CPUs; above that, other work shared the box and the medians carry its noise)",
         "",
         f"{stream.n_rows:,} rows x {stream.dim} float32 ({stream.payload_mb:.0f} MB of values; MB/s counts these bytes) "
@@ -558,9 +587,11 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         f"one thread, no database): {figures.sketch_cpu_s:.2f} s, i.e. "
         f"{1e9 * figures.sketch_cpu_s / (stream.n_rows * stream.dim):.0f} ns per value.",
         "",
-        "Targets: " + "; ".join(
+        "Targets: "
+        + "; ".join(
             f"{label}: {ratio:.2f} x ({_met(ratio >= wanted)}, >= {wanted})" for label, ratio, wanted in verdicts
-        ) + ".",
+        )
+        + ".",
     ]
     if figures.training:
         off = figures.training["off"]
@@ -579,8 +610,10 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         ]
         for name, timing in figures.training.items():
             if name == "off":
-                lines.append(f"| {timing.label} | {timing.best:.2f} | {timing.median:.2f} | "
-                             f"{1000 * timing.median / args.train_steps:.1f} | | | | |")
+                lines.append(
+                    f"| {timing.label} | {timing.best:.2f} | {timing.median:.2f} | "
+                    f"{1000 * timing.median / args.train_steps:.1f} | | | | |"
+                )
                 continue
             slow_median = timing.median / off.median - 1
             slow_best = timing.best / off.best - 1
@@ -595,21 +628,30 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
 
 
 def machine_description(argv: list[str]) -> dict[str, str]:
-    facts = machine_facts(argv, software=f"Python {platform.python_version()}, numpy {np.__version__}, psycopg {psycopg.__version__} "
-        f"({psycopg.pq.__impl__}), pyarrow {metadata.version('pyarrow')}, datasketches {metadata.version('datasketches')}")
+    facts = machine_facts(
+        argv,
+        software=f"Python {platform.python_version()}, numpy {np.__version__}, psycopg {psycopg.__version__} "
+        f"({psycopg.pq.__impl__}), pyarrow {metadata.version('pyarrow')}, datasketches {metadata.version('datasketches')}",
+    )
     return facts
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=600_000, help="rows of the stream (at least 600,000 for the record)")
+    parser.add_argument(
+        "--rows", type=int, default=600_000, help="rows of the stream (at least 600,000 for the record)"
+    )
     parser.add_argument("--dim", type=int, default=128, help="values per row")
     parser.add_argument(
-        "--batch-rows", type=int, default=ClientSettings.model_fields["writer_batch_rows"].default,
+        "--batch-rows",
+        type=int,
+        default=ClientSettings.model_fields["writer_batch_rows"].default,
         help="rows per batch the writers send (default: the writer's own default)",
     )
     parser.add_argument(
-        "--in-flight", type=int, default=ClientSettings.model_fields["writer_in_flight"].default,
+        "--in-flight",
+        type=int,
+        default=ClientSettings.model_fields["writer_in_flight"].default,
         help="batches each writer keeps on their way at once (default: the writer's own default)",
     )
     parser.add_argument("--write-rows", type=int, default=256, help="rows per write() call into the writer")
@@ -617,7 +659,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--train-steps", type=int, default=300, help="steps of each training arm")
     parser.add_argument("--train-repeats", type=int, default=5, help="repeats of every training arm (0: skip)")
     parser.add_argument(
-        "--train-threads", type=int, default=1,
+        "--train-threads",
+        type=int,
+        default=1,
         help="torch threads of the training loop (0: torch's default); 1 leaves a core of this 2-core box to the "
         "writer and PostgreSQL",
     )

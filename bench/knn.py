@@ -70,21 +70,21 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import psycopg  # noqa: E402
-from fastapi.responses import JSONResponse  # noqa: E402
-from pgvector import Vector  # noqa: E402
-from psycopg import sql  # noqa: E402
+import httpx
+import numpy as np
+import psycopg
+from fastapi.responses import JSONResponse
+from pgvector import Vector
+from psycopg import sql
 
-from app import keys, memory  # noqa: E402
-from app.database import connect  # noqa: E402
-from app.schemas import SearchIn  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from bench.common import fresh_database, load_words, machine_facts, Service, start_service, publish  # noqa: E402
+from app import keys, memory
+from app.database import connect
+from app.schemas import SearchIn
+from app.settings import Settings
+from bench.common import Service, fresh_database, load_words, machine_facts, publish, start_service
 
 try:
-    import faiss  # noqa: E402
+    import faiss
 except ImportError:  # pip install faiss-cpu
     faiss = None
 
@@ -93,6 +93,8 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 RECALL_TARGET = 0.95
 THROUGHPUT_TARGET = 0.5  # the service at least half of direct SQL's queries/s
 TIE_TOLERANCE = 1e-5
+
+
 @dataclass(frozen=True)
 class IndexPlan:
     """The HNSW parameters a data set's bank is created with (FAISS gets the same) and the ef_search values tried."""
@@ -198,24 +200,35 @@ def brute_force(keys_unit: np.ndarray, queries_unit: np.ndarray, k: int) -> tupl
 
 def _expect(response: httpx.Response, status: int) -> dict:
     if response.status_code != status:
-        raise RuntimeError(f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text[:500]}")
+        raise RuntimeError(
+            f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text[:500]}"
+        )
     return response.json()
 
 
-def write_keys(service: Service, bank_id: int, keys_: np.ndarray, labels: np.ndarray, batch: int) -> tuple[float, np.ndarray]:
+def write_keys(
+    service: Service, bank_id: int, keys_: np.ndarray, labels: np.ndarray, batch: int
+) -> tuple[float, np.ndarray]:
     """Seconds the service took to acknowledge every write (client JSON encoding not counted), and the ids."""
     spent = 0.0
     ids = []
     for start in range(0, len(keys_), batch):
         chunk = keys_[start : start + batch].tolist()
-        body = json.dumps({"items": [{"key": key, "label": int(label)} for key, label in zip(chunk, labels[start : start + batch])]})
+        body = json.dumps(
+            {"items": [{"key": key, "label": int(label)} for key, label in zip(chunk, labels[start : start + batch])]}
+        )
         began = time.perf_counter()
-        response = service.client.post(f"/v1/memory-banks/{bank_id}/items", content=body, headers={"content-type": "application/json"})
+        response = service.client.post(
+            f"/v1/memory-banks/{bank_id}/items", content=body, headers={"content-type": "application/json"}
+        )
         took = time.perf_counter() - began
         spent += took
         ids.extend(_expect(response, 200)["ids"])
         if (start // batch) % max(1, 10_000 // batch) == 0:
-            print(f"   wrote {start + len(chunk):,} keys: {spent:.1f} s; this request {len(chunk) / took:,.0f} keys/s", flush=True)
+            print(
+                f"   wrote {start + len(chunk):,} keys: {spent:.1f} s; this request {len(chunk) / took:,.0f} keys/s",
+                flush=True,
+            )
     return spent, np.asarray(ids, dtype=np.int64)
 
 
@@ -231,7 +244,9 @@ def service_search(service: Service, bank_id: int, bodies: list[bytes]) -> tuple
     found = []
     began = time.perf_counter()
     for body in bodies:
-        response = service.client.post(f"/v1/memory-banks/{bank_id}/search", content=body, headers={"content-type": "application/json"})
+        response = service.client.post(
+            f"/v1/memory-banks/{bank_id}/search", content=body, headers={"content-type": "application/json"}
+        )
         found.extend(np.asarray(r["ids"], dtype=np.int64) for r in _expect(response, 200)["results"])
     return time.perf_counter() - began, found
 
@@ -304,8 +319,15 @@ class Breakdown:
 
 
 def breakdown(
-    conn: psycopg.Connection, service: Service, bank_id: int, statement: sql.Composed, queries: np.ndarray,
-    batch: int, k: int, ef: int, project_id: int,
+    conn: psycopg.Connection,
+    service: Service,
+    bank_id: int,
+    statement: sql.Composed,
+    queries: np.ndarray,
+    batch: int,
+    k: int,
+    ef: int,
+    project_id: int,
 ) -> Breakdown:
     """Times the parts of the service's search in-process, batch by batch.
 
@@ -374,7 +396,9 @@ def faiss_search(index, queries_unit: np.ndarray, batch: int, k: int, ef: int) -
 # ---------------------------------------------------------------- bulk build (COPY, then CREATE INDEX)
 
 
-def bulk_load(conn: psycopg.Connection, bank_id: int, keys_: np.ndarray, labels: np.ndarray) -> tuple[float, float, np.ndarray]:
+def bulk_load(
+    conn: psycopg.Connection, bank_id: int, keys_: np.ndarray, labels: np.ndarray
+) -> tuple[float, float, np.ndarray]:
     """Fills a fresh bank's partition the fast way: its HNSW index dropped, a binary COPY, the index re-made.
 
     The index is re-created from its own definition (pg_get_indexdef), so searches meet the very
@@ -384,17 +408,25 @@ def bulk_load(conn: psycopg.Connection, bank_id: int, keys_: np.ndarray, labels:
     """
     partition = memory.items_partition(bank_id)
     index_name = sql.Identifier(f"memory_items_b{int(bank_id)}_hnsw")
-    definition = conn.execute("SELECT pg_get_indexdef(%s::regclass)", (f"memory_items_b{int(bank_id)}_hnsw",)).fetchone()[0]
+    definition = conn.execute(
+        "SELECT pg_get_indexdef(%s::regclass)", (f"memory_items_b{int(bank_id)}_hnsw",)
+    ).fetchone()[0]
     version = conn.execute("SELECT version FROM memory_banks WHERE id = %s", (bank_id,)).fetchone()[0] + 1
     conn.execute(sql.SQL("DROP INDEX {}").format(index_name))
     began = time.perf_counter()
     ids = np.array(
-        [row[0] for row in conn.execute(
-            "SELECT nextval(pg_get_serial_sequence('memory_items', 'id')) FROM generate_series(1, %s)", (len(keys_),)
-        )],
+        [
+            row[0]
+            for row in conn.execute(
+                "SELECT nextval(pg_get_serial_sequence('memory_items', 'id')) FROM generate_series(1, %s)",
+                (len(keys_),),
+            )
+        ],
         dtype=np.int64,
     )
-    statement = sql.SQL("COPY {} (bank_id, id, key, label, version, inserted_version) FROM STDIN (FORMAT BINARY)").format(partition)
+    statement = sql.SQL(
+        "COPY {} (bank_id, id, key, label, version, inserted_version) FROM STDIN (FORMAT BINARY)"
+    ).format(partition)
     with conn.cursor().copy(statement) as copy:
         copy.set_types(["bigint", "bigint", "vector", "integer", "bigint", "bigint"])
         for item_id, key, label in zip(ids.tolist(), keys_, labels.tolist()):
@@ -482,8 +514,13 @@ def measure(
         service.client.post(
             "/v1/memory-banks",
             json={
-                "name": f"knn-{name}", "dim": keys_.shape[1], "metric": "cosine", "capacity": len(keys_),
-                "policy": "none", "hnsw_m": plan.m, "hnsw_ef_construction": plan.ef_construction,
+                "name": f"knn-{name}",
+                "dim": keys_.shape[1],
+                "metric": "cosine",
+                "capacity": len(keys_),
+                "policy": "none",
+                "hnsw_m": plan.m,
+                "hnsw_ef_construction": plan.ef_construction,
             },
         ),
         201,
@@ -496,11 +533,19 @@ def measure(
         figures.bulk_copy_s, figures.bulk_index_s, bulk_ids = bulk_load(conn, bank["id"], keys_[:bulk], labels[:bulk])
     finally:
         conn.close()
-    print(f"   bulk: COPY of {bulk:,} keys {figures.bulk_copy_s:.1f} s, CREATE INDEX {figures.bulk_index_s:.1f} s", flush=True)
+    print(
+        f"   bulk: COPY of {bulk:,} keys {figures.bulk_copy_s:.1f} s, CREATE INDEX {figures.bulk_index_s:.1f} s",
+        flush=True,
+    )
     figures.service_write_keys = len(keys_) - bulk
-    figures.service_write_s, written_ids = write_keys(service, bank["id"], keys_[bulk:], labels[bulk:], args.write_batch)
-    print(f"   service write of {figures.service_write_keys:,} keys (live HNSW index): {figures.service_write_s:.1f} s "
-          f"({figures.service_write_keys / figures.service_write_s:,.0f} keys/s)", flush=True)
+    figures.service_write_s, written_ids = write_keys(
+        service, bank["id"], keys_[bulk:], labels[bulk:], args.write_batch
+    )
+    print(
+        f"   service write of {figures.service_write_keys:,} keys (live HNSW index): {figures.service_write_s:.1f} s "
+        f"({figures.service_write_keys / figures.service_write_s:,.0f} keys/s)",
+        flush=True,
+    )
     ids = np.concatenate([bulk_ids, written_ids])
     row_of = {int(item_id): row for row, item_id in enumerate(ids)}
 
@@ -528,15 +573,23 @@ def measure(
             figures.searches.append(Searched(method, ef, len(queries), seconds, truth.recall(rows(found))))
         figures.searches.sort(key=lambda s: (s.method != "direct SQL", s.ef))
         middle_ef = efs[len(efs) // 2]
-        figures.breakdown = breakdown(conn, service, bank["id"], statement, queries, args.batch, args.k, middle_ef, project_id)
+        figures.breakdown = breakdown(
+            conn, service, bank["id"], statement, queries, args.batch, args.k, middle_ef, project_id
+        )
 
         exact_queries = queries[: args.exact_queries]
         bodies = search_bodies(exact_queries, args.batch, args.k, 100, exact=True)
         exact_rows = np.arange(len(exact_queries))
         seconds, found = service_search(service, bank["id"], bodies)
-        figures.searches.append(Searched("service exact=true", None, len(exact_queries), seconds, truth.recall(rows(found), exact_rows)))
+        figures.searches.append(
+            Searched("service exact=true", None, len(exact_queries), seconds, truth.recall(rows(found), exact_rows))
+        )
         seconds, found = direct_search(conn, statement, exact_queries, args.batch, args.k, None)
-        figures.searches.append(Searched("direct SQL exact (seq scan)", None, len(exact_queries), seconds, truth.recall(rows(found), exact_rows)))
+        figures.searches.append(
+            Searched(
+                "direct SQL exact (seq scan)", None, len(exact_queries), seconds, truth.recall(rows(found), exact_rows)
+            )
+        )
         time.sleep(STATS_FLUSH_S)  # an idle backend sends its table statistics within 10 s
         figures.after = partition_state(conn, bank["id"])
         _expect_delete(service, bank["id"])
@@ -560,7 +613,9 @@ def measure(
         print(f"   FAISS build: {figures.faiss_build_s:.1f} s + {figures.faiss_add_s:.1f} s", flush=True)
         faiss.omp_set_num_threads(1)  # searches: one thread, as one statement runs on one backend
         for ef in efs:
-            seconds, found = best_search(args.repeats, lambda: faiss_search(index, queries_unit, args.batch, args.k, ef))
+            seconds, found = best_search(
+                args.repeats, lambda: faiss_search(index, queries_unit, args.batch, args.k, ef)
+            )
             figures.searches.append(Searched("FAISS HNSW", ef, len(queries), seconds, truth.recall(found)))
         del index
         if (plan.m, plan.ef_construction) != (ISSUE_FAISS.m, ISSUE_FAISS.ef_construction):
@@ -568,7 +623,9 @@ def measure(
             *_, index = faiss_build(keys_unit, bulk, ISSUE_FAISS)
             faiss.omp_set_num_threads(1)
             for ef in efs:
-                seconds, found = best_search(args.repeats, lambda: faiss_search(index, queries_unit, args.batch, args.k, ef))
+                seconds, found = best_search(
+                    args.repeats, lambda: faiss_search(index, queries_unit, args.batch, args.k, ef)
+                )
                 figures.searches.append(
                     Searched(f"FAISS HNSW ({ISSUE_FAISS.describe()})", ef, len(queries), seconds, truth.recall(found))
                 )
@@ -588,9 +645,7 @@ def _expect_delete(service: Service, bank_id: int) -> None:
 def index_plan(name: str, args: argparse.Namespace) -> IndexPlan:
     """The data set's plan, with what the command line sets for every data set."""
     plan = INDEX_PLANS[name]
-    return IndexPlan(
-        args.m or plan.m, args.ef_construction or plan.ef_construction, args.ef or plan.ef_search
-    )
+    return IndexPlan(args.m or plan.m, args.ef_construction or plan.ef_construction, args.ef or plan.ef_search)
 
 
 def run_benchmark(args: argparse.Namespace) -> Figures:
@@ -600,8 +655,10 @@ def run_benchmark(args: argparse.Namespace) -> Figures:
     with fresh_database("knn") as database:
         figures.postgres, figures.pgvector, database_url = database.postgres, database.pgvector, database.url
         with psycopg.connect(database_url) as conn:
-            shown = {name: conn.execute(f"SHOW {name}").fetchone()[0]
-                     for name in ("shared_buffers", "maintenance_work_mem", "max_parallel_maintenance_workers")}
+            shown = {
+                name: conn.execute(f"SHOW {name}").fetchone()[0]
+                for name in ("shared_buffers", "maintenance_work_mem", "max_parallel_maintenance_workers")
+            }
             figures.settings_shown = ", ".join(f"{name} {value}" for name, value in shown.items())
             project_id = keys.ensure_project(conn, "bench")
         try:
@@ -674,9 +731,7 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         for s in data.searches:
             direct = data.find("direct SQL", s.ef) if s.ef is not None else None
             versus = f"{s.qps / direct.qps:.2f}x" if direct is not None and s.method != "direct SQL" else ""
-            lines.append(
-                f"| {s.method} | {'' if s.ef is None else s.ef} | {s.recall:.4f} | {s.qps:,.0f} | {versus} |"
-            )
+            lines.append(f"| {s.method} | {'' if s.ef is None else s.ef} | {s.recall:.4f} | {s.qps:,.0f} | {versus} |")
         exact = data.find("service exact=true", None)
         if exact is not None and exact.recall < 1.0:
             lines += [
@@ -752,22 +807,38 @@ def machine_description(argv: list[str]) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=100_000, help="keys of the Gaussian set (Fashion-MNIST: at most 60,000)")
+    parser.add_argument(
+        "--n", type=int, default=100_000, help="keys of the Gaussian set (Fashion-MNIST: at most 60,000)"
+    )
     parser.add_argument("--dim", type=int, default=128, help="key dimension (Fashion-MNIST is projected to it)")
     parser.add_argument("--queries", type=int, default=1000, help="queries per data set")
     parser.add_argument("--batch", type=int, default=128, help="queries per request / statement")
     parser.add_argument("--k", type=int, default=10, help="neighbours per query")
-    parser.add_argument("--ef", type=lambda s: tuple(int(v) for v in s.split(",")), default=None,
-                        help="ef_search values for every data set (default: each data set's plan, INDEX_PLANS)")
+    parser.add_argument(
+        "--ef",
+        type=lambda s: tuple(int(v) for v in s.split(",")),
+        default=None,
+        help="ef_search values for every data set (default: each data set's plan, INDEX_PLANS)",
+    )
     parser.add_argument("--m", type=int, default=None, help="HNSW m for every data set (default: each data set's plan)")
-    parser.add_argument("--ef-construction", type=int, default=None,
-                        help="HNSW ef_construction for every data set (default: each data set's plan)")
-    parser.add_argument("--exact-queries", type=int, default=128, help="queries sent with exact=true (a scan per query)")
+    parser.add_argument(
+        "--ef-construction",
+        type=int,
+        default=None,
+        help="HNSW ef_construction for every data set (default: each data set's plan)",
+    )
+    parser.add_argument(
+        "--exact-queries", type=int, default=128, help="queries sent with exact=true (a scan per query)"
+    )
     parser.add_argument("--write-batch", type=int, default=1_000, help="items per POST items request")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per figure (the fastest is kept)")
     parser.add_argument("--data", type=lambda s: s.split(","), default=["fashion-mnist", "gaussian"], help="data sets")
-    parser.add_argument("--service-keys", type=int, default=2_000,
-                        help="keys written through the service into the live index (the rest: COPY + CREATE INDEX)")
+    parser.add_argument(
+        "--service-keys",
+        type=int,
+        default=2_000,
+        help="keys written through the service into the live index (the rest: COPY + CREATE INDEX)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args(argv[1:])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the server and removes its data

@@ -72,7 +72,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    queries = [torch.from_numpy(rng.standard_normal((args.batch, args.dim)).astype(np.float32)) for _ in range(args.batches)]
+    queries = [
+        torch.from_numpy(rng.standard_normal((args.batch, args.dim)).astype(np.float32)) for _ in range(args.batches)
+    ]
     head = nn.Linear(args.dim, args.classes).eval()
     load_before = os.getloadavg()[0]
     service = None
@@ -88,12 +90,17 @@ def main() -> None:
                     labels = rng.integers(0, args.classes, n)
                     bank = client.create_bank(f"path-{n}", args.dim, n, metric="cosine", policy="none")
                     for start in range(0, n, 2000):
-                        items = [{"key": k.tolist(), "label": int(l)} for k, l in zip(stored[start : start + 2000], labels[start : start + 2000])]
+                        items = [
+                            {"key": k.tolist(), "label": int(label)}
+                            for k, label in zip(stored[start : start + 2000], labels[start : start + 2000])
+                        ]
                         client.write_items(bank["id"], items)
                     cache = MemoryCache.from_service(client, bank["id"])
                     unit_keys = F.normalize(torch.from_numpy(stored), dim=1)
                     cache_us = best_per_sample(lambda q: cache.search(q, k=1), queries, args.repeats)
-                    anchor_us = best_per_sample(lambda q: (F.normalize(q, dim=1) @ unit_keys.T).max(dim=1), queries, args.repeats)
+                    anchor_us = best_per_sample(
+                        lambda q: (F.normalize(q, dim=1) @ unit_keys.T).max(dim=1), queries, args.repeats
+                    )
                     few = [q.numpy() for q in queries[: args.service_batches]]
                     exact_us = best_per_sample(lambda q: client.search(bank["id"], q, k=1, exact=True), few, 3)
                     hnsw_us = best_per_sample(lambda q: client.search(bank["id"], q, k=1, ef_search=40), few, 3)
@@ -101,14 +108,20 @@ def main() -> None:
         finally:
             if service is not None:
                 service.stop()
-    print(f"per query, batch {args.batch}, dim {args.dim}, {args.classes} classes, torch {torch.__version__} on "
-          f"{args.threads} CPU thread(s); load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")  # fmt: skip
-    print("| bank items | head (us) | device cache search (us) | anchor: matmul + max (us) | cache / head | "
-          "service exact (us) | service HNSW ef 40 (us) | service HNSW / cache |")  # fmt: skip
+    print(
+        f"per query, batch {args.batch}, dim {args.dim}, {args.classes} classes, torch {torch.__version__} on "
+        f"{args.threads} CPU thread(s); load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
+    )
+    print(
+        "| bank items | head (us) | device cache search (us) | anchor: matmul + max (us) | cache / head | "
+        "service exact (us) | service HNSW ef 40 (us) | service HNSW / cache |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for n, head_us, cache_us, anchor_us, exact_us, hnsw_us in rows:
-        print(f"| {n:,} | {head_us:.2f} | {cache_us:.2f} | {anchor_us:.2f} | {cache_us / head_us:.1f}x | "
-              f"{exact_us:.1f} | {hnsw_us:.1f} | {hnsw_us / cache_us:.0f}x |")  # fmt: skip
+        print(
+            f"| {n:,} | {head_us:.2f} | {cache_us:.2f} | {anchor_us:.2f} | {cache_us / head_us:.1f}x | "
+            f"{exact_us:.1f} | {hnsw_us:.1f} | {hnsw_us / cache_us:.0f}x |"
+        )
 
 
 if __name__ == "__main__":

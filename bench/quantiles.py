@@ -35,18 +35,18 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-from psycopg import sql  # noqa: E402
+import httpx
+import numpy as np
+from psycopg import sql
 
-from app import runs  # noqa: E402
-from app.copy_binary import iter_vectors  # noqa: E402
-from app.database import connect  # noqa: E402
-from eidetic.wire.formats import ARROW_STREAM, rows_to_arrow  # noqa: E402
-from eidetic.wire.order_statistics import exact_boundaries_of  # noqa: E402
-from eidetic.wire.rows import ActivationRows  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from bench.common import activations, fresh_database, load_words, Service, machine_facts, start_service, publish  # noqa: E402
+from app import runs
+from app.copy_binary import iter_vectors
+from app.database import connect
+from app.settings import Settings
+from bench.common import Service, activations, fresh_database, load_words, machine_facts, publish, start_service
+from eidetic.wire.formats import ARROW_STREAM, rows_to_arrow
+from eidetic.wire.order_statistics import exact_boundaries_of
+from eidetic.wire.rows import ActivationRows
 
 SECTION = "## Quantiles (bench/quantiles.py)"
 EXACT_TARGET_RATIO = 3.0  # the service's exact path at most 3x numpy on the same matrix
@@ -114,7 +114,9 @@ def quantiles_over_http(service: Service, run_id: int, layer_id: int, n_quantile
 
 def _expect(response: httpx.Response, status: int) -> None:
     if response.status_code != status:
-        raise RuntimeError(f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text[:500]}")
+        raise RuntimeError(
+            f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text[:500]}"
+        )
 
 
 # ---------------------------------------------------------------- measuring
@@ -234,10 +236,14 @@ def run_benchmark(args: argparse.Namespace) -> Figures:
             matrix = activations(args.rows, args.dim, seed=1)
             exact_layer = create_layer(service, run_id, "exact", args.dim, sketch=False)
             twin = create_layer(service, run_id, "exact-sketched-twin", args.dim, sketch=True)
-            spent = ingest_over_http(service, run_id, {exact_layer: args.rows, twin: args.rows}, matrix, args.batch_rows)
+            spent = ingest_over_http(
+                service, run_id, {exact_layer: args.rows, twin: args.rows}, matrix, args.batch_rows
+            )
             figures.ingest.append(_ingest_row(args.rows, args.dim, False, spent[exact_layer]))
             figures.ingest.append(_ingest_row(args.rows, args.dim, True, spent[twin]))
-            print(f"   ingest: sketch=false {spent[exact_layer]:.2f} s, sketch=true twin {spent[twin]:.2f} s", flush=True)
+            print(
+                f"   ingest: sketch=false {spent[exact_layer]:.2f} s, sketch=true twin {spent[twin]:.2f} s", flush=True
+            )
             for n_quantiles in (10, 100):
                 service_times, answer = timed(
                     args.repeats, lambda: quantiles_over_http(service, run_id, exact_layer, n_quantiles, "exact")
@@ -255,12 +261,19 @@ def run_benchmark(args: argparse.Namespace) -> Figures:
                         "identical": identical,
                     }
                 )
-                print(f"   Q={n_quantiles}: service {service_s:.3f} s, numpy {numpy_s:.3f} s, "
-                      f"ratio {service_s / numpy_s:.2f}x, identical {identical}", flush=True)
-            figures.exact_parts[f"{args.rows:,} x {args.dim}"] = exact_parts(database_url, exact_layer, [10, 100], args.repeats)
-            del matrix
+                print(
+                    f"   Q={n_quantiles}: service {service_s:.3f} s, numpy {numpy_s:.3f} s, "
+                    f"ratio {service_s / numpy_s:.2f}x, identical {identical}",
+                    flush=True,
+                )
+            figures.exact_parts[f"{args.rows:,} x {args.dim}"] = exact_parts(
+                database_url, exact_layer, [10, 100], args.repeats
+            )
+            matrix = None  # free the rows before the next part
 
-            shape = f"{args.sketch_rows:,} rows x {args.sketch_dim} units ({args.sketch_rows * args.sketch_dim:,} values)"
+            shape = (
+                f"{args.sketch_rows:,} rows x {args.sketch_dim} units ({args.sketch_rows * args.sketch_dim:,} values)"
+            )
             print(f"2. sketch: {shape}, layer sketch=true (k={settings.sketch_k})", flush=True)
             matrix = activations(args.sketch_rows, args.sketch_dim, seed=2)
             sketch_layer = create_layer(service, run_id, "sketched", args.sketch_dim, sketch=True)
@@ -278,18 +291,26 @@ def run_benchmark(args: argparse.Namespace) -> Figures:
             print(flush=True)
             q = 100
             # exact first: its first scan after the bulk load also sets the rows' hint bits (reported apart)
-            exact_times, exact = timed(args.sketch_repeats, lambda: quantiles_over_http(service, run_id, sketch_layer, q, "exact"))
-            sketch_s, sketched = best_of(args.repeats, lambda: quantiles_over_http(service, run_id, sketch_layer, q, "sketch"))
+            exact_times, exact = timed(
+                args.sketch_repeats, lambda: quantiles_over_http(service, run_id, sketch_layer, q, "exact")
+            )
+            sketch_s, sketched = best_of(
+                args.repeats, lambda: quantiles_over_http(service, run_id, sketch_layer, q, "sketch")
+            )
             exact_s = min(exact_times)
-            print(f"   Q={q}: sketch {sketch_s:.3f} s, exact {exact_s:.3f} s (first {exact_times[0]:.3f} s)", flush=True)
+            print(
+                f"   Q={q}: sketch {sketch_s:.3f} s, exact {exact_s:.3f} s (first {exact_times[0]:.3f} s)", flush=True
+            )
             figures.exact_parts[f"{args.sketch_rows:,} x {args.sketch_dim}"] = exact_parts(
                 database_url, sketch_layer, [q], args.sketch_repeats
             )
             sorted_units = np.ascontiguousarray(matrix.T)
-            del matrix
+            matrix = None  # free the rows before the next part
             sorted_units.sort(axis=1)
             levels = np.arange(1, q) / q
-            expected = np.ascontiguousarray(np.quantile(sorted_units, levels, axis=1, method="inverted_cdf").T, dtype=np.float32)
+            expected = np.ascontiguousarray(
+                np.quantile(sorted_units, levels, axis=1, method="inverted_cdf").T, dtype=np.float32
+            )
             figures.sketch = {
                 "q": q,
                 "k": settings.sketch_k,
@@ -301,7 +322,8 @@ def run_benchmark(args: argparse.Namespace) -> Figures:
                 "stated_bound": sketched["rank_error"],
                 "rows_sketch": sketched["rows"],
                 "exact_rank_error": largest_rank_error(sorted_units, exact["boundaries"], q),
-                "exact_identical": bool(np.array_equal(exact["boundaries"], expected)) and exact["rows"] == args.sketch_rows,
+                "exact_identical": bool(np.array_equal(exact["boundaries"], expected))
+                and exact["rows"] == args.sketch_rows,
             }
         finally:
             if service is not None:
@@ -338,7 +360,7 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         f"1-minute {load_words(float(machine['load_before']), float(_load_average()))}.",
         "",
         f"Exact quantiles, {figures.rows:,} x {figures.dim} float32 (anchor: numpy `np.quantile(..., axis=0, "
-        f"method=\"inverted_cdf\")` on the matrix in memory):",
+        f'method="inverted_cdf")` on the matrix in memory):',
         "",
         "| Q | service (HTTP) | first call | numpy | ratio | target | met | boundaries identical |",
         "|---|---|---|---|---|---|---|---|",
@@ -398,7 +420,9 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         pair = {row["sketch"]: row for row in figures.ingest if row["dim"] == dim}
         if True in pair and False in pair:
             cost = pair[False]["rows_per_s"] / pair[True]["rows_per_s"]
-            lines.append(f"\nKeeping sketches at {dim} units: ingest takes {cost:.2f}x the time of an unsketched layer.")
+            lines.append(
+                f"\nKeeping sketches at {dim} units: ingest takes {cost:.2f}x the time of an unsketched layer."
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -418,7 +442,10 @@ def checks_pass(figures: Figures) -> bool:
 
 
 def machine_description(argv: list[str]) -> dict[str, str]:
-    facts = machine_facts(argv, software=f"Python {platform.python_version()}, numpy {np.__version__}, datasketches {metadata.version('datasketches')}")
+    facts = machine_facts(
+        argv,
+        software=f"Python {platform.python_version()}, numpy {np.__version__}, datasketches {metadata.version('datasketches')}",
+    )
     facts["load_before"] = _load_average()
     return facts
 
@@ -430,12 +457,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sketch-rows", type=int, default=6_000_000, help="rows of the sketch workload")
     parser.add_argument("--sketch-dim", type=int, default=16, help="units of the sketch workload")
     parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
-    parser.add_argument("--sketch-repeats", type=int, default=None, help="repeats of exact at scale (default: --repeats)")
+    parser.add_argument(
+        "--sketch-repeats", type=int, default=None, help="repeats of exact at scale (default: --repeats)"
+    )
     parser.add_argument("--batch-rows", type=int, default=10_000, help="rows per ingest batch, exact workload")
     parser.add_argument("--sketch-batch-rows", type=int, default=100_000, help="rows per ingest batch, sketch workload")
-    parser.add_argument("--twin-rows", type=int, default=None,
-                        help="rows of the sketch workload also stored without sketches, for the ingest cost "
-                        "(default: all; 0: none)")
+    parser.add_argument(
+        "--twin-rows",
+        type=int,
+        default=None,
+        help="rows of the sketch workload also stored without sketches, for the ingest cost (default: all; 0: none)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args(argv[1:])
     if args.sketch_repeats is None:

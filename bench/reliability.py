@@ -47,13 +47,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
+import httpx
+import numpy as np
+import pyarrow as pa
 
-from eidetic.wire.formats import ARROW_STREAM  # noqa: E402
-from bench.common import load_words, machine_facts, publish  # noqa: E402
-from tests.fault_kit import (  # noqa: E402
+from bench.common import load_words, machine_facts, publish
+from eidetic.wire.formats import ARROW_STREAM
+from tests.fault_kit import (
     FAULTS,
     Answer,
     ApiChild,
@@ -136,8 +136,14 @@ def run_faults(
             for fault in FAULTS:  # interleaved, so a slow spell of the machine hits every fault alike
                 bed.ensure_running()
                 trial = ingest_trial(
-                    bed, fault, writers=writers, rows=rows, dim=dim, acknowledged_first=before,
-                    outage_s=outage_s, freeze_s=freeze_s,
+                    bed,
+                    fault,
+                    writers=writers,
+                    rows=rows,
+                    dim=dim,
+                    acknowledged_first=before,
+                    outage_s=outage_s,
+                    freeze_s=freeze_s,
                 )
                 figures[fault].trials.append(trial)
                 print(
@@ -203,7 +209,7 @@ def prepare_load(api: ApiChild, dim: int, read_rows: int, bank_items: int) -> Lo
         bank_id = bank.json()["id"]
         keys = np.random.default_rng(1).standard_normal((bank_items, dim)).astype(np.float32)
         for start in range(0, bank_items, 1000):
-            chunk = keys[start:start + 1000]
+            chunk = keys[start : start + 1000]
             items = [{"key": key.tolist(), "label": int(i % 10)} for i, key in enumerate(chunk, start)]
             answer = client.post(f"/v1/memory-banks/{bank_id}/items", json={"items": items})
             assert answer.status_code == 200, answer.text
@@ -218,7 +224,8 @@ def one_request(client: httpx.Client, target: LoadTarget, kind: str, client_no: 
         batch = make_batch(100 + client_no, seq, 500, target.dim)
         answer = client.post(
             f"/v1/runs/{target.run_id}/layers/{target.write_layer}/activations",
-            content=batch.body, headers={"content-type": ARROW_STREAM},
+            content=batch.body,
+            headers={"content-type": ARROW_STREAM},
         )
         return answer.status_code == 201
     if kind == "read_json":
@@ -342,7 +349,7 @@ def main() -> None:
         ),
         "Lost: acknowledged, not stored. Partial: a batch stored in part or with other content. Resent: batches "
         "without a 2xx (503, cut off, refused), sent again with the same batch id until acknowledged; "
-        "\"already stored\" ones were answered `200 duplicate` (their first attempt had committed: the outcome "
+        '"already stored" ones were answered `200 duplicate` (their first attempt had committed: the outcome '
         "a 503 leaves unknown). Recovery: from PostgreSQL accepting connections / the API answering /healthz "
         "/ the SIGCONT to the first batch acknowledged through the service. 503 while down: requests answered "
         "once the service could know (0.5 s after the kill; past the deadline for a freeze).",

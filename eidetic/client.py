@@ -41,7 +41,7 @@ class EideticAPIError(Exception):
         return self.status >= 500 or self.status in _RETRYABLE_STATUSES
 
     @classmethod
-    def from_response(cls, response: httpx.Response) -> "EideticAPIError":
+    def from_response(cls, response: httpx.Response) -> EideticAPIError:
         try:
             error = response.json()["error"]
             return cls(response.status_code, str(error["code"]), str(error["message"]), error.get("field"))
@@ -114,7 +114,7 @@ class EideticClient:
         self._http = http or httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
 
     @classmethod
-    def from_settings(cls, settings: ClientSettings | None = None) -> "EideticClient":
+    def from_settings(cls, settings: ClientSettings | None = None) -> EideticClient:
         settings = settings or ClientSettings()
         return cls(settings.eidetic_url, settings.api_key(), timeout=settings.request_timeout_s)
 
@@ -188,7 +188,9 @@ class EideticClient:
 
     # ---------------------------------------------------------------- quantiles
 
-    def compute_quantiles(self, run_id: int, layer_id: int, n_quantiles: int, method: str = "exact", **filters: Any) -> dict:
+    def compute_quantiles(
+        self, run_id: int, layer_id: int, n_quantiles: int, method: str = "exact", **filters: Any
+    ) -> dict:
         """A new quantile set of the layer (filters: task, label, epoch, step_min, step_max)."""
         body = {"n_quantiles": n_quantiles, "method": method, **{k: v for k, v in filters.items() if v is not None}}
         return self.request("POST", f"/v1/runs/{run_id}/layers/{layer_id}/quantiles", json=body).json()
@@ -233,13 +235,20 @@ class EideticClient:
         ef_search: int = 100,
         labels: list[int] | None = None,
     ) -> list[dict]:
-        body = {"queries": np.asarray(queries, dtype=np.float32).tolist(), "k": k, "exact": exact, "ef_search": ef_search}
+        body = {
+            "queries": np.asarray(queries, dtype=np.float32).tolist(),
+            "k": k,
+            "exact": exact,
+            "ef_search": ef_search,
+        }
         if labels is not None:
             body["labels"] = labels
         return self.request("POST", f"/v1/memory-banks/{bank_id}/search", json=body).json()["results"]
 
     def changes(self, bank_id: int, since: int, limit: int = 1000) -> dict:
-        return self.request("GET", f"/v1/memory-banks/{bank_id}/changes", params={"since": since, "limit": limit}).json()
+        return self.request(
+            "GET", f"/v1/memory-banks/{bank_id}/changes", params={"since": since, "limit": limit}
+        ).json()
 
     def snapshot(self, bank_id: int) -> bytes:
         """The whole bank as Arrow IPC bytes (schema metadata: bank_version, metric), checked to be whole."""
@@ -270,7 +279,7 @@ class EideticClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "EideticClient":
+    def __enter__(self) -> EideticClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -7,6 +7,7 @@ datasketches), so nothing imports this module until a writer asks for the direct
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import TYPE_CHECKING
 
@@ -98,7 +99,5 @@ class DirectTransport:
 
 
 def _close_quietly(conn: psycopg.Connection) -> None:
-    try:
+    with contextlib.suppress(psycopg.Error):
         conn.close()
-    except psycopg.Error:
-        pass

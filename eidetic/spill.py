@@ -52,7 +52,7 @@ class SpillDirectory:
         self._bytes_held = 0
 
     @classmethod
-    def existing(cls, path: Path, max_bytes: int) -> "SpillDirectory":
+    def existing(cls, path: Path, max_bytes: int) -> SpillDirectory:
         """A spill left behind by another writer (StoreUnavailable names it), to be replayed."""
         path = Path(path)
         if not path.is_dir():

@@ -36,11 +36,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from eidetic.wire.rows import METADATA_COLUMNS, ActivationRows, concat_rows, slice_rows
 from eidetic.client import EideticAPIError, EideticClient
 from eidetic.config import MIB, ClientSettings, default_spill_dir
 from eidetic.spill import SpillDirectory, SpilledBatch
 from eidetic.transports import RestTransport, TransientError, Transport
+from eidetic.wire.rows import METADATA_COLUMNS, ActivationRows, concat_rows, slice_rows
 
 __all__ = [
     "ActivationWriter",
@@ -98,8 +98,7 @@ class StoreUnavailable(WriterError):
             else "spilling is off: undelivered rows are lost"
         )
         super().__init__(
-            f"batch {batch_id!r} failed {attempts} times in an outage of {outage_s:.1f} s; "
-            f"last error: {cause}; {kept}"
+            f"batch {batch_id!r} failed {attempts} times in an outage of {outage_s:.1f} s; last error: {cause}; {kept}"
         )
         self.batch_id = batch_id
         self.attempts = attempts
@@ -162,7 +161,7 @@ class _Batch:
 
 _CLOSE = object()
 _LINGER_EXPIRED = object()
-_open_writers: "weakref.WeakSet[ActivationWriter]" = weakref.WeakSet()
+_open_writers: weakref.WeakSet[ActivationWriter] = weakref.WeakSet()
 
 
 # ---------------------------------------------------------------- the writer
@@ -365,8 +364,11 @@ class ActivationWriter:
                     self.spill_path,
                 )
             if isinstance(self._error, StoreUnavailable) and stats.rows_failed > stats.rows_in_spill:
-                log.error("activation writer %s lost %d rows: the spill was off, full or refused by the disk",
-                          self.writer_id, stats.rows_failed - stats.rows_in_spill)
+                log.error(
+                    "activation writer %s lost %d rows: the spill was off, full or refused by the disk",
+                    self.writer_id,
+                    stats.rows_failed - stats.rows_in_spill,
+                )
         with self._lock:
             error = None if self._error_surfaced else self._error
             self._error_surfaced = True
@@ -392,7 +394,7 @@ class ActivationWriter:
         """This writer's spill directory, once it has spilled a batch (None before)."""
         return self._spill.path() if self._spill.made else None
 
-    def __enter__(self) -> "ActivationWriter":
+    def __enter__(self) -> ActivationWriter:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
@@ -510,7 +512,10 @@ class ActivationWriter:
         backpressure that fills the queue and then holds write().
         """
         batch = _Batch(
-            seq=self._seq, batch_id=f"{self.writer_id}-{self._seq}", n_rows=rows.n_rows, rows=rows,
+            seq=self._seq,
+            batch_id=f"{self.writer_id}-{self._seq}",
+            n_rows=rows.n_rows,
+            rows=rows,
             memory_bytes=_rows_nbytes(rows),
         )
         self._seq += 1
@@ -531,8 +536,12 @@ class ActivationWriter:
             first = self.stats().batches_spilled == 0
             if self._spill_to_disk(batch):  # outside the lock: the lanes go on meanwhile
                 if first:
-                    log.warning("activation writer %s: the store is unreachable and the memory backlog is full; "
-                                "spilling batches to %s", self.writer_id, batch.spilled.path.parent)
+                    log.warning(
+                        "activation writer %s: the store is unreachable and the memory backlog is full; "
+                        "spilling batches to %s",
+                        self.writer_id,
+                        batch.spilled.path.parent,
+                    )
                 with self._backlog:
                     self._append(batch)
                 return
@@ -540,9 +549,8 @@ class ActivationWriter:
 
     def _fits_in_memory(self, batch: _Batch) -> bool:
         """Room in the memory backlog, or a lane idle for it (so a batch larger than the backlog still goes)."""
-        return (
-            self._waiting_memory_bytes + batch.memory_bytes <= self.memory_backlog_bytes
-            or self._idle_lanes > len(self._waiting)
+        return self._waiting_memory_bytes + batch.memory_bytes <= self.memory_backlog_bytes or self._idle_lanes > len(
+            self._waiting
         )
 
     def _append(self, batch: _Batch) -> None:
@@ -556,8 +564,12 @@ class ActivationWriter:
         try:
             spilled = self._spill.save(batch.seq, batch.batch_id, batch.rows)
         except OSError as error:
-            log.error("activation writer %s cannot spill to %s (%s); write() blocks instead",
-                      self.writer_id, self._spill.parent, error)
+            log.error(
+                "activation writer %s cannot spill to %s (%s); write() blocks instead",
+                self.writer_id,
+                self._spill.parent,
+                error,
+            )
             self._spill.max_bytes = 0
             return False
         batch.spilled, batch.rows, batch.memory_bytes = spilled, None, 0
@@ -656,8 +668,12 @@ class ActivationWriter:
         try:
             return self._spill.path()
         except OSError as error:
-            log.error("activation writer %s cannot make a spill directory under %s: %s",
-                      self.writer_id, self._spill.parent, error)
+            log.error(
+                "activation writer %s cannot make a spill directory under %s: %s",
+                self.writer_id,
+                self._spill.parent,
+                error,
+            )
             return None
 
     def _store_failed(self, now: float) -> float:
@@ -665,8 +681,11 @@ class ActivationWriter:
         with self._backlog:
             if self._outage_since is None and self._error is None:
                 self._outage_since = now
-                log.warning("activation writer %s: the store is unreachable; retrying for up to %.3g s",
-                            self.writer_id, self.retry_budget_s)
+                log.warning(
+                    "activation writer %s: the store is unreachable; retrying for up to %.3g s",
+                    self.writer_id,
+                    self.retry_budget_s,
+                )
                 self._backlog.notify_all()  # the sender may spill from now on
             return now if self._outage_since is None else self._outage_since
 

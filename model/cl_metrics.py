@@ -15,8 +15,8 @@ Indices here are 0-based: `after=k` means "after training task k".
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -85,7 +85,7 @@ class ContinualMetrics:
     forgetting: float
 
     @classmethod
-    def of(cls, accuracy: Matrix, initial: Sequence[float] | np.ndarray) -> "ContinualMetrics":
+    def of(cls, accuracy: Matrix, initial: Sequence[float] | np.ndarray) -> ContinualMetrics:
         return cls(
             average_accuracy=average_accuracy(accuracy),
             backward_transfer=backward_transfer(accuracy),

@@ -43,10 +43,10 @@ class LabelledImages:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def select(self, index: torch.Tensor) -> "LabelledImages":
+    def select(self, index: torch.Tensor) -> LabelledImages:
         return LabelledImages(self.images[index], self.labels[index], self.mean, self.std, self.name)
 
-    def of_classes(self, classes: list[int] | range, limit: int | None = None) -> "LabelledImages":
+    def of_classes(self, classes: list[int] | range, limit: int | None = None) -> LabelledImages:
         """The samples of these classes, in data set order; the first `limit` of them if given."""
         wanted = torch.isin(self.labels, torch.as_tensor(list(classes), dtype=self.labels.dtype))
         index = torch.nonzero(wanted).squeeze(1)

@@ -71,8 +71,9 @@ class EnhancedClassifier(nn.Module):
     def read_memory(self, features: torch.Tensor) -> MemoryReadout:
         if self.memory is None:
             n = len(features)
-            return MemoryReadout(torch.full((n,), -1, dtype=torch.long, device=features.device),
-                                 torch.zeros(n, device=features.device))  # fmt: skip
+            return MemoryReadout(
+                torch.full((n,), -1, dtype=torch.long, device=features.device), torch.zeros(n, device=features.device)
+            )
         return self.memory.retrieve(features.detach())
 
     def memory_path(self, readout: MemoryReadout) -> torch.Tensor:
@@ -111,8 +112,12 @@ class SmallCNN(nn.Module):
         super().__init__()
         blocks: list[nn.Module] = []
         for width in widths:
-            blocks += [nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2)]  # fmt: skip
+            blocks += [
+                nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
             in_channels = width
         self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.num_features = widths[-1]
@@ -148,7 +153,9 @@ def make_backbone(
         raise BackboneUnavailable(f"weights file {weights} not found (nothing is downloaded)")
     overlay = {"pretrained_cfg_overlay": {"file": str(weights)}} if weights is not None else {}
     try:
-        backbone = timm.create_model(name, pretrained=weights is not None, num_classes=0, in_chans=in_channels, **overlay)
+        backbone = timm.create_model(
+            name, pretrained=weights is not None, num_classes=0, in_chans=in_channels, **overlay
+        )
     except RuntimeError as error:  # timm: "Unknown model"
         raise BackboneUnavailable(f"timm cannot build {name!r}: {error}") from error
     return backbone, int(backbone.num_features)

@@ -98,8 +98,10 @@ class GlomConfig:
         if not 1 <= self.loss_iterations <= self.iterations:
             raise ValueError("loss_iterations must lie in 1..iterations")
         if not self.linear_head and self.dim != self.n_classes:
-            raise ValueError(f"the top embedding is read as class scores: dim ({self.dim}) must equal "
-                             f"n_classes ({self.n_classes}), or set linear_head=True")
+            raise ValueError(
+                f"the top embedding is read as class scores: dim ({self.dim}) must equal "
+                f"n_classes ({self.n_classes}), or set linear_head=True"
+            )
         top_level_mix = self.mix[0] + self.mix[1] + (self.mix[3] if self.lateral != "none" else 0.0)
         if len(self.mix) != 4 or min(self.mix) < 0 or top_level_mix <= 0:
             raise ValueError("mix holds four non-negative weights, and the top level's must not all be 0")
@@ -213,7 +215,8 @@ def vote(class_scores: torch.Tensor) -> torch.Tensor:
 
 
 class ColumnMLPs(nn.Module):
-    """`groups` independent two-layer MLPs, each applied at every location: (B, G, d_in, H, W) -> (B, G, d_out, H, W)."""
+    """`groups` independent two-layer MLPs, each applied at every location:
+    (B, G, d_in, H, W) -> (B, G, d_out, H, W)."""
 
     def __init__(self, groups: int, d_in: int, d_hidden: int, d_out: int) -> None:
         super().__init__()
@@ -244,9 +247,7 @@ class Glom(nn.Module):
         read = c.window**2 * c.dim if c.window_inputs else c.dim  # what a bottom-up or top-down MLP reads
         self.bottom_up = ColumnMLPs(n_updated, read, c.hidden, c.dim)
         self.top_down = ColumnMLPs(c.levels - 2, read + c.position_dim, c.hidden, c.dim) if c.levels > 2 else None
-        self.lateral = (
-            ColumnMLPs(n_updated, c.window**2 * c.dim, c.hidden, c.dim) if c.lateral == "concat" else None
-        )
+        self.lateral = ColumnMLPs(n_updated, c.window**2 * c.dim, c.hidden, c.dim) if c.lateral == "concat" else None
         self.head = nn.Conv2d(c.dim, c.n_classes, 1) if c.linear_head else None
         self.decoder = (
             ColumnMLPs(1, c.dim + c.position_dim, c.hidden, c.in_channels * c.stride**2) if c.denoise else None

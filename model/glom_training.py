@@ -171,9 +171,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, confi
         correct = hits if correct is None else correct + hits
     n = len(labels)
     accuracies = tuple(float(c) / n for c in correct.cpu()) if correct is not None else (0.0,)
-    return Evaluation(
-        accuracy=accuracies[-1], n=n, accuracy_by_iteration=accuracies if by_iteration else None
-    )
+    return Evaluation(accuracy=accuracies[-1], n=n, accuracy_by_iteration=accuracies if by_iteration else None)
 
 
 def _flat(record: EpochRecord) -> dict[str, float]:

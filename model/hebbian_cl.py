@@ -311,7 +311,8 @@ def make_learner(arm: str, config: HebbianCLConfig, sink: KernelStatsSink | None
 def task_accuracies(
     learner: ContinualLearner, tasks: Sequence[Task], device: torch.device | str
 ) -> tuple[list[float], list[float]]:
-    """Test accuracy on every task: (class-incremental over all outputs, task-incremental masked to the task's classes)."""
+    """Test accuracy on every task: (class-incremental over all outputs, task-incremental masked to the
+    task's classes)."""
     class_incremental, task_incremental = [], []
     for task in tasks:
         images, labels = _inputs(task.test, torch.device(device))

@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("EIDETIC_PORT", 8000)))
     parser.add_argument("--data-dir", default=os.environ.get("EIDETIC_RUN_DATA_DIR", ".eidetic/pgdata"))
     parser.add_argument(
-        "--job", default=os.environ.get("EIDETIC_JOB", DEFAULT_JOB), help="module (and its arguments) run with USE_DB on"
+        "--job",
+        default=os.environ.get("EIDETIC_JOB", DEFAULT_JOB),
+        help="module (and its arguments) run with USE_DB on",
     )
     parser.add_argument("--exit-after-job", action="store_true", help="stop the service when the job ends")
     args = parser.parse_args(argv)
@@ -59,20 +61,37 @@ def main(argv: list[str] | None = None) -> int:
     base_url = f"http://127.0.0.1:{args.port}"
     env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
     service = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "up", "--no-auth", "--host", "127.0.0.1", "--port", str(args.port),
-         "--data-dir", args.data_dir],
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "up",
+            "--no-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(args.port),
+            "--data-dir",
+            args.data_dir,
+        ],
         env=env,
     )
     try:
         wait_ready(base_url, service)
-        print(f"\nEidetic is serving at {base_url} (OpenAPI at {base_url}/docs); running {args.job} with USE_DB=1\n", flush=True)
+        print(
+            f"\nEidetic is serving at {base_url} (OpenAPI at {base_url}/docs); running {args.job} with USE_DB=1\n",
+            flush=True,
+        )
         job_env = {**env, "USE_DB": "1", "EIDETIC_URL": base_url}
         job = subprocess.run([sys.executable, "-m", *shlex.split(args.job)], env=job_env)
         if job.returncode != 0:
             print(f"the job {args.job} failed with code {job.returncode}", file=sys.stderr)
         if args.exit_after_job:
             return job.returncode
-        print(f"\nStill serving at {base_url} (OpenAPI at {base_url}/docs). Ctrl-C stops the service and its database.", flush=True)
+        print(
+            f"\nStill serving at {base_url} (OpenAPI at {base_url}/docs). Ctrl-C stops the service and its database.",
+            flush=True,
+        )
         service.wait()
         return job.returncode
     except KeyboardInterrupt:

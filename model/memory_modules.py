@@ -45,7 +45,8 @@ class MemoryReadout:
 
 @dataclass(frozen=True)
 class MemoryStore:
-    """Where a memory lives in the Eidetic store: a client, and the bank's name (trainable memory: the generations' prefix)."""
+    """Where a memory lives in the Eidetic store: a client, and the bank's name (trainable memory: the
+    generations' prefix)."""
 
     client: EideticClient
     bank_name: str
@@ -120,7 +121,10 @@ class CachedMemory(nn.Module):
         self.similarity_threshold = similarity_threshold
         self.store = store
         spec = BankSpec(
-            dim=feature_dim, capacity=memory_size, metric="cosine", policy=self.policy,
+            dim=feature_dim,
+            capacity=memory_size,
+            metric="cosine",
+            policy=self.policy,
             similarity_threshold=similarity_threshold,
         )
         if store is None:
@@ -239,7 +243,8 @@ class TrainableMemory(nn.Module):
         return self._confidence_and_label(row)[0][0]
 
     def unit_keys(self, n: int | None = None) -> torch.Tensor:
-        """Normalised keys of the used slots, recomputed only when the keys have changed (an optimizer step, a write)."""
+        """Normalised keys of the used slots, recomputed only when the keys have changed (an optimizer step,
+        a write)."""
         n = self.size if n is None else n
         stamp = (self.keys._version, self.keys.data_ptr(), n)
         if self._unit_keys_of != stamp:
@@ -292,7 +297,9 @@ class TrainableMemory(nn.Module):
         first_order = int(self.next_order)
         if inserted:
             index = torch.arange(start, start + inserted, device=keys.device)
-            self._put(index, keys[:inserted], labels[:inserted], first_order + torch.arange(inserted, device=keys.device))
+            self._put(
+                index, keys[:inserted], labels[:inserted], first_order + torch.arange(inserted, device=keys.device)
+            )
             slots[:inserted] = index
             self.filled += inserted
         replaced = 0
@@ -312,7 +319,8 @@ class TrainableMemory(nn.Module):
         self.order[slots] = orders
 
     def _plan_replacements(self, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which candidates a full memory keeps (positions) and in which slots: the one-at-a-time rule, for the batch at once.
+        """Which candidates a full memory keeps (positions) and in which slots: the one-at-a-time rule, for
+        the batch at once.
 
         One at a time, an item whose best similarity to the memory (as it is by then)
         reaches the threshold is skipped; else it replaces the least confident slot, the
@@ -370,16 +378,21 @@ class TrainableMemory(nn.Module):
         if epoch in generations:  # this epoch again (a resumed run): replace it
             store.client.delete_bank(generations.pop(epoch)["id"])
         bank = store.client.create_bank(
-            name, self.feature_dim, self.capacity, metric="cosine", policy=self.policy,
-            similarity_threshold=self.similarity_threshold, value_dim=self.num_classes,
+            name,
+            self.feature_dim,
+            self.capacity,
+            metric="cosine",
+            policy=self.policy,
+            similarity_threshold=self.similarity_threshold,
+            value_dim=self.num_classes,
         )
         if n:
             keys = self.keys[slots].detach().float().cpu()
             values = self.values[slots].detach().float().cpu()
             confidence, label = self._confidence_and_label(values)
             items = [
-                {"key": k, "label": l, "value": v, "confidence": c}
-                for k, l, v, c in zip(keys.tolist(), label.tolist(), values.tolist(), confidence.tolist())
+                {"key": k, "label": item_label, "value": v, "confidence": c}
+                for k, item_label, v, c in zip(keys.tolist(), label.tolist(), values.tolist(), confidence.tolist())
             ]
             result = store.client.write_items(bank["id"], items)
             if result["inserted"] != n:
@@ -403,8 +416,12 @@ class TrainableMemory(nn.Module):
             return None
         epoch = max(generations) if epoch is None else epoch
         bank = generations[epoch]
-        _check_bank(bank, BankSpec(self.feature_dim, self.capacity, "cosine", self.policy, self.similarity_threshold,
-                                   self.num_classes))  # fmt: skip
+        _check_bank(
+            bank,
+            BankSpec(
+                self.feature_dim, self.capacity, "cosine", self.policy, self.similarity_threshold, self.num_classes
+            ),
+        )
         saved = MemoryCache.from_service(store.client, int(bank["id"]), self.keys.device)
         n = saved.size
         oldest_first = torch.argsort(saved.order[:n], stable=True)
@@ -469,8 +486,13 @@ def open_bank(client: EideticClient, name: str, spec: BankSpec) -> dict:
 
 
 def _check_bank(bank: dict, spec: BankSpec) -> None:
-    wanted = {"dim": spec.dim, "capacity": spec.capacity, "metric": spec.metric, "policy": spec.policy,
-              "value_dim": spec.value_dim}  # fmt: skip
+    wanted = {
+        "dim": spec.dim,
+        "capacity": spec.capacity,
+        "metric": spec.metric,
+        "policy": spec.policy,
+        "value_dim": spec.value_dim,
+    }
     differs = {name: (bank[name], value) for name, value in wanted.items() if bank[name] != value}
     if not math.isclose(bank["similarity_threshold"], spec.similarity_threshold, rel_tol=1e-6):
         differs["similarity_threshold"] = (bank["similarity_threshold"], spec.similarity_threshold)

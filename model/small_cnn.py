@@ -48,10 +48,9 @@ class SmallCNN(nn.Module):
 
 def matched_width(parameters: int, *, in_channels: int = 1, n_classes: int = 10, max_width: int = 256) -> int:
     """The width whose SmallCNN has the parameter count nearest to `parameters`."""
+
     def count(width: int) -> int:
         w2 = 2 * width
-        return (
-            (9 * in_channels + 1) * width + (9 * width + 1) * w2 + (9 * w2 + 1) * w2 + (w2 + 1) * n_classes
-        )
+        return (9 * in_channels + 1) * width + (9 * width + 1) * w2 + (9 * w2 + 1) * w2 + (w2 + 1) * n_classes
 
     return min(range(1, max_width + 1), key=lambda width: abs(count(width) - parameters))

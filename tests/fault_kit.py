@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,18 +104,14 @@ class ChildProcess:
         if self.process.poll() is None:
             self.send(signal.SIGCONT)  # a frozen child cannot act on the signal
             self.process.send_signal(signum)
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill()
 
 
 def _signal(pid: int, signum: int) -> None:
-    try:
+    with suppress(ProcessLookupError):
         os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def _children(parent: int) -> list[int]:
@@ -156,7 +152,9 @@ class PostgresChild(ChildProcess):
             shutil.chown(self.pgdata, self.user)
         subprocess.run(
             [str(binaries() / "initdb"), "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8", "-U", "postgres"],
-            check=True, capture_output=True, user=self.user,
+            check=True,
+            capture_output=True,
+            user=self.user,
         )
 
     def url(self, database: str = "postgres") -> str:
@@ -166,8 +164,15 @@ class PostgresChild(ChildProcess):
         """Starts the server (crash recovery included) and returns the monotonic time it accepted a connection."""
         self._spawn(
             [
-                str(binaries() / "postgres"), "-D", str(self.pgdata), "-p", str(self.port),
-                "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
+                str(binaries() / "postgres"),
+                "-D",
+                str(self.pgdata),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
             ],
             user=self.user,
         )
@@ -457,9 +462,7 @@ def audit(database_url: str, layer_id: int, sent: dict[str, Batch], acknowledged
     with psycopg.connect(database_url) as conn:
         register_vector(conn)
         ledger = dict(
-            conn.execute(
-                "SELECT id, batch_id FROM ingest_batches WHERE layer_id = %s", (layer_id,)
-            ).fetchall()
+            conn.execute("SELECT id, batch_id FROM ingest_batches WHERE layer_id = %s", (layer_id,)).fetchall()
         )
         rows: dict[int, list[tuple[int, np.ndarray]]] = {seq: [] for seq in ledger}
         orphans = 0
@@ -553,7 +556,8 @@ def fill_layer(api: ApiChild, run_id: int, layer_id: int, n_batches: int, rows: 
             batch = make_batch(99, seq, rows, dim)
             answer = client.post(
                 f"/v1/runs/{run_id}/layers/{layer_id}/activations",
-                content=batch.body, headers={"content-type": ARROW_STREAM},
+                content=batch.body,
+                headers={"content-type": ARROW_STREAM},
             )
             assert answer.status_code == 201, answer.text
     return n_batches * rows
@@ -578,8 +582,15 @@ class TrialResult:
 
 
 def ingest_trial(
-    bed: FaultBed, fault: str, *, writers: int = 4, rows: int = 200, dim: int = 16,
-    acknowledged_first: int = 20, outage_s: float = 0.3, freeze_s: float = 3.0,
+    bed: FaultBed,
+    fault: str,
+    *,
+    writers: int = 4,
+    rows: int = 200,
+    dim: int = 16,
+    acknowledged_first: int = 20,
+    outage_s: float = 0.3,
+    freeze_s: float = 3.0,
 ) -> TrialResult:
     """Writers send batches; after `acknowledged_first` are acknowledged the fault strikes; the faulted
     process comes back (after `outage_s`, or `freeze_s` for a freeze); writing goes on until it

@@ -3,7 +3,6 @@
 import hashlib
 
 import httpx
-
 import psycopg
 import pytest
 
@@ -16,14 +15,12 @@ def test_every_v1_route_needs_a_bearer_key(service):
     assert response.status_code == 401
     assert error_of(response)["field"] == "Authorization"
 
-
     response = httpx.get(f"{service.base_url}/v1/runs")
     assert response.status_code == 401
     assert error_of(response)["code"] == "unauthenticated"
 
 
 def test_health_needs_no_key(service):
-
 
     assert httpx.get(f"{service.base_url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{service.base_url}/readyz")

@@ -28,7 +28,9 @@ def npy_bytes(array) -> bytes:
 
 
 def send(api, run_id, layer_id, content, content_type, **params):
-    return api.post(activations_path(run_id, layer_id), content=content, headers={"content-type": content_type}, params=params)
+    return api.post(
+        activations_path(run_id, layer_id), content=content, headers={"content-type": content_type}, params=params
+    )
 
 
 def test_wrong_dimension(api, layer):

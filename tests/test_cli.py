@@ -47,18 +47,27 @@ def postgres_processes(data_dir: Path) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.skipif(bool(os.environ.get("DATABASE_URL")), reason="exercises the embedded server, which DATABASE_URL replaces")
+@pytest.mark.skipif(
+    bool(os.environ.get("DATABASE_URL")), reason="exercises the embedded server, which DATABASE_URL replaces"
+)
 def test_up_serves_on_the_embedded_database_and_stops_cleanly_on_ctrl_c(tmp_path):
     data_dir = tmp_path / "pg"
     key = subprocess.run(
         [*EIDETIC, "keys", "create", "--data-dir", str(data_dir), "--project", "demo", "--scope", "write"],
-        capture_output=True, text=True, env=embedded_env(), timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        env=embedded_env(),
+        timeout=120,
+        check=True,
     ).stdout.strip()
     assert key.startswith("eid_")
     port = free_port()
     process = subprocess.Popen(
         [*EIDETIC, "up", "--port", str(port), "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=embedded_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=embedded_env(),
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -78,7 +87,10 @@ def test_up_serves_on_the_embedded_database_and_stops_cleanly_on_ctrl_c(tmp_path
     # the data outlives the process: a second start sees the run
     process = subprocess.Popen(
         [*EIDETIC, "up", "--port", str(port), "--data-dir", str(data_dir), "--no-auth"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=embedded_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=embedded_env(),
     )
     try:
         wait_ready(base_url, process)
@@ -92,7 +104,10 @@ def test_up_serves_on_the_embedded_database_and_stops_cleanly_on_ctrl_c(tmp_path
 def test_no_auth_is_refused_off_loopback(tmp_path):
     result = subprocess.run(
         [*EIDETIC, "up", "--host", "0.0.0.0", "--no-auth", "--data-dir", str(tmp_path / "pg")],
-        capture_output=True, text=True, env=embedded_env(), timeout=60,
+        capture_output=True,
+        text=True,
+        env=embedded_env(),
+        timeout=60,
     )
     assert result.returncode == 2
     assert "only on a loopback address" in result.stderr
@@ -103,7 +118,9 @@ def test_migrate_up_and_down_through_the_cli(empty_database_url):
     env = {**os.environ, "DATABASE_URL": empty_database_url}
     up = subprocess.run([*EIDETIC, "migrate"], capture_output=True, text=True, env=env, timeout=120)
     assert up.returncode == 0 and f"schema at {migrate.head_revision()}" in up.stdout
-    down = subprocess.run([*EIDETIC, "migrate", "--downgrade", "base"], capture_output=True, text=True, env=env, timeout=120)
+    down = subprocess.run(
+        [*EIDETIC, "migrate", "--downgrade", "base"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert down.returncode == 0 and "schema at base" in down.stdout
 
 
@@ -112,18 +129,26 @@ def test_serve_without_database_url_explains_itself():
     assert result.returncode == 2 and "needs DATABASE_URL" in result.stderr
 
 
-@pytest.mark.skipif(bool(os.environ.get("DATABASE_URL")), reason="exercises the embedded server, which DATABASE_URL replaces")
+@pytest.mark.skipif(
+    bool(os.environ.get("DATABASE_URL")), reason="exercises the embedded server, which DATABASE_URL replaces"
+)
 def test_data_dir_flag_and_environment_name_the_same_directory(tmp_path):
     data_dir = tmp_path / "pg"
     made = subprocess.run(
         [*EIDETIC, "keys", "create", "--project", "demo", "--scope", "read"],
-        capture_output=True, text=True, env={**embedded_env(), "EIDETIC_DATA_DIR": str(data_dir)}, timeout=120,
+        capture_output=True,
+        text=True,
+        env={**embedded_env(), "EIDETIC_DATA_DIR": str(data_dir)},
+        timeout=120,
     )
     assert made.returncode == 0, made.stderr
     assert (data_dir / "PG_VERSION").exists(), "EIDETIC_DATA_DIR names the server's own data directory"
     listed = subprocess.run(
         [*EIDETIC, "keys", "list", "--data-dir", str(data_dir)],
-        capture_output=True, text=True, env=embedded_env(), timeout=120,
+        capture_output=True,
+        text=True,
+        env=embedded_env(),
+        timeout=120,
     )
     assert listed.returncode == 0 and made.stdout.strip().split("_")[1] in listed.stdout
 

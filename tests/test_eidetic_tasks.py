@@ -33,7 +33,9 @@ def experiment_env(service, monkeypatch, tmp_path):
     return tmp_path
 
 
-def test_use_db_on_and_off_give_the_same_metrics_and_the_store_holds_the_run(experiment_env, service, monkeypatch, capsys):
+def test_use_db_on_and_off_give_the_same_metrics_and_the_store_holds_the_run(
+    experiment_env, service, monkeypatch, capsys
+):
     monkeypatch.setenv("USE_DB", "0")
     offline = eidetic_tasks.main([*ARGS, "--out-dir", "offline"])
     monkeypatch.setenv("USE_DB", "1")
@@ -44,7 +46,11 @@ def test_use_db_on_and_off_give_the_same_metrics_and_the_store_holds_the_run(exp
     assert on["quantiles"]["rows"] == off["quantiles"]["rows"] == 24
     assert on["arms"] == off["arms"]
     assert set(on["arms"]) == {"baseline", "eidetic"} and on["arms"]["eidetic"]["n_quantiles"] == 3
-    assert on["arms"]["eidetic"]["trainable_parameters"] == 3 * on["arms"]["baseline"]["trainable_parameters"] == 3 * 36 * 36
+    assert (
+        on["arms"]["eidetic"]["trainable_parameters"]
+        == 3 * on["arms"]["baseline"]["trainable_parameters"]
+        == 3 * 36 * 36
+    )
     # the Task A phase is shared: both arms start Task B from the same accuracies
     assert on["arms"]["baseline"]["accuracy_matrix"][0] == on["arms"]["eidetic"]["accuracy_matrix"][0]
 
@@ -62,7 +68,9 @@ def test_use_db_on_and_off_give_the_same_metrics_and_the_store_holds_the_run(exp
     assert off["quantiles"]["set_id"] is None and on["quantiles"]["set_id"] is not None
     assert stored_rows(service.database_url, on["layer_id"]) == 24
     with psycopg.connect(service.database_url) as conn:
-        name, status, config = conn.execute("SELECT name, status, config FROM runs WHERE id = %s", (on["run_id"],)).fetchone()
+        name, status, config = conn.execute(
+            "SELECT name, status, config FROM runs WHERE id = %s", (on["run_id"],)
+        ).fetchone()
         tasks = conn.execute("SELECT DISTINCT task FROM activations WHERE layer_id = %s", (on["layer_id"],)).fetchall()
     assert (name, status, config["num_quantiles"], config["dataset"]) == ("tiny", "finished", 3, "digits")
     assert tasks == [("B",)]
@@ -85,8 +93,13 @@ def test_one_quantile_runs_the_baseline_alone():
 
 def test_the_summary_gives_mean_and_spread_over_seeds():
     def fake_run(accuracy: float) -> dict:
-        arm = {"accuracy_matrix": [[accuracy, 0.0], [0.0, accuracy]], "average_accuracy": accuracy / 2,
-               "backward_transfer": -accuracy, "forward_transfer": 0.0, "forgetting": accuracy}  # fmt: skip
+        arm = {
+            "accuracy_matrix": [[accuracy, 0.0], [0.0, accuracy]],
+            "average_accuracy": accuracy / 2,
+            "backward_transfer": -accuracy,
+            "forward_transfer": 0.0,
+            "forgetting": accuracy,
+        }
         return {"arms": {"baseline": {**arm, "task_aware": arm}}}
 
     summary = eidetic_tasks.summarise([fake_run(0.6), fake_run(0.8), fake_run(1.0)])
@@ -105,7 +118,9 @@ def test_task_labels_follow_the_seeds_layout(monkeypatch):
     config = eidetic_tasks.TasksConfig(dataset="digits", task_a_subset_cardinality=30, task_b_subset_cardinality=20)
     task_a, task_b = eidetic_tasks.load_tasks(config, None)
     assert task_a.outputs == (26, 27, 28, 29, 30) and task_b.outputs == (0, 1, 2, 3, 4)
-    assert set(task_a.train_labels.tolist()) <= set(task_a.outputs) and set(task_b.test_labels.tolist()) <= set(task_b.outputs)
+    assert set(task_a.train_labels.tolist()) <= set(task_a.outputs) and set(task_b.test_labels.tolist()) <= set(
+        task_b.outputs
+    )
     assert (len(task_a.train_labels), len(task_b.train_labels)) == (30, 20)
     assert task_a.train_images.shape[1:] == (1, 28, 28)
     raw = data.load_digits_28(train=True)

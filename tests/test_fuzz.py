@@ -17,12 +17,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings as hsettings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
-from eidetic.wire.formats import ARROW_STREAM, NPY
 from app.settings import Settings
+from eidetic.wire.formats import ARROW_STREAM, NPY
 from tests.conftest import start_service, stop_service
 
 BINARY_MEDIA = (ARROW_STREAM, NPY)
@@ -89,6 +90,19 @@ def _schema_with_logical_binary_bodies(schema: dict) -> dict:
     return schema
 
 
+def fuzz_with_body(operation, media: str, path_parameters: dict[str, int], checks: list):
+    """A hypothesis test of one operation whose body is sent as `media` to an existing layer."""
+
+    @hsettings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(case=operation.as_strategy(media_type=media))
+    def fuzz(case):
+        case.path_parameters = dict(path_parameters)
+        case.media_type = media  # as_strategy picks any documented media type; pin this one
+        case.call_and_validate(checks=checks)
+
+    return fuzz
+
+
 @pytest.fixture
 def open_service(database_url):
     """The service with auth off (loopback), so generated requests reach the routes' own checks."""
@@ -129,16 +143,8 @@ def test_no_generated_input_produces_a_server_error_or_an_undocumented_answer(op
             failures.append(f"{operation.label}: {str(error)[:600]}")
     for operation in binary:
         for media in BINARY_MEDIA:
-
-            @hsettings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-            @given(case=operation.as_strategy(media_type=media))
-            def fuzz_binary(case):
-                case.path_parameters = dict(small_layer)
-                case.media_type = media  # as_strategy picks any documented media type; pin this one
-                case.call_and_validate(checks=checks)
-
             try:
-                fuzz_binary()
+                fuzz_with_body(operation, media, small_layer, checks)()
             except Exception as error:
                 failures.append(f"{operation.label} as {media}: {str(error)[:600]}")
     assert not failures, "\n\n".join(failures)

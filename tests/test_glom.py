@@ -218,11 +218,31 @@ def test_the_cnn_baseline_matches_the_glom_parameter_count_and_learns() -> None:
 def test_the_experiment_writes_results_a_plot_and_islands(tmp_path) -> None:
     from model.experiments import glom as experiment
 
-    summary = experiment.main([
-        "--dataset", "digits8", "--iterations", "2", "--levels", "3", "--hidden", "8", "--column", "patch",
-        "--epochs", "1", "--train-limit", "16", "--test-limit", "8", "--island-images", "2",
-        "--out-dir", str(tmp_path), "--no-progress",
-    ])
+    summary = experiment.main(
+        [
+            "--dataset",
+            "digits8",
+            "--iterations",
+            "2",
+            "--levels",
+            "3",
+            "--hidden",
+            "8",
+            "--column",
+            "patch",
+            "--epochs",
+            "1",
+            "--train-limit",
+            "16",
+            "--test-limit",
+            "8",
+            "--island-images",
+            "2",
+            "--out-dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert set(summary["results"]) == {"glom", "glom-concat", "cnn"}
     assert len(summary["results"]["glom"]["accuracy_by_iteration"]) == 2
     assert (tmp_path / "results.json").exists() and (tmp_path / "accuracy_by_iteration.png").stat().st_size > 0

@@ -4,14 +4,13 @@ import io
 import threading
 
 import httpx
-
 import numpy as np
-import pyarrow as pa
 import psycopg
+import pyarrow as pa
 
-from eidetic.wire.formats import ARROW_STREAM, NPY
 from app.ingest import ingest
 from app.runs import find_layer
+from eidetic.wire.formats import ARROW_STREAM, NPY
 from tests.helpers import (
     activations_path,
     error_of,
@@ -26,7 +25,10 @@ from tests.helpers import (
 def read_all(api, run_id, layer_id, **params) -> list[dict]:
     rows, cursor = [], None
     while True:
-        page = api.get(activations_path(run_id, layer_id), params={**params, "limit": 1000, **({"cursor": cursor} if cursor else {})}).json()
+        page = api.get(
+            activations_path(run_id, layer_id),
+            params={**params, "limit": 1000, **({"cursor": cursor} if cursor else {})},
+        ).json()
         rows += page["rows"]
         cursor = page["next_cursor"]
         if cursor is None:
@@ -117,9 +119,7 @@ def test_a_batch_that_fails_midway_leaves_nothing_behind(service, api):
     run_id, layer_id = make_layer(api, dim=4)
     with psycopg.connect(service.database_url) as conn:
         layer = find_layer(conn, layer_id)
-        conn.execute(
-            "ALTER TABLE activations ADD CONSTRAINT label_small CHECK (label IS NULL OR label < 100)"
-        )
+        conn.execute("ALTER TABLE activations ADD CONSTRAINT label_small CHECK (label IS NULL OR label < 100)")
         conn.commit()
         labels = np.arange(500)  # rows past 99 violate the constraint deep inside the COPY
         try:
@@ -191,7 +191,9 @@ def test_arrow_with_variable_lists_and_dictionary_tasks_is_accepted(api):
     sink = io.BytesIO()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    response = api.post(activations_path(run_id, layer_id), content=sink.getvalue(), headers={"content-type": ARROW_STREAM})
+    response = api.post(
+        activations_path(run_id, layer_id), content=sink.getvalue(), headers={"content-type": ARROW_STREAM}
+    )
     assert response.status_code == 201, response.text
     stored = read_all(api, run_id, layer_id)
     assert [(r["task"], r["label"]) for r in stored] == [("A", 1), ("B", None)]
@@ -202,7 +204,6 @@ def test_metrics_count_requests_and_ingested_rows(service, api):
     rows = random_rows(25, 4)
     post_arrow(api, run_id, layer_id, rows, batch_id="m")
     post_arrow(api, run_id, layer_id, rows, batch_id="m")
-
 
     text = httpx.get(f"{service.base_url}/metrics").text
     assert "eidetic_ingested_rows_total 25.0" in text

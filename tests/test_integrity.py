@@ -92,7 +92,9 @@ def test_sample_id_start_may_not_run_past_int64(service, api, layer):
             "ON a.batch_seq = b.id WHERE b.batch_id = 'edge'"
         ).fetchone()[0]
         assert ids == [INT64_MAX - 1, INT64_MAX]
-        conn.execute("DELETE FROM activations WHERE batch_seq = (SELECT id FROM ingest_batches WHERE batch_id = 'edge')")
+        conn.execute(
+            "DELETE FROM activations WHERE batch_seq = (SELECT id FROM ingest_batches WHERE batch_id = 'edge')"
+        )
         conn.execute("DELETE FROM ingest_batches WHERE batch_id = 'edge'")
 
 
@@ -196,7 +198,9 @@ def cosine_bank(api):
 
 
 def test_a_zero_key_is_refused_by_a_cosine_bank(api, cosine_bank):
-    response = api.post(f"/v1/memory-banks/{cosine_bank}/items", json={"items": [{"key": [1, 1, 1]}, {"key": [0, 0, 0]}]})
+    response = api.post(
+        f"/v1/memory-banks/{cosine_bank}/items", json={"items": [{"key": [1, 1, 1]}, {"key": [0, 0, 0]}]}
+    )
     assert response.status_code == 422
     assert error_of(response)["code"] == "zero_vector" and error_of(response)["field"] == "items[1].key"
     assert api.get(f"/v1/memory-banks/{cosine_bank}").json()["size"] == 1
@@ -204,7 +208,9 @@ def test_a_zero_key_is_refused_by_a_cosine_bank(api, cosine_bank):
 
 @pytest.mark.parametrize("exact", [True, False])
 def test_a_zero_query_is_refused_by_a_cosine_bank(api, cosine_bank, exact):
-    response = api.post(f"/v1/memory-banks/{cosine_bank}/search", json={"queries": [[1, 0, 0], [0, 0, 0]], "exact": exact})
+    response = api.post(
+        f"/v1/memory-banks/{cosine_bank}/search", json={"queries": [[1, 0, 0], [0, 0, 0]], "exact": exact}
+    )
     assert response.status_code == 422
     assert error_of(response)["code"] == "zero_vector" and error_of(response)["field"] == "queries[1]"
 
@@ -214,7 +220,7 @@ def test_a_zero_key_already_stored_cannot_break_search(service, api, cosine_bank
     """Rows written before zero keys were refused: cosine similarity with them is defined as 0."""
     with psycopg.connect(service.database_url) as conn:
         conn.execute(
-            f"INSERT INTO memory_items_b{cosine_bank} (bank_id, key, label, version, inserted_version) "  # noqa: S608 - test fixture
+            f"INSERT INTO memory_items_b{cosine_bank} (bank_id, key, label, version, inserted_version) "
             "VALUES (%s, '[0,0,0]', 2, 1, 1)",
             (cosine_bank,),
         )

@@ -7,12 +7,15 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the layers are torch modules (the [train] extra)")
 
-from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
-from torch import nn  # noqa: E402
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from torch import nn
 
-from eidetic.client import EideticClient  # noqa: E402
-from eidetic.config import ClientSettings  # noqa: E402
-from model.layers import (  # noqa: E402
+from eidetic.client import EideticClient
+from eidetic.config import ClientSettings
+from eidetic.torch.quantile_cache import QuantileCache, local_boundaries
+from model.layers import (
     ActivationRecorder,
     EideticIndexedLinear,
     EideticLinear,
@@ -22,8 +25,7 @@ from model.layers import (  # noqa: E402
     freeze_all_but,
     indexed_parameters,
 )
-from eidetic.torch.quantile_cache import QuantileCache, local_boundaries  # noqa: E402
-from tests.helpers import stored_rows  # noqa: E402
+from tests.helpers import stored_rows
 
 
 def slow_bucket_linear(x, buckets, bucket_weights, bias):
@@ -153,7 +155,7 @@ def test_freezing_leaves_only_the_indexed_weights_trainable():
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = torch.optim.Adadelta(trainable, lr=1.0)
     x = model["front"](torch.randn(8, 4))
-    hidden, buckets = model["eidetic"](x)
+    hidden, _buckets = model["eidetic"](x)
     model["indexed"](hidden, torch.randint(0, 3, (8, 6))).pow(2).sum().backward()
     optimizer.step()
     changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
@@ -182,7 +184,7 @@ def test_an_eidetic_layer_records_its_pre_bias_outputs_and_emits_their_buckets()
     pre_bias = nn.functional.linear(probe, layer.weight)
     assert torch.equal(buckets, cache.bucketize(pre_bias))
     torch.testing.assert_close(out, pre_bias + layer.bias)
-    assert buckets.dtype == torch.long and 0 <= int(buckets.min()) and int(buckets.max()) <= 3
+    assert buckets.dtype == torch.long and int(buckets.min()) >= 0 and int(buckets.max()) <= 3
 
 
 def test_the_eidetic_indexed_layer_records_its_bucket_selected_outputs():
@@ -289,7 +291,9 @@ def test_the_service_computes_the_same_boundaries_as_the_local_buffer(service, a
         layer.bind_store(StoreBinding(client, run.id, stored.id, settings))
         with layer.recording(task="B"):
             for step, x in enumerate(inputs):
-                layer.annotate(sample_id=torch.arange(64) + 64 * step, label=torch.zeros(64, dtype=torch.long), step=step)
+                layer.annotate(
+                    sample_id=torch.arange(64) + 64 * step, label=torch.zeros(64, dtype=torch.long), step=step
+                )
                 layer(x)
         with layer.recording(task="A"):  # another task's rows: stored, but filtered out below
             layer(torch.randn(30, 6) + 100)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -62,7 +63,9 @@ def test_app_imports_nothing_of_model_and_never_torch():
 def test_the_direct_transport_is_the_one_place_eidetic_reaches_the_service():
     assert imported_packages(REPO / "eidetic" / "direct.py") & {"app"} == {"app"}
     writer_source = (REPO / "eidetic" / "writer.py").read_text()
-    assert "from eidetic.direct import" in writer_source.split("def open_writer", 1)[1], "imported lazily, in open_writer"
+    assert "from eidetic.direct import" in writer_source.split("def open_writer", 1)[1], (
+        "imported lazily, in open_writer"
+    )
 
 
 def run_python(code: str, cwd: Path = REPO, python: str = sys.executable) -> subprocess.CompletedProcess:
@@ -99,12 +102,36 @@ def test_import_eidetic_torch_needs_torch_and_nothing_of_the_service():
 @pytest.fixture(scope="module")
 def installed_python(tmp_path_factory) -> Path:
     """A fresh virtual environment with `pip install '.[train]'` (a built wheel, not an editable link)."""
+    source = tmp_path_factory.mktemp("source")  # a copy: building in place would leave build/ in the repo
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in listed:
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     venv = tmp_path_factory.mktemp("fresh-venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-compile", f"{REPO}[train]"],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--quiet",
+            "--no-compile",
+            f"{source}[train]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert install.returncode == 0, install.stderr[-3000:]
     return python
@@ -136,9 +163,7 @@ def test_a_training_project_with_its_own_model_and_app_writes_through_the_instal
             """
         )
     )
-    done = subprocess.run(
-        [str(installed_python), "train.py"], cwd=project, capture_output=True, text=True, timeout=300
-    )
+    done = subprocess.run([str(installed_python), "train.py"], cwd=project, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sent 250" in done.stdout
     assert stored_rows(service.database_url, layer_id) == 250

@@ -14,8 +14,15 @@ from tests.helpers import error_of
 
 
 def make_bank(api, **overrides) -> dict:
-    body = {"name": "bank", "dim": 3, "metric": "cosine", "capacity": 3, "policy": "same_class_lowest_similarity",
-            "similarity_threshold": 0.9, **overrides}
+    body = {
+        "name": "bank",
+        "dim": 3,
+        "metric": "cosine",
+        "capacity": 3,
+        "policy": "same_class_lowest_similarity",
+        "similarity_threshold": 0.9,
+        **overrides,
+    }
     response = api.post("/v1/memory-banks", json=body)
     assert response.status_code == 201, response.text
     return response.json()
@@ -78,11 +85,15 @@ def test_a_full_bank_skips_items_that_are_not_novel(api):
 
 def test_same_class_lowest_similarity_replaces_within_the_class(api):
     bank = make_bank(api, capacity=3)
-    first = write(api, bank["id"], [
-        {"key": [1, 0.3, 0], "label": 0},   # class 0, closer to the newcomer
-        {"key": [0, 0.2, 1], "label": 0},   # class 0, farther: the victim
-        {"key": [1, 0.5, 0.5], "label": 1}, # class 1, would be the overall choice otherwise
-    ])
+    first = write(
+        api,
+        bank["id"],
+        [
+            {"key": [1, 0.3, 0], "label": 0},  # class 0, closer to the newcomer
+            {"key": [0, 0.2, 1], "label": 0},  # class 0, farther: the victim
+            {"key": [1, 0.5, 0.5], "label": 1},  # class 1, would be the overall choice otherwise
+        ],
+    )
     victim = first["ids"][1]
     result = write(api, bank["id"], [{"key": [0.7, 0.7, 0], "label": 0}])
     assert (result["inserted"], result["replaced"], result["skipped"]) == (0, 1, 0)
@@ -99,11 +110,15 @@ def test_same_class_falls_back_to_the_lowest_similarity_overall(api):
 
 def test_least_confident_replaces_the_least_confident_item(api):
     bank = make_bank(api, capacity=3, policy="least_confident")
-    first = write(api, bank["id"], [
-        {"key": E1, "label": 0, "confidence": 0.9},
-        {"key": E2, "label": 1, "confidence": 0.2},
-        {"key": E3, "label": 2, "confidence": 0.5},
-    ])
+    first = write(
+        api,
+        bank["id"],
+        [
+            {"key": E1, "label": 0, "confidence": 0.9},
+            {"key": E2, "label": 1, "confidence": 0.2},
+            {"key": E3, "label": 2, "confidence": 0.5},
+        ],
+    )
     result = write(api, bank["id"], [{"key": [1, 1, 1], "label": 3, "confidence": 0.7}])
     assert result["ids"] == [first["ids"][1]]
     result = write(api, bank["id"], [{"key": [1, -1, 1], "label": 4, "confidence": 0.1}])
@@ -121,7 +136,9 @@ def test_fifo_replaces_the_oldest(api):
 
 def test_items_of_one_batch_see_each_other(api):
     bank = make_bank(api, capacity=2)
-    result = write(api, bank["id"], [{"key": E1, "label": 0}, {"key": E2, "label": 0}, {"key": [1, 0.05, 0], "label": 0}])
+    result = write(
+        api, bank["id"], [{"key": E1, "label": 0}, {"key": E2, "label": 0}, {"key": [1, 0.05, 0], "label": 0}]
+    )
     assert (result["inserted"], result["skipped"]) == (2, 1)  # the third is a near copy of the first
 
 
@@ -138,8 +155,9 @@ def test_capacity_holds_and_versions_only_grow_under_four_concurrent_writers(ser
         with service.client() as client:
             for _ in range(10):
                 keys = rng.standard_normal((12, 8)).tolist()
-                response = client.post(f"/v1/memory-banks/{bank['id']}/items",
-                                       json={"items": [{"key": k, "label": index} for k in keys]})
+                response = client.post(
+                    f"/v1/memory-banks/{bank['id']}/items", json={"items": [{"key": k, "label": index} for k in keys]}
+                )
                 if response.status_code != 200:
                     failures.append(response.text)
                 else:
@@ -173,7 +191,9 @@ def test_exact_search_is_the_true_top_k(api, metric):
     bank = make_bank(api, dim=16, capacity=1000, metric=metric, policy="none")
     ids = write(api, bank["id"], [{"key": k.tolist(), "label": i % 7} for i, k in enumerate(keys)])["ids"]
     queries = rng.standard_normal((20, 16)).astype(np.float32)
-    response = api.post(f"/v1/memory-banks/{bank['id']}/search", json={"queries": queries.tolist(), "k": 5, "exact": True})
+    response = api.post(
+        f"/v1/memory-banks/{bank['id']}/search", json={"queries": queries.tolist(), "k": 5, "exact": True}
+    )
     results = response.json()["results"]
     for query, result in zip(queries, results):
         sims = similarities(metric, keys, query)
@@ -188,7 +208,7 @@ def test_hnsw_search_agrees_with_exact_and_a_label_filter_never_comes_back_short
     keys = rng.standard_normal((2000, 32)).astype(np.float32)
     labels = np.where(np.arange(2000) % 100 == 0, 99, np.arange(2000) % 5)  # label 99 is rare (20 items)
     bank = make_bank(api, dim=32, capacity=5000, policy="none")
-    write(api, bank["id"], [{"key": k.tolist(), "label": int(l)} for k, l in zip(keys, labels)])
+    write(api, bank["id"], [{"key": k.tolist(), "label": int(label)} for k, label in zip(keys, labels)])
     queries = rng.standard_normal((50, 32)).tolist()
     url = f"/v1/memory-banks/{bank['id']}/search"
     exact = api.post(url, json={"queries": queries, "k": 10, "exact": True}).json()["results"]
@@ -201,7 +221,9 @@ def test_hnsw_search_agrees_with_exact_and_a_label_filter_never_comes_back_short
 
 def test_prediction_is_a_similarity_weighted_vote(api):
     bank = make_bank(api, capacity=10, policy="none")
-    write(api, bank["id"], [{"key": E1, "label": 1}, {"key": [1, 0.2, 0], "label": 2}, {"key": [1, 0.25, 0], "label": 2}])
+    write(
+        api, bank["id"], [{"key": E1, "label": 1}, {"key": [1, 0.2, 0], "label": 2}, {"key": [1, 0.25, 0], "label": 2}]
+    )
     result = api.post(f"/v1/memory-banks/{bank['id']}/search", json={"queries": [E1], "k": 3, "exact": True}).json()
     answer = result["results"][0]
     assert answer["prediction"] == 2  # two close neighbours outvote the single closest
@@ -234,7 +256,12 @@ def test_the_change_feed_follows_every_change_in_version_order(api):
     deleted = api.delete(f"/v1/memory-banks/{bank['id']}/items/{first['ids'][1]}").json()["version"]
     feed = api.get(url, params={"since": 2}).json()
     assert feed["items"] == [] and feed["tombstones"] == [{"id": first["ids"][1], "version": deleted}]
-    assert api.get(url, params={"since": deleted}).json() == {"items": [], "tombstones": [], "version": 3, "next_since": None}
+    assert api.get(url, params={"since": deleted}).json() == {
+        "items": [],
+        "tombstones": [],
+        "version": 3,
+        "next_since": None,
+    }
 
 
 def test_the_change_feed_pages_at_version_boundaries(api):
@@ -291,16 +318,23 @@ def test_bad_bank_input_is_named_and_changes_nothing(api, path, body, field):
 def test_nan_keys_and_queries_are_refused(api):
     bank = make_bank(api)
     for path, body in (("items", b'{"items": [{"key": [1, NaN, 0]}]}'), ("search", b'{"queries": [[1, 0, Infinity]]}')):
-        response = api.post(f"/v1/memory-banks/{bank['id']}/{path}", content=body, headers={"content-type": "application/json"})
+        response = api.post(
+            f"/v1/memory-banks/{bank['id']}/{path}", content=body, headers={"content-type": "application/json"}
+        )
         assert response.status_code == 422 and error_of(response)["code"] == "non_finite_value"
     assert api.get(f"/v1/memory-banks/{bank['id']}").json()["version"] == 0
 
 
-@pytest.mark.parametrize("body", [
-    {"name": "x", "dim": 0, "capacity": 1}, {"name": "x", "dim": 3000, "capacity": 1},
-    {"name": "x", "dim": 3, "capacity": 0}, {"name": "x", "dim": 3, "capacity": 1, "metric": "hamming"},
-    {"name": "x", "dim": 3, "capacity": 1, "policy": "random"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "x", "dim": 0, "capacity": 1},
+        {"name": "x", "dim": 3000, "capacity": 1},
+        {"name": "x", "dim": 3, "capacity": 0},
+        {"name": "x", "dim": 3, "capacity": 1, "metric": "hamming"},
+        {"name": "x", "dim": 3, "capacity": 1, "policy": "random"},
+    ],
+)
 def test_bad_bank_definitions(api, body):
     assert api.post("/v1/memory-banks", json=body).status_code == 422
 

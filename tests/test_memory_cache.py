@@ -18,10 +18,14 @@ def client(service):
 
 def bank_contents(client, bank_id) -> set[tuple]:
     import io
+
     import pyarrow as pa
 
     table = pa.ipc.open_stream(io.BytesIO(client.snapshot(bank_id))).read_all()
-    return {(row["id"], row["label"], tuple(np.round(np.array(row["key"], dtype=np.float32).astype(np.float64), 5))) for row in table.to_pylist()}
+    return {
+        (row["id"], row["label"], tuple(np.round(np.array(row["key"], dtype=np.float32).astype(np.float64), 5)))
+        for row in table.to_pylist()
+    }
 
 
 def cache_contents(cache: MemoryCache) -> set[tuple]:
@@ -29,8 +33,8 @@ def cache_contents(cache: MemoryCache) -> set[tuple]:
     keys = cache.keys[:n].cpu().numpy().astype(np.float64)
     labels = cache.labels[:n].tolist()
     return {
-        (int(i), None if l == NO_LABEL else l, tuple(np.round(k, 5)))
-        for i, l, k in zip(cache.ids[:n].tolist(), labels, keys)
+        (int(i), None if label == NO_LABEL else label, tuple(np.round(k, 5)))
+        for i, label, k in zip(cache.ids[:n].tolist(), labels, keys)
     }
 
 
@@ -50,10 +54,14 @@ def test_a_device_only_cache_decides_exactly_as_the_service(client, policy):
     bank = client.create_bank(f"b-{policy}", 8, 30, **options)
     local = MemoryCache(BankSpec(dim=8, capacity=30, **options))  # no client: the device alone
     for keys, labels, confidences in clustered_batches(1):
-        items = [{"key": k.tolist(), "label": l, "confidence": c} for k, l, c in zip(keys, labels, confidences)]
+        items = [{"key": k.tolist(), "label": label, "confidence": c} for k, label, c in zip(keys, labels, confidences)]
         served = client.write_items(bank["id"], items)
         applied = local.write(torch.from_numpy(keys), labels, confidences=confidences)
-        assert (applied.inserted, applied.replaced, applied.skipped) == (served["inserted"], served["replaced"], served["skipped"])
+        assert (applied.inserted, applied.replaced, applied.skipped) == (
+            served["inserted"],
+            served["replaced"],
+            served["skipped"],
+        )
     stored = {(label, key) for _, label, key in bank_contents(client, bank["id"])}
     cached = {(label, key) for _, label, key in cache_contents(local)}
     assert stored == cached

@@ -16,9 +16,17 @@ from model.experiments import memory_classifier as experiment
 from model.experiments.memory_classifier import MemoryClassifierConfig, load_data, run_once
 
 TINY = MemoryClassifierConfig(
-    dataset="digits", memory_size=48, epochs=2, batch_size=32, widths=(4, 8), train_limit=128, test_limit=48,
-    eval_batch_size=48, speed_batches=1, speed_repeats=1,
-)  # fmt: skip
+    dataset="digits",
+    memory_size=48,
+    epochs=2,
+    batch_size=32,
+    widths=(4, 8),
+    train_limit=128,
+    test_limit=48,
+    eval_batch_size=48,
+    speed_batches=1,
+    speed_repeats=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +48,36 @@ def history(result: dict) -> list[dict]:
 
 def test_the_command_line_runs_every_memory_kind_and_writes_metrics_and_plots(tmp_path, monkeypatch):
     monkeypatch.setenv("USE_DB", "0")
-    metrics = experiment.main([
-        "--dataset", "digits", "--memory", "cached", "trainable", "none", "--epochs", "2", "--memory-size", "64",
-        "--widths", "4", "8", "--train-limit", "128", "--test-limit", "48", "--speed-batches", "1",
-        "--out-dir", str(tmp_path), "--no-progress", "--threshold", "0.9", "--similarity-threshold", "0.8",
-    ])  # fmt: skip
+    metrics = experiment.main(
+        [
+            "--dataset",
+            "digits",
+            "--memory",
+            "cached",
+            "trainable",
+            "none",
+            "--epochs",
+            "2",
+            "--memory-size",
+            "64",
+            "--widths",
+            "4",
+            "8",
+            "--train-limit",
+            "128",
+            "--test-limit",
+            "48",
+            "--speed-batches",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+            "--no-progress",
+            "--threshold",
+            "0.9",
+            "--similarity-threshold",
+            "0.8",
+        ]
+    )
     saved = json.loads((tmp_path / "memory_classifier_digits.json").read_text())
     assert saved["summary"].keys() == {"cached", "trainable", "none"} == metrics["summary"].keys()
     assert saved["config"]["confidence_threshold"] == 0.9 and saved["config"]["similarity_threshold"] == 0.8

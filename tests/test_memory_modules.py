@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from eidetic.client import EideticClient
-from model.enhanced_classifier import EnhancedClassifier
 from eidetic.torch.memory_cache import BankSpec, MemoryCache
+from model.enhanced_classifier import EnhancedClassifier
 from model.memory_modules import (
     BankMismatch,
     CachedMemory,
@@ -126,7 +126,9 @@ def test_among_equally_confident_slots_the_oldest_goes_first_and_a_batch_follows
     spread=st.floats(0.1, 1.5),
     written_confidence=st.floats(0.4, 0.99),
 )
-def test_trainable_writes_decide_as_the_services_least_confident_policy(seed, capacity, threshold, spread, written_confidence):
+def test_trainable_writes_decide_as_the_services_least_confident_policy(
+    seed, capacity, threshold, spread, written_confidence
+):
     """The batch-at-once plan equals the one-at-a-time rule the service (and MemoryCache) apply."""
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -141,7 +143,11 @@ def test_trainable_writes_decide_as_the_services_least_confident_policy(seed, ca
         ours = memory.write(keys, classes)
         theirs = reference.write(keys, classes.tolist(), confidences=written * size)
         assert (ours.slots, ours.inserted, ours.replaced, ours.skipped) == (
-            theirs.slots, theirs.inserted, theirs.replaced, theirs.skipped)  # fmt: skip
+            theirs.slots,
+            theirs.inserted,
+            theirs.replaced,
+            theirs.skipped,
+        )
         with torch.no_grad():  # training moves some slots' confidences
             moved = torch.rand(memory.size, generator=generator) < 0.4
             memory.values[: memory.size][moved] += torch.randn(int(moved.sum()), 3, generator=generator)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from eidetic.client import EideticClient
@@ -20,8 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @settings(max_examples=60, deadline=None)
 @given(
-    matrix=hnp.arrays(np.float32, st.tuples(st.integers(1, 80), st.integers(1, 6)),
-                      elements=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(-100, 100, width=32))),
+    matrix=hnp.arrays(
+        np.float32,
+        st.tuples(st.integers(1, 80), st.integers(1, 6)),
+        elements=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(-100, 100, width=32)),
+    ),
     n_quantiles=st.integers(2, 30),
 )
 def test_local_boundaries_are_numpy_inverted_cdf(matrix, n_quantiles):
@@ -32,7 +36,8 @@ def test_local_boundaries_are_numpy_inverted_cdf(matrix, n_quantiles):
 def per_unit_bucketize(probe: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
     """The reference: torch.bucketize(right=False) one unit at a time."""
     return torch.stack(
-        [torch.bucketize(probe[:, u].contiguous(), boundaries[u], right=False) for u in range(boundaries.shape[0])], dim=1
+        [torch.bucketize(probe[:, u].contiguous(), boundaries[u], right=False) for u in range(boundaries.shape[0])],
+        dim=1,
     )
 
 

@@ -1,11 +1,14 @@
-"""Quantiles: exact equals numpy's inverted CDF; sketches keep their stated rank error; buckets count boundaries below."""
+"""Quantiles: exact equals numpy's inverted CDF; sketches keep their stated rank error; buckets count
+boundaries below."""
 
 from __future__ import annotations
 
 import numpy as np
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from app import quantiles, runs
@@ -13,9 +16,9 @@ from app.database import connect
 from app.ingest import ingest
 from app.keys import ensure_project
 from app.query import ActivationFilter
-from eidetic.wire.rows import ActivationRows
 from app.settings import Settings
 from app.sketches import merged_sketches
+from eidetic.wire.rows import ActivationRows
 from tests.helpers import error_of, make_layer, post_arrow, random_rows
 
 MEMORY = 1 << 30
@@ -55,7 +58,9 @@ def test_exact_boundaries_equal_numpy_inverted_cdf(matrix, n_quantiles):
 
 
 @given(
-    boundaries=hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 9)), elements=st.floats(-10, 10, width=32)),
+    boundaries=hnp.arrays(
+        np.float32, st.tuples(st.integers(1, 4), st.integers(1, 9)), elements=st.floats(-10, 10, width=32)
+    ),
     data=st.data(),
 )
 def test_bucket_is_the_number_of_boundaries_strictly_below(boundaries, data):
@@ -75,12 +80,19 @@ def test_bucket_is_the_number_of_boundaries_strictly_below(boundaries, data):
 
 
 def test_buckets_match_torch_bucketize():
-    torch = pytest.importorskip("torch", reason="torch is the [train] extra; the semantics are checked above without it")
+    torch = pytest.importorskip(
+        "torch", reason="torch is the [train] extra; the semantics are checked above without it"
+    )
     rng = np.random.default_rng(1)
     boundaries = np.sort(rng.standard_normal((3, 9)).astype(np.float32), axis=1)
     values = np.concatenate([rng.standard_normal((50, 3)).astype(np.float32), boundaries[:, :3].T])
     expected = np.stack(
-        [torch.bucketize(torch.from_numpy(np.ascontiguousarray(values[:, u])), torch.from_numpy(boundaries[u]), right=False).numpy() for u in range(3)],
+        [
+            torch.bucketize(
+                torch.from_numpy(np.ascontiguousarray(values[:, u])), torch.from_numpy(boundaries[u]), right=False
+            ).numpy()
+            for u in range(3)
+        ],
         axis=1,
     )
     np.testing.assert_array_equal(quantiles.bucketize(boundaries, values), expected)
@@ -90,7 +102,11 @@ def test_buckets_match_torch_bucketize():
 
 
 @hsettings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(matrix=matrices, n_quantiles=st.integers(2, 12), tasks=st.lists(st.sampled_from(["A", "B"]), min_size=60, max_size=60))
+@given(
+    matrix=matrices,
+    n_quantiles=st.integers(2, 12),
+    tasks=st.lists(st.sampled_from(["A", "B"]), min_size=60, max_size=60),
+)
 def test_stored_exact_quantiles_equal_numpy(conn, matrix, n_quantiles, tasks):
     layer = new_layer(conn, matrix.shape[1], f"run-{np.random.default_rng().integers(1 << 62)}")
     task = np.array(tasks[: len(matrix)])
@@ -202,7 +218,12 @@ def test_quantile_errors(service, api):
     set_id = api.post(base, json={"n_quantiles": 4}).json()["id"]
     bucketize = f"/v1/quantile-sets/{set_id}/bucketize"
     assert error_of(api.post(bucketize, json={"values": [[1, 2]]}))["field"] == "values[0]"
-    assert error_of(api.post(bucketize, content=b'{"values": [[1, NaN, 2]]}', headers={"content-type": "application/json"}))["code"] == "non_finite_value"
+    assert (
+        error_of(
+            api.post(bucketize, content=b'{"values": [[1, NaN, 2]]}', headers={"content-type": "application/json"})
+        )["code"]
+        == "non_finite_value"
+    )
     assert api.post(bucketize, json={"values": []}).status_code == 422
     assert api.get("/v1/quantile-sets/999999").status_code == 404
     with service.client(service.new_key("beta", "admin")) as other:

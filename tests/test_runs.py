@@ -40,7 +40,7 @@ def test_layers_have_a_name_and_a_dimension(api):
     assert api.post(f"/v1/runs/{run_id}/layers", json={"name": "eidetic", "dim": 3}).status_code == 409
     assert api.post(f"/v1/runs/{run_id}/layers", json={"name": "wide", "dim": 0}).status_code == 422
     assert api.post(f"/v1/runs/{run_id}/layers", json={"name": "huge", "dim": 16_001}).status_code == 422
-    assert [l["name"] for l in api.get(f"/v1/runs/{run_id}/layers").json()["layers"]] == ["eidetic"]
+    assert [layer["name"] for layer in api.get(f"/v1/runs/{run_id}/layers").json()["layers"]] == ["eidetic"]
 
 
 def test_deleting_a_run_drops_its_partition_and_keeps_other_runs(service, api):

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("torch", reason="the demo trains a torch model (the [train] extra)")
 pytest.importorskip("sklearn", reason="the demo's data is scikit-learn's bundled digits (the [train] extra)")
 
-from model.experiments import stream_demo  # noqa: E402
+from model.experiments import stream_demo
 
 
 @pytest.fixture

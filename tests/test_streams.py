@@ -307,9 +307,8 @@ def test_a_statement_timeout_after_the_200_breaks_the_stream_off(api, service):
                 assert response.status_code == 200  # sent before the rows are read
                 with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
                     read_raw(response)
-        with rest_client(service, base_url) as client:
-            with pytest.raises(IncompleteStream):
-                client.read_activations(run_id, layer_id)
+        with rest_client(service, base_url) as client, pytest.raises(IncompleteStream):
+            client.read_activations(run_id, layer_id)
     with rest_client(service) as client:
         assert client.read_activations(run_id, layer_id).num_rows == 3000
 

@@ -19,9 +19,11 @@ import psycopg
 import pytest
 from pydantic import ValidationError
 
-from eidetic.wire.rows import ActivationRows
 from eidetic.client import EideticAPIError, EideticClient, IngestReceipt
 from eidetic.config import ClientSettings
+from eidetic.direct import DirectTransport
+from eidetic.transports import RestTransport, TransientError, Transport
+from eidetic.wire.rows import ActivationRows
 from eidetic.writer import (
     ActivationWriter,
     BatchRejected,
@@ -30,8 +32,6 @@ from eidetic.writer import (
     WriterStats,
     open_writer,
 )
-from eidetic.direct import DirectTransport
-from eidetic.transports import RestTransport, TransientError, Transport
 
 DIM = 8
 REPO = Path(__file__).resolve().parents[1]
@@ -195,9 +195,7 @@ def test_rows_land_exactly_once_in_batches_of_batch_rows(service, api, transport
     batches = ledger(service.database_url, layer_id)
     assert sorted(batches.values()) == [300, 500, 500]  # full batches, then the rest on close
     assert set(batches) == {f"{writer.writer_id}-{seq}" for seq in range(3)}
-    assert stats == WriterStats(
-        rows_queued=1300, rows_sent=1300, batches_sent=3, seconds_blocked=stats.seconds_blocked
-    )
+    assert stats == WriterStats(rows_queued=1300, rows_sent=1300, batches_sent=3, seconds_blocked=stats.seconds_blocked)
     assert stats.rows_pending == 0
 
     stored = read_back(api, run_id, layer_id)

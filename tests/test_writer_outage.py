@@ -17,13 +17,13 @@ import psycopg
 import pytest
 import uvicorn
 
-from eidetic.wire.formats import rows_from_arrow, rows_to_arrow
 from app.main import create_app
-from eidetic.wire.rows import ActivationRows
 from eidetic.client import EideticClient, IngestReceipt
 from eidetic.config import ClientSettings, default_spill_dir
-from eidetic.writer import ActivationWriter, StoreUnavailable, open_writer, replay_spill
 from eidetic.transports import RestTransport, TransientError, Transport
+from eidetic.wire.formats import rows_from_arrow, rows_to_arrow
+from eidetic.wire.rows import ActivationRows
+from eidetic.writer import ActivationWriter, StoreUnavailable, open_writer, replay_spill
 from tests.conftest import start_service, stop_service
 from tests.test_writer import ledger, matrix, new_layer, read_back, real_transport, stored_row_count
 
@@ -118,8 +118,13 @@ def test_a_service_restart_costs_the_training_job_no_rows(service, settings, tmp
     port = int(base_url.rsplit(":", 1)[1])
     transport = RestTransport(EideticClient(base_url, service.write_key, timeout=5), run_id, layer_id)
     writer = ActivationWriter(
-        transport, batch_rows=100, linger_s=0.01, retry_budget_s=60, memory_backlog_bytes=8_000,
-        spill_dir=tmp_path, **QUICK_RETRIES,
+        transport,
+        batch_rows=100,
+        linger_s=0.01,
+        retry_budget_s=60,
+        memory_backlog_bytes=8_000,
+        spill_dir=tmp_path,
+        **QUICK_RETRIES,
     )
     writer.write(matrix(300), sample_id=np.arange(300))
     writer.flush()
@@ -147,9 +152,7 @@ def test_a_service_restart_costs_the_training_job_no_rows(service, settings, tmp
     assert list(tmp_path.iterdir()) == []  # every spilled batch delivered, the files and the directory gone
 
 
-def test_no_store_unavailable_before_the_retry_budget_runs_out_and_then_it_is_raised(
-    service, tmp_path: Path
-) -> None:
+def test_no_store_unavailable_before_the_retry_budget_runs_out_and_then_it_is_raised(service, tmp_path: Path) -> None:
     run_id, layer_id = new_layer(service)
     down = Outage(real_transport("rest", service, run_id, layer_id))
     writer = ActivationWriter(down, retry_budget_s=1.5, spill_dir=tmp_path, **QUICK_RETRIES)
@@ -198,7 +201,12 @@ def test_an_outage_longer_than_memory_spills_and_replays_in_order_under_the_same
     run_id, layer_id = new_layer(service)
     down = Outage(real_transport(transport_kind, service, run_id, layer_id))
     writer = ActivationWriter(
-        down, batch_rows=50, linger_s=0.01, in_flight=1, memory_backlog_bytes=8_000, spill_dir=tmp_path,
+        down,
+        batch_rows=50,
+        linger_s=0.01,
+        in_flight=1,
+        memory_backlog_bytes=8_000,
+        spill_dir=tmp_path,
         **QUICK_RETRIES,
     )
     for start in range(0, 1000, 50):  # twenty batches while the store is down
@@ -234,8 +242,15 @@ def test_write_blocks_when_memory_is_full_and_the_spill_is_off_or_full(service, 
     down = Outage(real_transport("rest", service, run_id, layer_id))
     one_spilled_batch = len(rows_to_arrow(ActivationRows.build(matrix(10)), "0" * 16 + "-1"))  # room for exactly one
     writer = ActivationWriter(
-        down, batch_rows=10, queue_size=1, in_flight=1, memory_backlog_bytes=0, writer_id="0" * 16,
-        spill_dir=tmp_path, spill_max_bytes=0 if spill == "off" else one_spilled_batch, **QUICK_RETRIES,
+        down,
+        batch_rows=10,
+        queue_size=1,
+        in_flight=1,
+        memory_backlog_bytes=0,
+        writer_id="0" * 16,
+        spill_dir=tmp_path,
+        spill_max_bytes=0 if spill == "off" else one_spilled_batch,
+        **QUICK_RETRIES,
     )
     writer.write(matrix(10, seed=0))  # the lane takes it to the store, which is down
     down.wait_for_failures(1)

@@ -15,15 +15,15 @@ from fastapi.responses import JSONResponse
 
 from app import ingest, query, runs
 from app.deadline import request_deadline, within_deadline
-from eidetic.errors import InvalidInput
-from app.deps import id_path, get_conn, read_body, reader, writer
+from app.deps import get_conn, id_path, read_body, reader, writer
 from app.keys import Principal
-from eidetic.wire import formats
 from app.openapi import error_responses
 from app.runs import Layer
 from app.schemas import ActivationBatchIn, ActivationPage, IngestOut, SummaryOut
 from app.settings import Settings
 from app.streams import ArrowStreamResponse
+from eidetic.errors import InvalidInput
+from eidetic.wire import formats
 
 router = APIRouter(prefix="/v1/runs/{run_id}/layers/{layer_id}", tags=["activations"])
 

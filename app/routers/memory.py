@@ -13,16 +13,16 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from app import memory
-from app.deps import get_conn, id_path, reader, writer
-from eidetic.errors import InvalidInput
-from eidetic.wire.vectors import as_float32
 from app.deadline import request_deadline, within_deadline
-from eidetic.wire.formats import ARROW_STREAM, ipc_stream
+from app.deps import get_conn, id_path, reader, writer
 from app.keys import Principal
 from app.openapi import error_responses
 from app.schemas import BankCreate, BankList, BankOut, ChangesOut, ItemsIn, SearchIn, SearchOut, WriteOut
 from app.settings import Settings
 from app.streams import ArrowStreamResponse
+from eidetic.errors import InvalidInput
+from eidetic.wire.formats import ARROW_STREAM, ipc_stream
+from eidetic.wire.vectors import as_float32
 
 router = APIRouter(prefix="/v1/memory-banks", tags=["memory banks"])
 
@@ -39,8 +39,17 @@ def create_bank(
     body: BankCreate, principal: Principal = Depends(writer), conn: psycopg.Connection = Depends(get_conn)
 ) -> JSONResponse:
     bank = memory.create_bank(
-        conn, principal.project_id, body.name, body.dim, body.metric, body.capacity, body.policy,
-        body.similarity_threshold, body.value_dim, body.hnsw_m, body.hnsw_ef_construction,
+        conn,
+        principal.project_id,
+        body.name,
+        body.dim,
+        body.metric,
+        body.capacity,
+        body.policy,
+        body.similarity_threshold,
+        body.value_dim,
+        body.hnsw_m,
+        body.hnsw_ef_construction,
     )
     return JSONResponse(bank_json(bank), status_code=201)
 
@@ -80,7 +89,9 @@ def write_items(
     width = len(body.items[0].key)
     for i, item in enumerate(body.items):
         if len(item.key) != width:
-            raise InvalidInput(f"item {i} has a key of {len(item.key)} values, item 0 of {width}", field=f"items[{i}].key")
+            raise InvalidInput(
+                f"item {i} has a key of {len(item.key)} values, item 0 of {width}", field=f"items[{i}].key"
+            )
     items = memory.NewItems(
         keys=as_float32([item.key for item in body.items]),
         labels=[item.label for item in body.items],
@@ -118,7 +129,9 @@ def search(
     bank = memory.get_bank(conn, principal.project_id, bank_id)
     for i, query in enumerate(body.queries):
         if len(query) != bank.dim:
-            raise InvalidInput(f"query {i} has {len(query)} values; the bank's keys have {bank.dim}", field=f"queries[{i}]")
+            raise InvalidInput(
+                f"query {i} has {len(query)} values; the bank's keys have {bank.dim}", field=f"queries[{i}]"
+            )
     queries = as_float32(body.queries)
     answers = memory.search(conn, bank, queries, body.k, exact=body.exact, ef_search=body.ef_search, labels=body.labels)
     memory.record_hits(conn, bank, answers)

@@ -7,15 +7,16 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from app import quantiles, runs
-from app.deps import id_path, get_conn, reader, writer
-from eidetic.errors import InvalidInput
-from eidetic.wire.vectors import as_float32, require_finite
+from app.deps import get_conn, id_path, reader, writer
 from app.keys import Principal
 from app.query import ActivationFilter
 from app.schemas import BucketizeOut, BucketizeRequest, QuantileSetOut, QuantilesRequest
 from app.settings import Settings
+from eidetic.errors import InvalidInput
+from eidetic.wire.vectors import as_float32, require_finite
 
 router = APIRouter(tags=["quantiles"])
+
 
 def quantile_set_json(found: quantiles.QuantileSet) -> dict:
     return {

@@ -8,13 +8,12 @@ import psycopg
 from fastapi import APIRouter, Depends, Query, Response
 
 from app import runs
-from app.deps import id_path, get_conn, reader, writer
+from app.deps import get_conn, id_path, reader, writer
 from app.keys import Principal
 from app.openapi import error_responses
 from app.schemas import LayerCreate, LayerList, LayerOut, RunCreate, RunList, RunOut, RunUpdate
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
-
 
 
 @router.post("", status_code=201, response_model=RunOut, responses=error_responses(409))
@@ -75,7 +74,9 @@ def create_layer(
 def list_layers(
     run_id: int = id_path(), principal: Principal = Depends(reader), conn: psycopg.Connection = Depends(get_conn)
 ) -> LayerList:
-    return LayerList(layers=[LayerOut(**asdict(layer)) for layer in runs.list_layers(conn, principal.project_id, run_id)])
+    return LayerList(
+        layers=[LayerOut(**asdict(layer)) for layer in runs.list_layers(conn, principal.project_id, run_id)]
+    )
 
 
 @router.get("/{run_id}/layers/{layer_id}", response_model=LayerOut)

@@ -57,13 +57,15 @@ class _CompiledCounter:
     def usable(self, device: torch.device) -> bool:
         return device.type not in self._failed
 
-    def __call__(self, values: torch.Tensor, boundaries_by_rank: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    def __call__(
+        self, values: torch.Tensor, boundaries_by_rank: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor | None:
         """The counts, or None when this device's compile failed (now or before)."""
         if not self.usable(values.device):
             return None
         try:
             return self._compiled(values, boundaries_by_rank, dtype)
-        except Exception as error:  # noqa: BLE001 - any compile failure means: use the eager kernel
+        except Exception as error:
             with self._lock:
                 if values.device.type not in self._failed:
                     self._failed.add(values.device.type)

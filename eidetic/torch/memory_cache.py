@@ -37,7 +37,7 @@ class BankSpec:
     id: int | None = None
 
     @classmethod
-    def from_service(cls, bank: dict) -> "BankSpec":
+    def from_service(cls, bank: dict) -> BankSpec:
         names = ("dim", "capacity", "metric", "policy", "similarity_threshold", "value_dim", "id")
         return cls(**{name: bank[name] for name in names})
 
@@ -127,7 +127,9 @@ class MemoryCache:
         """True when the cache holds only the most-hit part of a larger bank."""
         return self.capacity < self.spec.capacity
 
-    def _put(self, slot: int, item_id: int, key: torch.Tensor, label: int | None, value, confidence, order: int) -> None:
+    def _put(
+        self, slot: int, item_id: int, key: torch.Tensor, label: int | None, value, confidence, order: int
+    ) -> None:
         old = int(self.ids[slot]) if slot < self.size else None
         if old is not None and self._slot_of.get(old) == slot:
             del self._slot_of[old]
@@ -149,7 +151,15 @@ class MemoryCache:
         last = self.size - 1
         if slot != last:  # move the last item into the hole
             moved = int(self.ids[last])
-            for tensor in (self.keys, self.unit_keys, self.labels, self.values, self.confidences, self.order, self.hits):
+            for tensor in (
+                self.keys,
+                self.unit_keys,
+                self.labels,
+                self.values,
+                self.confidences,
+                self.order,
+                self.hits,
+            ):
                 tensor[slot] = tensor[last]
             self.ids[slot] = moved
             self._slot_of[moved] = slot
@@ -166,10 +176,13 @@ class MemoryCache:
         *,
         cache_capacity: int | None = None,
         max_staleness: int = 0,
-    ) -> "MemoryCache":
+    ) -> MemoryCache:
         cache = cls(
-            BankSpec.from_service(client.get_bank(bank_id)), device, client=client,
-            cache_capacity=cache_capacity, max_staleness=max_staleness,
+            BankSpec.from_service(client.get_bank(bank_id)),
+            device,
+            client=client,
+            cache_capacity=cache_capacity,
+            max_staleness=max_staleness,
         )
         cache.warm()
         return cache
@@ -189,16 +202,22 @@ class MemoryCache:
                 self.keys[:n] = keys
                 self.unit_keys[:n] = _unit(keys)
                 labels = table.column("label").to_pylist()
-                self.labels[:n] = torch.tensor([NO_LABEL if l is None else l for l in labels], device=self.device)
+                self.labels[:n] = torch.tensor(
+                    [NO_LABEL if label is None else label for label in labels], device=self.device
+                )
                 confidences = table.column("confidence").to_pylist()
                 self.confidences[:n] = torch.tensor(
                     [float("-inf") if c is None else c for c in confidences], device=self.device
                 )
                 if self.spec.value_dim:
-                    values = [np.zeros(self.spec.value_dim) if v is None else v for v in table.column("value").to_pylist()]
+                    values = [
+                        np.zeros(self.spec.value_dim) if v is None else v for v in table.column("value").to_pylist()
+                    ]
                     self.values[:n] = torch.tensor(np.array(values, dtype=np.float32), device=self.device)
                 versions = torch.tensor(table.column("version").to_pylist(), device=self.device)
-                self.order[:n] = versions * (1 << 32) + torch.tensor(table.column("rank").to_pylist(), device=self.device)
+                self.order[:n] = versions * (1 << 32) + torch.tensor(
+                    table.column("rank").to_pylist(), device=self.device
+                )
                 self.hits[:n] = torch.tensor(table.column("hits").to_pylist(), device=self.device)
                 self.ids[:n] = torch.tensor(table.column("id").to_pylist(), device=self.device)
                 self._slot_of = {int(i): s for s, i in enumerate(self.ids[:n].tolist())}
@@ -257,20 +276,32 @@ class MemoryCache:
         with self._lock:
             if self.size == 0:
                 empty = torch.zeros(len(queries), 0, device=self.device)
-                answer = CacheAnswer(empty.long(), empty, empty.long(), torch.full((len(queries),), -1, device=self.device),
-                                     torch.zeros(len(queries), device=self.device))
+                answer = CacheAnswer(
+                    empty.long(),
+                    empty,
+                    empty.long(),
+                    torch.full((len(queries),), -1, device=self.device),
+                    torch.zeros(len(queries), device=self.device),
+                )
             else:
                 top = torch.topk(self.similarity(queries), min(k, self.size), dim=1)
                 slots = top.indices
                 answer = CacheAnswer(
-                    ids=self.ids[slots], scores=top.values, labels=self.labels[slots],
-                    prediction=torch.empty(0), confidence=torch.empty(0),
+                    ids=self.ids[slots],
+                    scores=top.values,
+                    labels=self.labels[slots],
+                    prediction=torch.empty(0),
+                    confidence=torch.empty(0),
                 )
                 answer.prediction, answer.confidence = vote(answer.scores, answer.labels, k)
                 self.hits.index_add_(0, slots[:, 0], torch.ones(len(queries), dtype=torch.long, device=self.device))
         answer.from_service = torch.zeros(len(queries), dtype=torch.bool, device=self.device)
         if self.partial and self.client is not None:
-            best = answer.scores[:, 0] if answer.scores.shape[1] else torch.full((len(queries),), float("-inf"), device=self.device)
+            best = (
+                answer.scores[:, 0]
+                if answer.scores.shape[1]
+                else torch.full((len(queries),), float("-inf"), device=self.device)
+            )
             remote = torch.nonzero(best < self.spec.similarity_threshold).flatten()
             if len(remote) and answer.scores.shape[1] == k:
                 self._answer_remotely(queries, remote, k, answer)
@@ -284,7 +315,9 @@ class MemoryCache:
             n = len(result["ids"])
             answer.ids[row, :n] = torch.tensor(result["ids"], device=self.device)
             answer.scores[row, :n] = torch.tensor(result["scores"], device=self.device)
-            answer.labels[row, :n] = torch.tensor([NO_LABEL if l is None else l for l in result["labels"]], device=self.device)
+            answer.labels[row, :n] = torch.tensor(
+                [NO_LABEL if label is None else label for label in result["labels"]], device=self.device
+            )
             answer.prediction[row] = -1 if result["prediction"] is None else result["prediction"]
             answer.confidence[row] = result["confidence"]
             answer.from_service[row] = True
@@ -345,7 +378,9 @@ class MemoryCache:
                 continue
             victim = self._victim(sims, labels[position])
             victim_id = int(self.ids[victim])
-            self._put(victim, victim_id, keys[position], labels[position], values[position], confidences[position], order)
+            self._put(
+                victim, victim_id, keys[position], labels[position], values[position], confidences[position], order
+            )
             expected = [None if e == victim_id else e for e in expected]
             slots = [-1 if s == victim else s for s in slots]
             slots[position], expected[position] = victim, victim_id
@@ -366,7 +401,10 @@ class MemoryCache:
         )
         if self.spec.value_dim:
             self.values[start:stop] = torch.stack(
-                [torch.zeros(self.spec.value_dim, device=self.device) if v is None else v.to(self.device) for v in values[:n]]
+                [
+                    torch.zeros(self.spec.value_dim, device=self.device) if v is None else v.to(self.device)
+                    for v in values[:n]
+                ]
             )
         self.confidences[start:stop] = torch.tensor(
             [float("-inf") if c is None else float(c) for c in confidences[:n]], device=self.device
@@ -487,7 +525,9 @@ class MemoryCache:
 def vote(scores: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The service's similarity-weighted vote, vectorised: weight max(score, 0) per label, confidence = best / k."""
     if labels.numel() == 0:
-        return torch.full((len(labels),), -1, dtype=torch.long, device=labels.device), torch.zeros(len(labels), device=labels.device)
+        return torch.full((len(labels),), -1, dtype=torch.long, device=labels.device), torch.zeros(
+            len(labels), device=labels.device
+        )
     unique, index = torch.unique(labels, return_inverse=True)
     weights = torch.clamp(scores, min=0)
     tallies = torch.zeros(len(labels), len(unique), device=scores.device).scatter_add_(1, index, weights)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eidetic.wire.order_statistics import order_statistics
 from eidetic.client import EideticClient
 from eidetic.torch.kernels import count_below
+from eidetic.wire.order_statistics import order_statistics
 
 
 def local_boundaries(values: torch.Tensor, n_quantiles: int) -> torch.Tensor:
@@ -62,14 +62,19 @@ class QuantileCache:
         return self.boundaries.device
 
     @classmethod
-    def from_quantile_set(cls, answer: dict, device: torch.device | str = "cpu") -> "QuantileCache":
+    def from_quantile_set(cls, answer: dict, device: torch.device | str = "cpu") -> QuantileCache:
         boundaries = torch.tensor(np.asarray(answer["boundaries"], dtype=np.float32), device=device)
         return cls(boundaries, version=int(answer["version"]), set_id=int(answer["id"]))
 
     @classmethod
     def from_service(
-        cls, client: EideticClient, run_id: int, layer_id: int, device: torch.device | str = "cpu", method: str | None = None
-    ) -> "QuantileCache":
+        cls,
+        client: EideticClient,
+        run_id: int,
+        layer_id: int,
+        device: torch.device | str = "cpu",
+        method: str | None = None,
+    ) -> QuantileCache:
         """The layer's latest quantile set from the store."""
         cache = cls.from_quantile_set(client.latest_quantiles(run_id, layer_id, method), device)
         cache._source = (run_id, layer_id, method)
@@ -85,7 +90,7 @@ class QuantileCache:
         self._boundaries = value
         self.boundaries_by_rank = value.T.contiguous()  # (Q-1 x units): the layout the kernel reads
 
-    def to(self, device: torch.device | str) -> "QuantileCache":
+    def to(self, device: torch.device | str) -> QuantileCache:
         self.boundaries = self.boundaries.to(device)
         return self
 

@@ -275,9 +275,7 @@ def rows_from_json(body: bytes) -> tuple[ActivationRows, str | None]:
         if dim is None:
             dim = len(values)
         elif len(values) != dim:
-            raise InvalidInput(
-                f"row {i} has {len(values)} values, row 0 has {dim}", field=f"rows[{i}].values"
-            )
+            raise InvalidInput(f"row {i} has {len(values)} values, row 0 has {dim}", field=f"rows[{i}].values")
     try:
         matrix = as_float32([record["values"] for record in records])
     except OverflowError as error:  # an integer literal beyond any float
@@ -311,9 +309,7 @@ def parse_rows(content_type: str | None, body: bytes, params: dict[str, Any]) ->
             return rows_from_json(body)
     except InvalidRows as error:
         raise InvalidInput(error.message, field=error.field) from error
-    raise UnsupportedMediaType(
-        f"send {ARROW_STREAM}, {NPY} or {JSON}, not {kind!r}", field="Content-Type"
-    )
+    raise UnsupportedMediaType(f"send {ARROW_STREAM}, {NPY} or {JSON}, not {kind!r}", field="Content-Type")
 
 
 def json_safe(value: float) -> float | None:

@@ -40,7 +40,7 @@ class NullableColumn:
     nulls: np.ndarray | None = None
 
     @classmethod
-    def missing(cls, n_rows: int, dtype: np.dtype) -> "NullableColumn":
+    def missing(cls, n_rows: int, dtype: np.dtype) -> NullableColumn:
         return cls(np.zeros(n_rows, dtype=dtype), np.ones(n_rows, dtype=bool))
 
     def null_mask(self) -> np.ndarray:
@@ -95,7 +95,7 @@ class ActivationRows:
         epoch=None,
         label=None,
         task=None,
-    ) -> "ActivationRows":
+    ) -> ActivationRows:
         """Builds rows from arrays, scalars (one value for every row) or None (missing)."""
         with np.errstate(over="ignore"):  # beyond float32 becomes inf, which ingest refuses by row
             values = np.ascontiguousarray(values, dtype=np.float32)
@@ -155,10 +155,7 @@ def int_column(array: np.ndarray, name: str, *, nulls: np.ndarray | None = None)
         return NullableColumn(data, missing if missing.any() else None)
     if array.dtype.kind not in "iu":
         raise InvalidRows(f"'{name}' must hold integers, not {array.dtype}", field=name)
-    if array.dtype.kind == "u":
-        out_of_range = array > info.max
-    else:
-        out_of_range = (array < info.min) | (array > info.max)
+    out_of_range = array > info.max if array.dtype.kind == "u" else (array < info.min) | (array > info.max)
     if nulls is not None:
         out_of_range &= ~nulls
     if out_of_range.any():

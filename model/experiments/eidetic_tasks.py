@@ -47,10 +47,10 @@ from torch import nn
 from torch.optim.lr_scheduler import StepLR
 from tqdm import tqdm
 
-from model import data as datasets
-from model.cl_metrics import ContinualMetrics
 from eidetic.client import EideticClient
 from eidetic.config import ClientSettings
+from model import data as datasets
+from model.cl_metrics import ContinualMetrics
 from model.layers import (
     EideticIndexedLinear,
     EideticLinear,
@@ -77,7 +77,10 @@ class EideticTasksSettings(ClientSettings):
         default=1000, ge=1, validation_alias=AliasChoices("TASK_B_SUBSET_CARDINALITY", "task_b_subset_cardinality")
     )
     num_quantiles: int = Field(
-        default=4, ge=1, le=1024, validation_alias=AliasChoices("NUM_QUANTILES", "num_quantiles"),
+        default=4,
+        ge=1,
+        le=1024,
+        validation_alias=AliasChoices("NUM_QUANTILES", "num_quantiles"),
         description="Buckets per unit of the indexed layer; 1 runs the baseline only.",
     )
     device: str = Field(default="cpu", validation_alias=AliasChoices("DEVICE", "device"))
@@ -364,9 +367,12 @@ def run_once(
         + len(config.arms) * math.ceil(len(task_b.train_labels) / config.batch_size)
     )
     result: dict[str, Any] = {"seed": config.seed, "use_db": settings.use_db}
-    with store_run(config, settings, run_name) as store, tqdm(
-        total=steps, desc=f"{EXPERIMENT} {config.dataset} seed {config.seed}", unit="step", disable=not progress
-    ) as bar:
+    with (
+        store_run(config, settings, run_name) as store,
+        tqdm(
+            total=steps, desc=f"{EXPERIMENT} {config.dataset} seed {config.seed}", unit="step", disable=not progress
+        ) as bar,
+    ):
         ticker = Progress(bar)
         initial = test_tasks(model, tasks, config)
         task_a_losses = train_phase(
@@ -448,8 +454,16 @@ def _digest(tensor: torch.Tensor) -> str:
 
 # ---------------------------------------------------------------- many seeds, reporting
 
-METRIC_NAMES = ("acc_A_after_A", "acc_B_after_A", "acc_A_after_B", "acc_B_after_B", "average_accuracy",
-                "backward_transfer", "forward_transfer", "forgetting")  # fmt: skip
+METRIC_NAMES = (
+    "acc_A_after_A",
+    "acc_B_after_A",
+    "acc_A_after_B",
+    "acc_B_after_B",
+    "average_accuracy",
+    "backward_transfer",
+    "forward_transfer",
+    "forgetting",
+)
 VIEWS = {
     "single_head": "one head: argmax over all 36 outputs (the seed's test)",
     "task_aware": "task-aware: argmax over the task's own outputs",
@@ -460,9 +474,12 @@ def _row(arm: dict[str, Any], view: str) -> dict[str, float]:
     values = arm if view == "single_head" else arm[view]
     (a_a, b_a), (a_b, b_b) = values["accuracy_matrix"]
     return {
-        "acc_A_after_A": a_a, "acc_B_after_A": b_a, "acc_A_after_B": a_b, "acc_B_after_B": b_b,
+        "acc_A_after_A": a_a,
+        "acc_B_after_A": b_a,
+        "acc_A_after_B": a_b,
+        "acc_B_after_B": b_b,
         **{name: values[name] for name in ("average_accuracy", "backward_transfer", "forward_transfer", "forgetting")},
-    }  # fmt: skip
+    }
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
@@ -488,7 +505,8 @@ def table(metrics: dict[str, Any]) -> str:
     """The printed comparison: per view, one line per arm, mean +- std over seeds."""
     config, seeds = metrics["config"], metrics["seeds"]
     lines = [
-        f"{EXPERIMENT} on {config['dataset']}: Task A {metrics['task_sizes']['A']}, Task B {metrics['task_sizes']['B']} "
+        f"{EXPERIMENT} on {config['dataset']}: "
+        f"Task A {metrics['task_sizes']['A']}, Task B {metrics['task_sizes']['B']} "
         f"training samples, {metrics['test_sizes']['A']} / {metrics['test_sizes']['B']} test; "
         f"{len(seeds)} seed(s) {seeds}; mean +- std over seeds"
     ]
@@ -588,8 +606,13 @@ def run(
         "task_sizes": {t.name: len(t.train_labels) for t in tasks},
         "test_sizes": {t.name: len(t.test_labels) for t in tasks},
         "classes": {t.name: list(t.classes) for t in tasks},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "device": config.device},  # fmt: skip
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": config.device,
+        },
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "runs": runs,
     }
@@ -624,7 +647,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-file", type=Path, default=Path("benchmark.log"))
     parser.add_argument("--save-model", action="store_true", help="save each arm's state_dict in --out-dir")
     parser.add_argument(
-        "--use-db", action=argparse.BooleanOptionalAction, default=None, help="override USE_DB from the environment / .env"
+        "--use-db",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override USE_DB from the environment / .env",
     )
     parser.add_argument("--run-name", default=None, help="name of the run in the store (default: unique)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

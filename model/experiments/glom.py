@@ -102,7 +102,9 @@ def run(
         model = build(arm, glom_config, train_config.seed)
         sink.arm = arm
         started = time.perf_counter()
-        history: list[EpochRecord] = train(model, images, labels, train_config, test=(test_images, test_labels), sink=sink)
+        history: list[EpochRecord] = train(
+            model, images, labels, train_config, test=(test_images, test_labels), sink=sink
+        )
         final = history[-1].test
         assert final is not None
         results[arm] = {
@@ -117,7 +119,9 @@ def run(
             with torch.no_grad():
                 state = model(test_images[:island_images].to(train_config.device)).state.cpu().numpy()
             table = find_islands(
-                state, threshold=island_threshold, iteration=glom_config.iterations,
+                state,
+                threshold=island_threshold,
+                iteration=glom_config.iterations,
                 labels=test_labels[:island_images].numpy(),
             )
             sink.islands(arm, table)
@@ -178,33 +182,66 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     glom_config = GlomConfig(
-        levels=args.levels, dim=args.dim, iterations=args.iterations, column=args.column,
-        patch_size=args.patch_size, hidden=args.hidden, beta=args.beta, window_inputs=args.window_inputs,
-        noise_std=args.noise_std, denoise=args.denoise, checkpointing=args.checkpointing,
-        n_classes=N_CLASSES, in_channels=1, linear_head=args.dim != N_CLASSES,
+        levels=args.levels,
+        dim=args.dim,
+        iterations=args.iterations,
+        column=args.column,
+        patch_size=args.patch_size,
+        hidden=args.hidden,
+        beta=args.beta,
+        window_inputs=args.window_inputs,
+        noise_std=args.noise_std,
+        denoise=args.denoise,
+        checkpointing=args.checkpointing,
+        n_classes=N_CLASSES,
+        in_channels=1,
+        linear_head=args.dim != N_CLASSES,
     )
     train_config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
         progress=not args.no_progress,
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     sink = JsonLinesSink(args.out_dir / "metrics.jsonl")
     results = run(
-        glom_config, train_config, dataset=args.dataset, data_dir=args.data_dir, arms=tuple(args.arms),
-        train_limit=args.train_limit, test_limit=args.test_limit, island_images=args.island_images,
-        island_threshold=args.island_threshold, sink=sink,
+        glom_config,
+        train_config,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        arms=tuple(args.arms),
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
+        island_images=args.island_images,
+        island_threshold=args.island_threshold,
+        sink=sink,
     )
     summary = {
-        "experiment": EXPERIMENT, "dataset": args.dataset, "glom": asdict(glom_config),
-        "train": asdict(train_config), "results": results,
+        "experiment": EXPERIMENT,
+        "dataset": args.dataset,
+        "glom": asdict(glom_config),
+        "train": asdict(train_config),
+        "results": results,
     }
     (args.out_dir / "results.json").write_text(json.dumps(summary, indent=2))
     plot(results, args.out_dir / "accuracy_by_iteration.png")
     for arm, table in sink.tables.items():
         np.savez_compressed(
-            args.out_dir / "islands.npz", arm=arm, sample=table.sample, level=table.level, iteration=table.iteration,
-            centroid=table.centroid, size=table.size, bbox=table.bbox, mask=table.mask, parent=table.parent,
-            label=table.label, grid=np.asarray(table.grid),
+            args.out_dir / "islands.npz",
+            arm=arm,
+            sample=table.sample,
+            level=table.level,
+            iteration=table.iteration,
+            centroid=table.centroid,
+            size=table.size,
+            bbox=table.bbox,
+            mask=table.mask,
+            parent=table.parent,
+            label=table.label,
+            grid=np.asarray(table.grid),
         )
     for arm, result in results.items():
         print(f"{arm}: test accuracy {result['test_accuracy']:.3f} ({result['parameters']} parameters)")  # type: ignore[index]

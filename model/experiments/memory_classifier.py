@@ -46,9 +46,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model import data as datasets
 from eidetic.client import EideticClient
 from eidetic.config import ClientSettings
+from model import data as datasets
 from model.enhanced_classifier import BackboneUnavailable, EnhancedClassifier, make_backbone
 from model.memory_modules import CachedMemory, MemoryStore, TrainableMemory
 
@@ -56,9 +56,18 @@ EXPERIMENT = "memory_classifier"
 MEMORIES = ("cached", "trainable", "none")
 DATASETS = ("cifar10", "fashion", "digits")
 EPOCH_METRICS = (
-    "train_loss", "train_classification_loss", "memory_loss", "train_accuracy", "test_loss", "test_accuracy",
-    "head_accuracy", "memory_path_share", "memory_path_accuracy", "network_path_accuracy", "memory_fill",
-)  # fmt: skip
+    "train_loss",
+    "train_classification_loss",
+    "memory_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "head_accuracy",
+    "memory_path_share",
+    "memory_path_accuracy",
+    "network_path_accuracy",
+    "memory_fill",
+)
 SPEED_METRICS = ("feature_ms", "retrieval_ms", "head_ms", "memory_path_ms", "network_path_ms", "deployed_ms")
 
 
@@ -113,8 +122,11 @@ class ImageData:
         return int(self.train_images.shape[1])
 
 
-def load_data(dataset: str, data_dir: Path | None, train_limit: int | None = None, test_limit: int | None = None) -> ImageData:
-    """Both splits of a data set; a limit keeps that many samples of a fixed shuffle (the same for every seed and arm)."""
+def load_data(
+    dataset: str, data_dir: Path | None, train_limit: int | None = None, test_limit: int | None = None
+) -> ImageData:
+    """Both splits of a data set; a limit keeps that many samples of a fixed shuffle (the same for every
+    seed and arm)."""
     if dataset == "cifar10":
         train, test = datasets.load_cifar10(data_dir, True), datasets.load_cifar10(data_dir, False)
     elif dataset == "fashion":
@@ -141,8 +153,12 @@ def build_model(
 ) -> EnhancedClassifier:
     device = torch.device(config.device)
     backbone, feature_dim = make_backbone(config.backbone, data.in_channels, config.widths, weights)
-    options: dict[str, Any] = {"similarity_threshold": config.similarity_threshold, "temperature": config.temperature,
-                               "device": device, "store": store}  # fmt: skip
+    options: dict[str, Any] = {
+        "similarity_threshold": config.similarity_threshold,
+        "temperature": config.temperature,
+        "device": device,
+        "store": store,
+    }
     if config.memory == "cached":
         memory = CachedMemory(feature_dim, data.num_classes, config.memory_size, **options)
     elif config.memory == "trainable":
@@ -153,13 +169,20 @@ def build_model(
         memory = None
     else:
         raise ValueError(f"memory is one of {MEMORIES}, not {config.memory!r}")
-    model = EnhancedClassifier(backbone, feature_dim, data.num_classes, memory,
-                               confidence_threshold=config.confidence_threshold, dropout=config.dropout)  # fmt: skip
+    model = EnhancedClassifier(
+        backbone,
+        feature_dim,
+        data.num_classes,
+        memory,
+        confidence_threshold=config.confidence_threshold,
+        dropout=config.dropout,
+    )
     return model.to(device)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: MemoryClassifierConfig, total_steps: int):
-    """The seed's one-cycle schedule (10% warm-up, at least 2 steps of it); a constant rate for runs too short for one."""
+    """The seed's one-cycle schedule (10% warm-up, at least 2 steps of it); a constant rate for runs too
+    short for one."""
     if total_steps < 4:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return torch.optim.lr_scheduler.OneCycleLR(
@@ -197,7 +220,8 @@ def train_epoch(
     epoch: int,
     bar: Any,
 ) -> dict[str, float]:
-    """One pass over the training data in an order fixed by (seed, epoch); the memory takes each batch after the step."""
+    """One pass over the training data in an order fixed by (seed, epoch); the memory takes each batch
+    after the step."""
     device = torch.device(config.device)
     model.train()
     n = len(data.train_labels)
@@ -237,13 +261,18 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: EnhancedClassifier, images: torch.Tensor, labels: torch.Tensor, config: MemoryClassifierConfig) -> dict:
+def evaluate(
+    model: EnhancedClassifier, images: torch.Tensor, labels: torch.Tensor, config: MemoryClassifierConfig
+) -> dict:
     """Accuracy of the chosen path and of the head alone, the memory-path share and each path's accuracy."""
     device = torch.device(config.device)
     model.eval()
     loss = correct = head_correct = on_memory = memory_correct = 0.0
     for start in range(0, len(labels), config.eval_batch_size):
-        x, y = images[start : start + config.eval_batch_size].to(device), labels[start : start + config.eval_batch_size].to(device)
+        x, y = (
+            images[start : start + config.eval_batch_size].to(device),
+            labels[start : start + config.eval_batch_size].to(device),
+        )
         output = model(x)
         loss += float(model.loss(output, y, config.memory_loss_weight).total) * len(y)
         right = output.prediction == y
@@ -266,7 +295,9 @@ SWEEP_THRESHOLDS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 
 
 @torch.no_grad()
-def threshold_sweep(model: EnhancedClassifier, images: torch.Tensor, labels: torch.Tensor, config: MemoryClassifierConfig) -> list[dict]:
+def threshold_sweep(
+    model: EnhancedClassifier, images: torch.Tensor, labels: torch.Tensor, config: MemoryClassifierConfig
+) -> list[dict]:
     """Test accuracy and memory-path share had the confidence threshold been each of SWEEP_THRESHOLDS.
 
     An analysis of the trained model on the test set (not a way to pick the threshold):
@@ -278,7 +309,10 @@ def threshold_sweep(model: EnhancedClassifier, images: torch.Tensor, labels: tor
     model.eval()
     confidence, memory_right, head_right = [], [], []
     for start in range(0, len(labels), config.eval_batch_size):
-        x, y = images[start : start + config.eval_batch_size].to(device), labels[start : start + config.eval_batch_size].to(device)
+        x, y = (
+            images[start : start + config.eval_batch_size].to(device),
+            labels[start : start + config.eval_batch_size].to(device),
+        )
         output = model(x)
         confidence.append(torch.where(output.memory_prediction >= 0, output.memory_confidence, -1.0))
         memory_right.append(output.memory_prediction == y)
@@ -288,8 +322,13 @@ def threshold_sweep(model: EnhancedClassifier, images: torch.Tensor, labels: tor
     for threshold in SWEEP_THRESHOLDS:
         on_memory = confidence >= threshold
         right = torch.where(on_memory, memory_right, head_right)
-        sweep.append({"threshold": threshold, "test_accuracy": float(right.float().mean()),
-                      "memory_path_share": float(on_memory.float().mean())})  # fmt: skip
+        sweep.append(
+            {
+                "threshold": threshold,
+                "test_accuracy": float(right.float().mean()),
+                "memory_path_share": float(on_memory.float().mean()),
+            }
+        )
     return sweep
 
 
@@ -387,8 +426,21 @@ def checkpoint_path(out_dir: Path, config: MemoryClassifierConfig) -> Path:
     return out_dir / f"{EXPERIMENT}_{config.dataset}_{config.memory}_s{config.seed}.ckpt.pt"
 
 
-_RESUME_MUST_MATCH = ("dataset", "memory", "memory_size", "confidence_threshold", "similarity_threshold", "epochs",
-                      "batch_size", "memory_loss_weight", "temperature", "backbone", "widths", "train_limit", "seed")  # fmt: skip
+_RESUME_MUST_MATCH = (
+    "dataset",
+    "memory",
+    "memory_size",
+    "confidence_threshold",
+    "similarity_threshold",
+    "epochs",
+    "batch_size",
+    "memory_loss_weight",
+    "temperature",
+    "backbone",
+    "widths",
+    "train_limit",
+    "seed",
+)
 
 
 def _memory_in_store(model: EnhancedClassifier) -> bool:
@@ -411,7 +463,11 @@ def run_once(
     started = time.perf_counter()
     path = checkpoint_path(out_dir, config)
     resumed = _load_checkpoint(path, config) if resume and path.exists() else None
-    name = (resumed or {}).get("run_name") or run_name or f"{EXPERIMENT}-{config.dataset}-{config.memory}-s{config.seed}-{uuid.uuid4().hex[:8]}"
+    name = (
+        (resumed or {}).get("run_name")
+        or run_name
+        or f"{EXPERIMENT}-{config.dataset}-{config.memory}-s{config.seed}-{uuid.uuid4().hex[:8]}"
+    )
     bank = (resumed or {}).get("bank_name") or bank_name or name
     torch.manual_seed(config.seed)
     steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
@@ -426,17 +482,26 @@ def run_once(
         if resumed is not None:
             _restore(model, optimizer, scheduler, resumed)
             history, first_epoch = resumed["history"], resumed["epoch"] + 1
-        with tqdm(total=(config.epochs - first_epoch) * steps_per_epoch, unit="step", disable=not progress,
-                  desc=f"{EXPERIMENT} {config.dataset} {config.memory} seed {config.seed}") as bar:  # fmt: skip
+        with tqdm(
+            total=(config.epochs - first_epoch) * steps_per_epoch,
+            unit="step",
+            disable=not progress,
+            desc=f"{EXPERIMENT} {config.dataset} {config.memory} seed {config.seed}",
+        ) as bar:
             for epoch in range(first_epoch, config.epochs):
                 epoch_started = time.perf_counter()
                 trained = train_epoch(model, data, config, optimizer, scheduler, epoch, bar)
                 slots = model.memory.end_epoch(epoch) if model.memory is not None else None
                 tested = evaluate(model, data.test_images, data.test_labels, config)
                 fill = model.memory.size / config.memory_size if model.memory is not None else 0.0
-                metrics = {"epoch": epoch, **trained, **tested, "memory_fill": fill,
-                           "memory_items": model.memory.size if model.memory is not None else 0,
-                           "seconds": round(time.perf_counter() - epoch_started, 3)}  # fmt: skip
+                metrics = {
+                    "epoch": epoch,
+                    **trained,
+                    **tested,
+                    "memory_fill": fill,
+                    "memory_items": model.memory.size if model.memory is not None else 0,
+                    "seconds": round(time.perf_counter() - epoch_started, 3),
+                }
                 history.append(metrics)
                 if store is not None:
                     store.record_epoch(epoch, metrics)
@@ -475,13 +540,21 @@ def _save_checkpoint(path, config, model, optimizer, scheduler, epoch, history, 
     in_store = _memory_in_store(model)
     state = {k: v for k, v in model.state_dict().items() if not (in_store and k.startswith("memory."))}
     checkpoint = {
-        "epoch": epoch, "config": asdict(config), "model": state, "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "history": history,
-        "run_name": run_name, "bank_name": bank if in_store else None,
+        "epoch": epoch,
+        "config": asdict(config),
+        "model": state,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "history": history,
+        "run_name": run_name,
+        "bank_name": bank if in_store else None,
         "run_id": store.run_id if store is not None else None,
         "memory_slots": slots.cpu() if slots is not None else None,
-        "cached_items": model.memory.stored_items() if isinstance(model.memory, CachedMemory) and not in_store else None,
-    }  # fmt: skip
+        "cached_items": model.memory.stored_items()
+        if isinstance(model.memory, CachedMemory) and not in_store
+        else None,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     torch.save(checkpoint, partial)
@@ -515,8 +588,14 @@ def _restore(model: EnhancedClassifier, optimizer, scheduler, checkpoint: dict) 
 
 # ---------------------------------------------------------------- many runs, reporting
 
-SUMMARY_METRICS = ("test_accuracy", "head_accuracy", "memory_path_share", "memory_path_accuracy",
-                   "network_path_accuracy", "memory_fill")  # fmt: skip
+SUMMARY_METRICS = (
+    "test_accuracy",
+    "head_accuracy",
+    "memory_path_share",
+    "memory_path_accuracy",
+    "network_path_accuracy",
+    "memory_fill",
+)
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float] | None]]:
@@ -534,8 +613,13 @@ def _stats(values: list[float | None]) -> dict[str, float] | None:
     present = np.array([v for v in values if v is not None], dtype=np.float64)
     if not len(present):
         return None
-    return {"mean": float(present.mean()), "std": float(present.std(ddof=1)) if len(present) > 1 else 0.0,
-            "min": float(present.min()), "max": float(present.max()), "n": int(len(present))}  # fmt: skip
+    return {
+        "mean": float(present.mean()),
+        "std": float(present.std(ddof=1)) if len(present) > 1 else 0.0,
+        "min": float(present.min()),
+        "max": float(present.max()),
+        "n": len(present),
+    }
 
 
 def table(metrics: dict[str, Any]) -> str:
@@ -544,8 +628,21 @@ def table(metrics: dict[str, Any]) -> str:
         f"{EXPERIMENT} on {config['dataset']} ({metrics['train_size']} train / {metrics['test_size']} test, memory "
         f"{config['memory_size']}, threshold {config['confidence_threshold']}): seeds {metrics['seeds']}, mean +- std"
     ]
-    head = ("memory", "test acc", "head acc", "mem path", "mem-path acc", "net-path acc", "fill",
-            "feat ms", "retr ms", "head ms", "mem path ms", "net path ms", "deployed ms")  # fmt: skip
+    head = (
+        "memory",
+        "test acc",
+        "head acc",
+        "mem path",
+        "mem-path acc",
+        "net-path acc",
+        "fill",
+        "feat ms",
+        "retr ms",
+        "head ms",
+        "mem path ms",
+        "net path ms",
+        "deployed ms",
+    )
     lines.append("  ".join(h.rjust(12) for h in head))
     for kind, values in metrics["summary"].items():
         cells = [kind.rjust(12)]
@@ -571,7 +668,11 @@ def plot(metrics: dict[str, Any], kind: str, path: Path) -> None:
     panels = (
         ("loss", (("train_loss", "train"), ("test_loss", "test")), 1.0),
         ("memory loss", (("memory_loss", "train"),), 1.0),
-        ("accuracy (%)", (("train_accuracy", "train"), ("test_accuracy", "test"), ("head_accuracy", "test, head only")), 100.0),
+        (
+            "accuracy (%)",
+            (("train_accuracy", "train"), ("test_accuracy", "test"), ("head_accuracy", "test, head only")),
+            100.0,
+        ),
         ("share (%)", (("memory_path_share", "test on memory path"), ("memory_fill", "memory fill")), 100.0),
     )
     for ax, (title, series, scale) in zip(axes, panels):
@@ -579,8 +680,14 @@ def plot(metrics: dict[str, Any], kind: str, path: Path) -> None:
             for k, run in enumerate(runs):
                 epochs = [m["epoch"] + 1 for m in run["epochs"]]
                 values = [np.nan if m[key] is None else scale * m[key] for m in run["epochs"]]
-                ax.plot(epochs, values, marker="o", color=f"C{series.index((key, label))}", alpha=0.8,
-                        label=label if k == 0 else None)  # fmt: skip
+                ax.plot(
+                    epochs,
+                    values,
+                    marker="o",
+                    color=f"C{series.index((key, label))}",
+                    alpha=0.8,
+                    label=label if k == 0 else None,
+                )
         ax.set_title(f"{kind} memory: {title}")
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
@@ -613,11 +720,16 @@ def run(
             suffix = f"-{kind}-s{seed}" if several else ""
             runs.append(
                 run_once(
-                    replace(config, memory=kind, seed=seed), settings, data, out_dir,
+                    replace(config, memory=kind, seed=seed),
+                    settings,
+                    data,
+                    out_dir,
                     run_name=f"{run_name}{suffix}" if run_name else None,
                     bank_name=f"{bank_name}{suffix}" if bank_name else None,
-                    resume=resume, weights=weights, progress=progress,
-                )  # fmt: skip
+                    resume=resume,
+                    weights=weights,
+                    progress=progress,
+                )
             )
     metrics: dict[str, Any] = {
         "experiment": EXPERIMENT,
@@ -628,8 +740,13 @@ def run(
         "train_size": len(data.train_labels),
         "test_size": len(data.test_labels),
         "num_classes": data.num_classes,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "device": config.device},  # fmt: skip
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": config.device,
+        },
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "runs": runs,
     }
@@ -651,13 +768,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--memory", nargs="+", choices=MEMORIES, default=["cached"], help="one or more memory kinds")
     parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
-    parser.add_argument("--data-dir", type=Path, default=None, help="torchvision root (CIFAR-10; nothing is downloaded)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="torchvision root (CIFAR-10; nothing is downloaded)"
+    )
     parser.add_argument("--seed", type=int, nargs="+", default=[defaults.seed])
     parser.add_argument("--memory-size", type=int, default=defaults.memory_size)
-    parser.add_argument("--threshold", "--confidence-threshold", dest="confidence_threshold", type=float,
-                        default=defaults.confidence_threshold, help="memory path when its confidence is at least this")  # fmt: skip
-    parser.add_argument("--similarity-threshold", type=float, default=defaults.similarity_threshold,
-                        help="a full memory stores an item only if its best similarity is below this")  # fmt: skip
+    parser.add_argument(
+        "--threshold",
+        "--confidence-threshold",
+        dest="confidence_threshold",
+        type=float,
+        default=defaults.confidence_threshold,
+        help="memory path when its confidence is at least this",
+    )
+    parser.add_argument(
+        "--similarity-threshold",
+        type=float,
+        default=defaults.similarity_threshold,
+        help="a full memory stores an item only if its best similarity is below this",
+    )
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--memory-loss-weight", type=float, default=defaults.memory_loss_weight)
@@ -665,8 +794,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--backbone", default=defaults.backbone, help="small_cnn, or a timm model name")
     parser.add_argument("--backbone-weights", type=Path, default=None, help="local weights file for a timm backbone")
-    parser.add_argument("--widths", type=int, nargs="+", default=list(defaults.widths), help="small_cnn channels per block")
-    parser.add_argument("--train-limit", type=int, default=None, help="training samples (a fixed subsample; default all)")
+    parser.add_argument(
+        "--widths", type=int, nargs="+", default=list(defaults.widths), help="small_cnn channels per block"
+    )
+    parser.add_argument(
+        "--train-limit", type=int, default=None, help="training samples (a fixed subsample; default all)"
+    )
     parser.add_argument("--test-limit", type=int, default=None, help="test samples (a fixed subsample; default all)")
     parser.add_argument("--speed-batches", type=int, default=defaults.speed_batches)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when there is one)")
@@ -674,7 +807,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=Path("outputs"), help="metrics JSON, PNGs and checkpoints")
     parser.add_argument("--use-db", action=argparse.BooleanOptionalAction, default=None, help="override USE_DB")
     parser.add_argument("--run-name", default=None, help="run name in the store (default: unique)")
-    parser.add_argument("--bank-name", default=None, help="memory bank name (default: the run's); an existing one warms the memory")
+    parser.add_argument(
+        "--bank-name", default=None, help="memory bank name (default: the run's); an existing one warms the memory"
+    )
     parser.add_argument("--resume", action="store_true", help="continue each run from its checkpoint in --out-dir")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -689,17 +824,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     config = MemoryClassifierConfig(
-        dataset=args.dataset, memory=args.memory[0], memory_size=args.memory_size,
-        confidence_threshold=args.confidence_threshold, similarity_threshold=args.similarity_threshold,
-        epochs=args.epochs, batch_size=args.batch_size, memory_loss_weight=args.memory_loss_weight,
-        temperature=args.temperature, lr=args.lr, backbone=args.backbone, widths=tuple(args.widths),
-        train_limit=args.train_limit, test_limit=args.test_limit, speed_batches=args.speed_batches, device=device,
-    )  # fmt: skip
+        dataset=args.dataset,
+        memory=args.memory[0],
+        memory_size=args.memory_size,
+        confidence_threshold=args.confidence_threshold,
+        similarity_threshold=args.similarity_threshold,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        memory_loss_weight=args.memory_loss_weight,
+        temperature=args.temperature,
+        lr=args.lr,
+        backbone=args.backbone,
+        widths=tuple(args.widths),
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
+        speed_batches=args.speed_batches,
+        device=device,
+    )
     try:
         metrics = run(
-            config, settings, args.memory, args.seed, args.out_dir, data_dir=args.data_dir, run_name=args.run_name,
-            bank_name=args.bank_name, resume=args.resume, weights=args.backbone_weights, progress=not args.no_progress,
-        )  # fmt: skip
+            config,
+            settings,
+            args.memory,
+            args.seed,
+            args.out_dir,
+            data_dir=args.data_dir,
+            run_name=args.run_name,
+            bank_name=args.bank_name,
+            resume=args.resume,
+            weights=args.backbone_weights,
+            progress=not args.no_progress,
+        )
     except (BackboneUnavailable, datasets.DatasetUnavailable) as error:
         raise SystemExit(f"{EXPERIMENT}: {error}") from error
     print(table(metrics))
