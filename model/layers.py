@@ -1,10 +1,8 @@
 """The seed's Eidetic and Indexed linear layers, vectorised.
 
-- `EideticLinear` is a linear layer that can record its pre-bias outputs (sampled at a
-  rate, into a bounded local reservoir and, when a store is bound or a writer given,
-  into the Eidetic store), compute per-unit quantile boundaries of what it recorded
-  (locally, or exactly through the service: the same boundaries either way), and then
-  emit the bucket (0..Q-1) of every unit of every output it computes.
+- `EideticLinear` is a linear layer whose pre-bias outputs pass through a hook point
+  (`pre_bias`, an identity) and, once per-unit quantile boundaries are installed, emit
+  the bucket (0..Q-1) of every unit of every output it computes.
 - `IndexedLinear` holds one weight slice per bucket (quantiles x in x out). Once its
   index is built (the trained weight copied into every slice), each input unit picks
   its weight row by the bucket of its own activation:
@@ -16,24 +14,21 @@ Bucket selection is one GEMM: the input is spread into a (batch x Q x in) tensor
 zero except at each unit's bucket, then multiplied by the (Q*in x out) weight table. That
 keeps autograd exact, the backward deterministic (no atomic index_put as with a gather),
 and the working memory at batch*Q*in instead of batch*in*out.
+
+The layers do no I/O: what they produced is recorded by hooks attached from outside
+(`model.recording.ActivationRecorder`, sending rows to the store, to memory or nowhere),
+and their boundaries are computed by whoever holds the recorded rows.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from eidetic.client import EideticClient
-from eidetic.config import ClientSettings
-from eidetic.torch.quantile_cache import QuantileCache, local_boundaries
-from eidetic.writer import ActivationWriter, open_writer
 
 
 def bucket_linear(
@@ -63,193 +58,31 @@ def _init_linear(weight: nn.Parameter, bias: nn.Parameter | None) -> None:
         nn.init.uniform_(bias, -bound, bound)
 
 
-# ---------------------------------------------------------------- recording
+class Bucketizer(Protocol):
+    """Per-unit quantile boundaries that map values to buckets (eidetic.torch.QuantileCache is one)."""
 
-
-class ActivationRecorder:
-    """Rows a layer produced: sampled at `sample_rate`, kept up to `capacity` in a uniform reservoir.
-
-    Owns its random generator, so sampling never moves torch's global random state
-    (training is the same with the store on or off). Every sampled row also goes to the
-    writer, when there is one; the reservoir holds all of them until `capacity` is reached.
-    """
-
-    def __init__(self, units: int, capacity: int, sample_rate: float = 1.0, seed: int = 0) -> None:
-        if capacity < 1:
-            raise ValueError("capacity is at least 1")
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError("sample_rate is in (0, 1]")
-        self.units = units
-        self.capacity = capacity
-        self.sample_rate = sample_rate
-        self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
-        self._storage = torch.empty(0, units)  # grows by doubling up to capacity
-        self.rows_kept = 0
-        self.rows_sampled = 0  # rows offered to the reservoir (and to the writer)
-        self.rows_seen = 0  # rows produced while recording, before sampling
-
-    def values(self) -> torch.Tensor:
-        """The kept rows (rows_kept x units), float32 on the CPU."""
-        return self._storage[: self.rows_kept]
-
-    def clear(self) -> None:
-        """Forgets every row and restarts the sampling sequence (the same rows again give the same sample)."""
-        self._storage = torch.empty(0, self.units)
-        self.rows_kept = self.rows_sampled = self.rows_seen = 0
-        self.generator.manual_seed(self.seed)
-
-    def observe(self, values: torch.Tensor, writer: ActivationWriter | None, task: str | None, metadata: dict) -> None:
-        rows = values.detach().to(device="cpu", dtype=torch.float32)
-        self.rows_seen += rows.shape[0]
-        if self.sample_rate < 1.0:
-            keep = torch.rand(rows.shape[0], generator=self.generator) < self.sample_rate
-            rows = rows[keep]
-            metadata = {name: _select_rows(value, keep) for name, value in metadata.items()}
-        if rows.shape[0] == 0:
-            return
-        if writer is not None:
-            writer.write(rows, task=task, **metadata)
-        self._offer(rows)
-
-    def _offer(self, rows: torch.Tensor) -> None:
-        """Algorithm R (Vitter 1985), vectorised over a batch: the reservoir stays a uniform sample."""
-        free = self.capacity - self.rows_kept
-        if free > 0:
-            head = rows[:free]
-            needed = self.rows_kept + head.shape[0]
-            if needed > self._storage.shape[0]:
-                grown = torch.empty(min(self.capacity, max(needed, 2 * self._storage.shape[0])), self.units)
-                grown[: self.rows_kept] = self._storage[: self.rows_kept]
-                self._storage = grown
-            self._storage[self.rows_kept : needed] = head
-            self.rows_kept = needed
-        rest = rows[free:] if free > 0 else rows
-        first = self.rows_sampled + rows.shape[0] - rest.shape[0]
-        self.rows_sampled += rows.shape[0]
-        if rest.shape[0] == 0:
-            return
-        positions = torch.arange(first, first + rest.shape[0], dtype=torch.float64)
-        slots = (torch.rand(rest.shape[0], generator=self.generator, dtype=torch.float64) * (positions + 1)).long()
-        hit = slots < self.capacity
-        slots, order = slots[hit], torch.nonzero(hit).squeeze(1)
-        if slots.numel() == 0:
-            return
-        # Sequential semantics: when two rows of one batch land in the same slot, the later one stays.
-        unique_slots, inverse = torch.unique(slots, return_inverse=True)
-        last = torch.full_like(unique_slots, -1).scatter_reduce(0, inverse, order, reduce="amax")
-        self._storage[unique_slots] = rest[last]
-
-
-def _select_rows(value: Any, keep: torch.Tensor) -> Any:
-    if isinstance(value, torch.Tensor) and value.ndim > 0:
-        return value[keep.to(value.device)]
-    if hasattr(value, "__len__") and not isinstance(value, str):
-        return torch.as_tensor(value)[keep]
-    return value
-
-
-@dataclass
-class StoreBinding:
-    """Where a layer's rows live in the store: recording streams there, quantiles are computed there."""
-
-    client: EideticClient
-    run_id: int
-    layer_id: int
-    settings: ClientSettings
+    def bucketize(self, values: torch.Tensor) -> torch.Tensor: ...
 
 
 class _Eidetic:
-    """What makes a layer eidetic: a recorder, an optional store binding, and a quantile cache."""
+    """What makes a layer eidetic: a hook point for its pre-bias outputs and the buckets it emits.
 
-    recorder: ActivationRecorder
-    quantiles: QuantileCache | None
-    store: StoreBinding | None
+    Recording is attached from outside (model.recording.ActivationRecorder hooks the
+    `pre_bias` submodule), so the layer computes the same with a store, without one, or
+    with any other sink. `quantiles` is installed by whoever computed the boundaries.
+    """
 
-    def _init_eidetic(self, units: int, buffer_rows: int, sample_rate: float, seed: int) -> None:
-        self.recorder = ActivationRecorder(units, buffer_rows, sample_rate, seed)
+    pre_bias: nn.Identity
+    quantiles: Bucketizer | None
+
+    def _init_eidetic(self) -> None:
+        self.pre_bias = nn.Identity()  # the hook point: its output is the layer's pre-bias output
         self.quantiles = None
-        self.store = None
-        self._recording: tuple[ActivationWriter | None, str | None] | None = None
-        self._metadata: dict[str, Any] = {}
 
-    @property
-    def is_recording(self) -> bool:
-        return self._recording is not None
-
-    def bind_store(self, store: StoreBinding | None) -> None:
-        """Record into and compute quantiles through the store (None: local only)."""
-        self.store = store
-
-    @contextmanager
-    def recording(
-        self, task: str | None = None, writer: ActivationWriter | None = None
-    ) -> Iterator[ActivationRecorder]:
-        """Record pre-bias outputs while inside; rows go to `writer`, else to the bound store, and to the reservoir.
-
-        A writer this opens (for a bound store) is flushed and closed on the way out, so
-        every recorded row is committed before quantiles are computed.
-        """
-        if self._recording is not None:
-            raise RuntimeError("this layer is already recording")
-        own = writer is None and self.store is not None
-        if own:
-            writer = open_writer(self.store.run_id, self.store.layer_id, self.store.settings)
-        self._recording = (writer, task)
-        try:
-            yield self.recorder
-        finally:
-            self._recording = None
-            self._metadata = {}
-            if own:
-                writer.close()
-
-    def annotate(self, **metadata: Any) -> None:
-        """Metadata (sample_id, label, step, epoch; scalars or per-row) of the rows of the next forward."""
-        self._metadata = metadata
-
-    def compute_quantiles(self, n_quantiles: int, task: str | None = None) -> QuantileCache:
-        """Boundaries of every unit over the recorded rows, installed so forward emits buckets.
-
-        Through the service (exact, filtered by `task`) when a store is bound, else from
-        the local reservoir with the same order statistics: identical boundaries when the
-        reservoir holds every recorded row.
-        """
-        device = self._device()
-        if n_quantiles < 1:
-            raise ValueError("n_quantiles is at least 1")
-        if n_quantiles == 1:
-            cache = QuantileCache(torch.empty(self.recorder.units, 0, device=device))
-        elif self.store is not None:
-            answer = self.store.client.compute_quantiles(
-                self.store.run_id, self.store.layer_id, n_quantiles, "exact", task=task
-            )
-            cache = QuantileCache.from_quantile_set(answer, device)
-        else:
-            if self.recorder.rows_kept == 0:
-                raise RuntimeError("nothing recorded; record some outputs before computing quantiles")
-            cache = QuantileCache(local_boundaries(self.recorder.values(), n_quantiles).to(device))
-        self.quantiles = cache
-        return cache
-
-    def _emit(self, pre_bias: torch.Tensor) -> torch.Tensor | None:
-        """Records (when recording) and buckets (when quantiles are installed) one batch of pre-bias outputs."""
-        if self._recording is not None:
-            writer, task = self._recording
-            metadata, self._metadata = self._metadata, {}
-            self.recorder.observe(pre_bias, writer, task, metadata)
-        return None if self.quantiles is None else self.quantiles.bucketize(pre_bias)
-
-    def _device(self) -> torch.device:
-        return self.weight.device  # type: ignore[attr-defined]
-
-    def __getstate__(self) -> dict:
-        """Copies and pickles leave the store binding and any open recording behind."""
-        state = dict(self.__dict__)
-        state["store"] = None
-        state["_recording"] = None
-        state["_metadata"] = {}
-        return state
+    def _emit(self, pre_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Passes pre-bias outputs through the hook point; their buckets once quantiles are installed."""
+        pre_bias = self.pre_bias(pre_bias)
+        return pre_bias, None if self.quantiles is None else self.quantiles.bucketize(pre_bias)
 
 
 # ---------------------------------------------------------------- layers
@@ -263,9 +96,6 @@ class EideticLinear(_Eidetic, nn.Module):
         in_features: int,
         out_features: int,
         *,
-        buffer_rows: int = 10_000,
-        sample_rate: float = 1.0,
-        seed: int = 0,
         bias: bool = True,
     ) -> None:
         nn.Module.__init__(self)
@@ -273,11 +103,10 @@ class EideticLinear(_Eidetic, nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         _init_linear(self.weight, self.bias)
-        self._init_eidetic(out_features, buffer_rows, sample_rate, seed)
+        self._init_eidetic()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        pre_bias = F.linear(x, self.weight)
-        buckets = self._emit(pre_bias)
+        pre_bias, buckets = self._emit(F.linear(x, self.weight))
         return (pre_bias if self.bias is None else pre_bias + self.bias), buckets
 
     def extra_repr(self) -> str:
@@ -291,6 +120,8 @@ class IndexedLinear(nn.Module):
     the index copies `weight` into every slice of `bucket_weights` (quantiles x in x out);
     from then on the slices are what forward uses (with one quantile: the same function).
     """
+
+    index_built: torch.Tensor  # a bool buffer, so the state dict says whether the slices are in use
 
     def __init__(self, in_features: int, out_features: int, n_quantiles: int = 1, *, bias: bool = True) -> None:
         super().__init__()
@@ -344,19 +175,15 @@ class EideticIndexedLinear(_Eidetic, IndexedLinear):
         out_features: int,
         n_quantiles: int = 1,
         *,
-        buffer_rows: int = 10_000,
-        sample_rate: float = 1.0,
-        seed: int = 0,
         bias: bool = True,
     ) -> None:
         IndexedLinear.__init__(self, in_features, out_features, n_quantiles, bias=bias)
-        self._init_eidetic(out_features, buffer_rows, sample_rate, seed)
+        self._init_eidetic()
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, buckets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        pre_bias = self._product(x, buckets, None)
-        own_buckets = self._emit(pre_bias)
+        pre_bias, own_buckets = self._emit(self._product(x, buckets, None))
         return (pre_bias if self.bias is None else pre_bias + self.bias), own_buckets
 
 

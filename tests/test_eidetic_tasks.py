@@ -116,7 +116,7 @@ def test_the_summary_gives_mean_and_spread_over_seeds():
 
 def test_task_labels_follow_the_seeds_layout(monkeypatch):
     config = eidetic_tasks.TasksConfig(dataset="digits", task_a_subset_cardinality=30, task_b_subset_cardinality=20)
-    task_a, task_b = eidetic_tasks.load_tasks(config, None)
+    task_a, task_b = eidetic_tasks.load_tasks(config)
     assert task_a.outputs == (26, 27, 28, 29, 30) and task_b.outputs == (0, 1, 2, 3, 4)
     assert set(task_a.train_labels.tolist()) <= set(task_a.outputs) and set(task_b.test_labels.tolist()) <= set(
         task_b.outputs

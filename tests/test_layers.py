@@ -1,4 +1,4 @@
-"""Eidetic and Indexed layers: bucket-selected weights, recording, quantiles (local = service), freezing."""
+"""Eidetic and Indexed layers: bucket-selected weights, recorded from outside, quantiles (local = service), freezing."""
 
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ from torch import nn
 from eidetic.client import EideticClient
 from eidetic.config import ClientSettings
 from eidetic.torch.quantile_cache import QuantileCache, local_boundaries
+from eidetic.writer import open_writer
 from model.layers import (
-    ActivationRecorder,
     EideticIndexedLinear,
     EideticLinear,
     IndexedLinear,
-    StoreBinding,
     bucket_linear,
     freeze_all_but,
     indexed_parameters,
 )
+from model.recording import ActivationRecorder, ListSink, ReservoirSink, TeeSink, WriterSink
 from tests.helpers import stored_rows
 
 
@@ -162,53 +162,83 @@ def test_freezing_leaves_only_the_indexed_weights_trainable():
     assert changed == ["indexed.bucket_weights"]
 
 
-# ------------------------------------------------------------------ recording and buckets
+# ------------------------------------------------------------------ recording from outside
 
 
-def test_an_eidetic_layer_records_its_pre_bias_outputs_and_emits_their_buckets():
+def test_a_layer_with_no_recorder_computes_its_outputs_and_holds_no_store():
     torch.manual_seed(6)
-    layer = EideticLinear(5, 4, buffer_rows=100)
+    layer = EideticIndexedLinear(5, 4, 3)
+    x = torch.randn(8, 5)
+    out, buckets = layer(x)
+    assert buckets is None  # no quantiles installed yet
+    torch.testing.assert_close(out, nn.functional.linear(x, layer.weight, layer.bias))
+    assert not layer._forward_hooks and not layer.pre_bias._forward_hooks
+    held = [value for value in vars(layer).values() if type(value).__module__.startswith("eidetic")]
+    assert held == []  # no client, writer or settings inside the layer
+
+
+def test_a_recorder_with_a_list_sink_keeps_exactly_the_pre_bias_outputs_and_their_metadata():
+    torch.manual_seed(6)
+    layer = EideticLinear(5, 4)
     batches = [torch.randn(16, 5) for _ in range(3)]
-    out, buckets = layer(batches[0])
-    assert buckets is None and layer.recorder.rows_kept == 0  # not recording, no quantiles yet
-    with layer.recording(task="B"):
-        for x in batches:
+    sink = ListSink()
+    with ActivationRecorder(layer, {"pre_bias": sink}, task="B") as recorder:
+        for step, x in enumerate(batches):
+            recorder.annotate(sample_id=torch.arange(16) + 16 * step, step=step)
             layer(x)
-    expected = torch.cat([nn.functional.linear(x, layer.weight) for x in batches]).detach()
-    assert torch.equal(layer.recorder.values(), expected)
+        layer(batches[0])  # not annotated: recorded with no metadata
+    assert torch.equal(sink.values(), torch.cat([nn.functional.linear(x, layer.weight) for x in batches + batches[:1]]))
+    assert [batch.task for batch in sink.batches] == ["B"] * 4
+    assert [batch.metadata.get("step") for batch in sink.batches] == [0, 1, 2, None]
+    assert torch.equal(sink.batches[2].metadata["sample_id"], torch.arange(32, 48))
+    assert recorder.rows_seen == recorder.rows_recorded == {"pre_bias": 64}
 
-    cache = layer.compute_quantiles(4)
-    assert torch.equal(cache.boundaries, local_boundaries(expected, 4))
-    probe = torch.randn(10, 5)
-    out, buckets = layer(probe)
-    pre_bias = nn.functional.linear(probe, layer.weight)
-    assert torch.equal(buckets, cache.bucketize(pre_bias))
-    torch.testing.assert_close(out, pre_bias + layer.bias)
-    assert buckets.dtype == torch.long and int(buckets.min()) >= 0 and int(buckets.max()) <= 3
+    layer(batches[0])  # detached on exit: nothing more is recorded
+    assert len(sink.batches) == 4 and not layer.pre_bias._forward_hooks
 
 
-def test_the_eidetic_indexed_layer_records_its_bucket_selected_outputs():
+def test_recording_does_not_change_what_a_model_computes():
     torch.manual_seed(7)
-    layer = EideticIndexedLinear(3, 2, 2, buffer_rows=10)
-    layer.build_index()
-    with torch.no_grad():
-        layer.bucket_weights[1].mul_(-1)
-    x, incoming = torch.randn(4, 3), torch.randint(0, 2, (4, 3))
-    with layer.recording():
-        out, _ = layer(x, incoming)
-    expected = bucket_linear(x, incoming, layer.bucket_weights).detach()
-    assert torch.equal(layer.recorder.values(), expected)
-    torch.testing.assert_close(out, expected + layer.bias)
+    model = nn.ModuleDict({"eidetic": EideticLinear(3, 4), "indexed": EideticIndexedLinear(4, 2, 2)})
+    model["indexed"].build_index()
+    x, incoming = torch.randn(6, 4), torch.randint(0, 2, (6, 4))
+    plain = model["indexed"](x, incoming)
+    eidetic_sink, indexed_sink = ListSink(), ListSink()
+    with ActivationRecorder(model, {"eidetic.pre_bias": eidetic_sink, "indexed.pre_bias": indexed_sink}):
+        recorded = model["indexed"](x, incoming)
+    assert torch.equal(recorded[0], plain[0]) and not eidetic_sink.batches
+    expected = bucket_linear(x, incoming, model["indexed"].bucket_weights).detach()
+    assert torch.equal(indexed_sink.values(), expected)  # the bucket-selected pre-bias outputs
+
+
+def test_any_module_can_be_recorded_and_unknown_names_are_refused():
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU())
+    sink = ListSink()
+    x = torch.randn(5, 3)
+    with ActivationRecorder(model, {"1": sink}):
+        model(x)
+    assert torch.equal(sink.values(), model(x).detach())
+    with pytest.raises(AttributeError):
+        ActivationRecorder(model, {"2": ListSink()})
+
+
+def test_a_tee_sends_the_same_rows_to_every_sink():
+    layer = EideticLinear(2, 3)
+    first, second = ListSink(), ReservoirSink(3, capacity=100)
+    with ActivationRecorder(layer, {"pre_bias": TeeSink(first, second)}):
+        layer(torch.randn(7, 2))
+    assert torch.equal(first.values(), second.values())
 
 
 def test_sampling_at_a_rate_is_reproducible_and_leaves_the_global_random_state_alone():
     def record(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         torch.manual_seed(11)
-        layer = EideticLinear(3, 3, buffer_rows=10_000, sample_rate=0.25, seed=seed)
-        with layer.recording():
+        layer = EideticLinear(3, 3)
+        sink = ListSink()
+        with ActivationRecorder(layer, {"pre_bias": sink}, sample_rate=0.25, seed=seed):
             for _ in range(20):
                 layer(torch.randn(50, 3))
-        return layer.recorder.values(), torch.rand(1)
+        return sink.values(), torch.rand(1)
 
     first, after_first = record(seed=1)
     again, after_again = record(seed=1)
@@ -221,14 +251,14 @@ def test_sampling_at_a_rate_is_reproducible_and_leaves_the_global_random_state_a
     assert torch.equal(after_first, torch.rand(1)) and torch.equal(after_first, after_again)
 
 
-def test_the_local_buffer_is_a_bounded_uniform_reservoir():
+def test_the_reservoir_is_a_bounded_uniform_sample():
     """Algorithm R applied batch by batch equals Algorithm R applied row by row with the same draws."""
     capacity, units = 7, 2
-    recorder = ActivationRecorder(units, capacity, seed=3)
+    reservoir = ReservoirSink(units, capacity, seed=3)
     rows = torch.arange(60, dtype=torch.float32).repeat(units, 1).T
     for start in range(0, 60, 13):
-        recorder.observe(rows[start : start + 13], None, None, {})
-    assert recorder.rows_kept == capacity and recorder.rows_sampled == 60
+        reservoir.write(rows[start : start + 13])
+    assert reservoir.rows_kept == capacity and reservoir.rows_offered == 60
 
     reference = list(rows[:capacity])
     generator = torch.Generator().manual_seed(3)
@@ -244,71 +274,78 @@ def test_the_local_buffer_is_a_bounded_uniform_reservoir():
             if slot < capacity:
                 reference[slot] = row
             seen += 1
-    assert torch.equal(recorder.values(), torch.stack(reference))
+    assert torch.equal(reservoir.values(), torch.stack(reference))
 
     # uniform: over many seeds every row is kept about capacity/60 of the time
     counts = torch.zeros(60)
     for seed in range(300):
-        sample = ActivationRecorder(1, capacity, seed=seed)
-        sample.observe(torch.arange(60, dtype=torch.float32).unsqueeze(1), None, None, {})
+        sample = ReservoirSink(1, capacity, seed=seed)
+        sample.write(torch.arange(60, dtype=torch.float32).unsqueeze(1))
         counts[sample.values().squeeze(1).long()] += 1
     expected = 300 * capacity / 60
     assert counts[:30].sum() == pytest.approx(30 * expected, rel=0.15)
     assert counts[30:].sum() == pytest.approx(30 * expected, rel=0.15)
 
 
+# ------------------------------------------------------------------ buckets
+
+
+def test_installed_quantiles_make_the_layer_emit_the_buckets_of_its_pre_bias_outputs():
+    torch.manual_seed(6)
+    layer = EideticLinear(5, 4)
+    sink = ListSink()
+    with ActivationRecorder(layer, {"pre_bias": sink}):
+        for _ in range(3):
+            layer(torch.randn(16, 5))
+    layer.quantiles = cache = QuantileCache(local_boundaries(sink.values(), 4))
+    probe = torch.randn(10, 5)
+    out, buckets = layer(probe)
+    pre_bias = nn.functional.linear(probe, layer.weight)
+    assert torch.equal(buckets, cache.bucketize(pre_bias))
+    torch.testing.assert_close(out, pre_bias + layer.bias)
+    assert buckets.dtype == torch.long and int(buckets.min()) >= 0 and int(buckets.max()) <= 3
+
+
 def test_one_quantile_needs_no_boundaries_and_every_value_is_in_bucket_zero():
     layer = EideticLinear(4, 3)
-    cache = layer.compute_quantiles(1)
-    assert cache.boundaries.shape == (3, 0)
+    layer.quantiles = QuantileCache(torch.empty(3, 0))
     _, buckets = layer(torch.randn(5, 4))
     assert torch.equal(buckets, torch.zeros(5, 3, dtype=torch.long))
-    with pytest.raises(RuntimeError):
-        EideticLinear(4, 3).compute_quantiles(4)  # nothing recorded
-
-
-def test_copies_leave_the_store_binding_behind():
-    import copy
-
-    layer = EideticLinear(2, 2)
-    layer.bind_store(StoreBinding(client=None, run_id=1, layer_id=2, settings=ClientSettings()))  # type: ignore[arg-type]
-    assert copy.deepcopy(layer).store is None and layer.store is not None
 
 
 # ------------------------------------------------------------------ the store
 
 
-def test_the_service_computes_the_same_boundaries_as_the_local_buffer(service, api, monkeypatch):
+def test_the_service_computes_the_same_boundaries_as_a_local_reservoir(service, api, monkeypatch):
     for name in ("USE_DB", "DATABASE_URL", "EIDETIC_TRANSPORT"):
         monkeypatch.delenv(name, raising=False)
     settings = ClientSettings(eidetic_url=service.base_url, eidetic_api_key=service.write_key, writer_batch_rows=100)
     torch.manual_seed(8)
-    layer = EideticIndexedLinear(6, 5, 4, buffer_rows=1000)
+    layer = EideticIndexedLinear(6, 5, 4)
     inputs = [torch.randn(64, 6) for _ in range(5)]
     with EideticClient.from_settings(settings) as client:
         run = client.create_run("layers", {})
         stored = client.create_layer(run.id, "eidetic_indexed", 5)
-        layer.bind_store(StoreBinding(client, run.id, stored.id, settings))
-        with layer.recording(task="B"):
-            for step, x in enumerate(inputs):
-                layer.annotate(
-                    sample_id=torch.arange(64) + 64 * step, label=torch.zeros(64, dtype=torch.long), step=step
-                )
-                layer(x)
-        with layer.recording(task="A"):  # another task's rows: stored, but filtered out below
-            layer(torch.randn(30, 6) + 100)
-        remote = layer.compute_quantiles(4, task="B")
+        with open_writer(run.id, stored.id, settings) as writer:
+            with ActivationRecorder(layer, {"pre_bias": WriterSink(writer)}, task="B") as recorder:
+                for step, x in enumerate(inputs):
+                    recorder.annotate(
+                        sample_id=torch.arange(64) + 64 * step, label=torch.zeros(64, dtype=torch.long), step=step
+                    )
+                    layer(x)
+            with ActivationRecorder(layer, {"pre_bias": WriterSink(writer)}, task="A"):
+                layer(torch.randn(30, 6) + 100)  # another task's rows: stored, but filtered out below
+        answer = client.compute_quantiles(run.id, stored.id, 4, "exact", task="B")
+        remote = QuantileCache.from_quantile_set(answer, torch.device("cpu"))
         assert remote.set_id is not None and remote.version == 1
         assert stored_rows(service.database_url, stored.id) == 64 * 5 + 30
-        assert torch.equal(QuantileCache.from_service(client, run.id, stored.id).boundaries, remote.boundaries)
 
     # the same Task B rows, recorded with no store: the local reservoir gives the very same boundaries
-    layer.bind_store(None)
-    layer.recorder.clear()
-    with layer.recording(task="B"):
+    reservoir = ReservoirSink(5, capacity=1000)
+    with ActivationRecorder(layer, {"pre_bias": reservoir}):
         for x in inputs:
             layer(x)
-    local = layer.compute_quantiles(4)
-    assert local.set_id is None and layer.recorder.rows_kept == 64 * 5
-    assert torch.equal(local.boundaries, remote.boundaries)
+    assert reservoir.rows_kept == 64 * 5
+    local = local_boundaries(reservoir.values(), 4)
+    assert torch.equal(local, remote.boundaries)
     assert np.all(np.diff(remote.boundaries.numpy(), axis=1) >= 0)

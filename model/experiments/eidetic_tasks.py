@@ -1,9 +1,9 @@
 """Eidetic tasks: the seed's Task A / Task B experiment with Eidetic and Indexed layers.
 
 Protocol (the seed's, batched): train the whole CNN on Task A; run the Task B training
-data through it and record the pre-bias outputs of its EideticIndexed layer (in the
-store with USE_DB, else in the layer's local reservoir); compute NUM_QUANTILES
-boundaries per unit of those outputs (exact: numpy's inverted CDF, identical either
+data through it and record the pre-bias outputs of its EideticIndexed layer (hooks of an
+ActivationRecorder send them to the store with USE_DB, else to a local reservoir); compute
+NUM_QUANTILES boundaries per unit of those outputs (exact: numpy's inverted CDF, identical either
 way); build the index of the final IndexedLinear layer (its trained weight copied into
 every bucket); freeze everything else; train Task B with each input unit of that layer
 picking its weight row by the bucket of its own activation; test both tasks.
@@ -25,7 +25,6 @@ and 5-9 as Task B.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import hashlib
 import json
@@ -33,75 +32,69 @@ import math
 import platform
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import AliasChoices, Field
 from torch import nn
 from torch.optim.lr_scheduler import StepLR
 from tqdm import tqdm
 
-from eidetic.client import EideticClient
 from eidetic.config import ClientSettings
+from eidetic.torch.quantile_cache import QuantileCache, local_boundaries
 from model import data as datasets
 from model.cl_metrics import ContinualMetrics
-from model.layers import (
-    EideticIndexedLinear,
-    EideticLinear,
-    IndexedLinear,
-    StoreBinding,
-    freeze_all_but,
-    indexed_parameters,
-)
+from model.experiments.options import CommandLine, config_json, option
+from model.experiments.store_logger import RunLogger, open_run
+from model.layers import EideticIndexedLinear, EideticLinear, IndexedLinear, freeze_all_but, indexed_parameters
+from model.recording import ActivationRecorder, ActivationSink, ReservoirSink, WriterSink
 
 EXPERIMENT = "eidetic_tasks"
 STORED_LAYER = "eidetic_indexed"
+RECORDED = "eidetic_indexed.pre_bias"  # the hook point of the layer whose outputs are stored
 N_OUTPUTS = 36
 TASK_A_OFFSET = 26  # the seed: digits shifted by +26, letters take 0..25
 TASK_NAMES = ("A", "B")
-
-
-class EideticTasksSettings(ClientSettings):
-    """The seed's settings (and the store's, inherited), from the environment or `.env`."""
-
-    task_a_subset_cardinality: int = Field(
-        default=1000, ge=1, validation_alias=AliasChoices("TASK_A_SUBSET_CARDINALITY", "task_a_subset_cardinality")
-    )
-    task_b_subset_cardinality: int = Field(
-        default=1000, ge=1, validation_alias=AliasChoices("TASK_B_SUBSET_CARDINALITY", "task_b_subset_cardinality")
-    )
-    num_quantiles: int = Field(
-        default=4,
-        ge=1,
-        le=1024,
-        validation_alias=AliasChoices("NUM_QUANTILES", "num_quantiles"),
-        description="Buckets per unit of the indexed layer; 1 runs the baseline only.",
-    )
-    device: str = Field(default="cpu", validation_alias=AliasChoices("DEVICE", "device"))
+DATASETS = ("digits", "fashion", "mnist-emnist")  # the keys of SOURCES
 
 
 @dataclass(frozen=True)
 class TasksConfig:
-    """Everything a run depends on (recorded with its results and in the store)."""
+    """Task A then Task B with Eidetic and Indexed layers, against the one-bucket baseline.
 
-    dataset: str = "digits"
-    task_a_subset_cardinality: int = 1000
-    task_b_subset_cardinality: int = 1000
-    num_quantiles: int = 4
-    epochs: int = 3
-    batch_size: int = 16
-    test_batch_size: int = 1000
-    lr: float = 1.0
-    gamma: float = 0.7
-    seed: int = 1
-    test_limit: int | None = None
-    device: str = "cpu"
+    Everything a run depends on: its command line, and its config in the store.
+    """
+
+    dataset: str = option("digits", choices=DATASETS, help="the two tasks' data")
+    task_a_subset_cardinality: int = option(1000, env="TASK_A_SUBSET_CARDINALITY", help="Task A training samples")
+    task_b_subset_cardinality: int = option(1000, env="TASK_B_SUBSET_CARDINALITY", help="Task B training samples")
+    num_quantiles: int = option(
+        4, env="NUM_QUANTILES", help="buckets per unit of the indexed layer; 1 runs the baseline only"
+    )
+    epochs: int = option(3, help="epochs of each task")
+    batch_size: int = option(16)
+    test_batch_size: int = option(1000)
+    lr: float = option(1.0, help="Adadelta learning rate")
+    gamma: float = option(0.7, help="StepLR decay per epoch")
+    seed: int = option(1, sweep=True, help="one or more seeds, one run each")
+    test_limit: int | None = option(None, help="test samples per task (default: all)")
+    device: str = option("cpu", env="DEVICE")
+    data_dir: Path | None = option(None, help="torchvision root (nothing is downloaded)")
+    out_dir: Path = option(Path("outputs"), help="metrics JSON and PNG go here")
+    log_file: Path | None = option(Path("benchmark.log"), help="results are appended here")
+    save_model: bool = option(False, help="save each arm's state_dict in --out-dir")
+    run_name: str | None = option(None, help="name of the run in the store (default: unique)")
+    progress: bool = option(True, help="show the progress bar")
+
+    def __post_init__(self) -> None:
+        if min(self.task_a_subset_cardinality, self.task_b_subset_cardinality) < 1:
+            raise ValueError("the subset cardinalities are at least 1")
+        if not 1 <= self.num_quantiles <= 1024:
+            raise ValueError("num_quantiles is in 1..1024")
 
     @property
     def arms(self) -> dict[str, int]:
@@ -110,6 +103,9 @@ class TasksConfig:
         if self.num_quantiles > 1:
             arms["eidetic"] = self.num_quantiles
         return arms
+
+
+COMMAND = CommandLine(TasksConfig, prog=f"python -m model.experiments.{EXPERIMENT}")
 
 
 # ---------------------------------------------------------------- the network
@@ -123,7 +119,7 @@ class EideticTasksNet(nn.Module):
     buckets of the EideticIndexed layer's outputs select the IndexedLinear weights.
     """
 
-    def __init__(self, n_quantiles: int = 1, n_outputs: int = N_OUTPUTS, buffer_rows: int = 10_000) -> None:
+    def __init__(self, n_quantiles: int = 1, n_outputs: int = N_OUTPUTS) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 32, 3, 1)
         self.conv2 = nn.Conv2d(32, 64, 3, 1)
@@ -131,8 +127,8 @@ class EideticTasksNet(nn.Module):
         self.dropout2 = nn.Dropout(0.5)
         self.fc1 = nn.Linear(9216, 128)
         self.fc2 = nn.Linear(128, n_outputs)
-        self.eidetic = EideticLinear(n_outputs, n_outputs, buffer_rows=buffer_rows)
-        self.eidetic_indexed = EideticIndexedLinear(n_outputs, n_outputs, n_quantiles, buffer_rows=buffer_rows)
+        self.eidetic = EideticLinear(n_outputs, n_outputs)
+        self.eidetic_indexed = EideticIndexedLinear(n_outputs, n_outputs, n_quantiles)
         self.indexed = IndexedLinear(n_outputs, n_outputs, n_quantiles)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -192,7 +188,7 @@ SOURCES: dict[str, tuple[TaskSource, TaskSource]] = {
 }
 
 
-def load_tasks(config: TasksConfig, data_dir: Path | None) -> tuple[TaskData, TaskData]:
+def load_tasks(config: TasksConfig) -> tuple[TaskData, TaskData]:
     """Task A and Task B: the first `cardinality` training samples of each task's classes (data set order),
     and all of its test samples (or the first `test_limit`)."""
     loaded: dict[tuple[int, bool], datasets.LabelledImages] = {}
@@ -200,16 +196,16 @@ def load_tasks(config: TasksConfig, data_dir: Path | None) -> tuple[TaskData, Ta
     for name, source, cardinality in zip(
         TASK_NAMES, SOURCES[config.dataset], (config.task_a_subset_cardinality, config.task_b_subset_cardinality)
     ):
-        splits = {}
-        for train in (True, False):
-            key = (id(source.load), train)
+        splits: dict[bool, datasets.LabelledImages] = {}
+        for is_train in (True, False):
+            key = (id(source.load), is_train)
             if key not in loaded:
-                loaded[key] = source.load(data_dir, train)
-            splits[train] = loaded[key]
+                loaded[key] = source.load(config.data_dir, is_train)
+            splits[is_train] = loaded[key]
         of_task = torch.isin(splits[True].labels, torch.tensor(source.classes))
         train_ids = torch.nonzero(of_task).squeeze(1)[:cardinality]
         train = splits[True].select(train_ids)
-        test = splits[False].of_classes(source.classes, config.test_limit)
+        test = splits[False].of_classes(list(source.classes), config.test_limit)
         tasks.append(
             TaskData(
                 name=name,
@@ -306,71 +302,75 @@ def test_tasks(model: nn.Module, tasks: tuple[TaskData, TaskData], config: Tasks
 
 
 @torch.no_grad()
-def record_task_outputs(model: EideticTasksNet, task: TaskData, config: TasksConfig) -> int:
-    """Runs the task's training data through the network (eval mode) with the EideticIndexed layer recording."""
+def record_task_outputs(model: EideticTasksNet, task: TaskData, config: TasksConfig, sink: ActivationSink) -> int:
+    """Runs the task's training data through the network (eval mode), the EideticIndexed layer's pre-bias
+    outputs going to `sink`; returns how many rows were recorded."""
     model.eval()
-    layer = model.eidetic_indexed
     device = torch.device(config.device)
-    with layer.recording(task=task.name):
+    with ActivationRecorder(model, {RECORDED: sink}, task=task.name) as recorder:
         for step, start in enumerate(range(0, len(task.train_labels), config.test_batch_size)):
             end = start + config.test_batch_size
-            layer.annotate(sample_id=task.train_ids[start:end], label=task.train_labels[start:end], step=step, epoch=0)
+            recorder.annotate(
+                sample_id=task.train_ids[start:end], label=task.train_labels[start:end], step=step, epoch=0
+            )
             model(task.train_images[start:end].to(device))
-    return layer.recorder.rows_sampled
+    return recorder.rows_recorded[RECORDED]
 
 
-# ---------------------------------------------------------------- one run
+def task_quantiles(
+    model: EideticTasksNet, task: TaskData, config: TasksConfig, logger: RunLogger
+) -> tuple[QuantileCache, int, int | None]:
+    """Records the task's outputs of the EideticIndexed layer and computes NUM_QUANTILES boundaries per unit.
 
-
-@dataclass
-class StoreRun:
-    client: EideticClient
-    run_id: int
-    layer_id: int
-
-
-@contextmanager
-def store_run(config: TasksConfig, settings: EideticTasksSettings, name: str | None) -> Iterator[StoreRun | None]:
-    """With USE_DB: a run and its EideticIndexed layer in the store, finished or failed on the way out."""
-    if not settings.use_db:
-        yield None
-        return
-    with EideticClient.from_settings(settings) as client:
-        name = name or f"{EXPERIMENT}-{config.dataset}-s{config.seed}-{uuid.uuid4().hex[:8]}"
-        run = client.create_run(name, asdict(config))
-        layer = client.create_layer(run.id, STORED_LAYER, N_OUTPUTS)
-        try:
-            yield StoreRun(client, run.id, layer.id)
-        except BaseException:
-            client.set_run_status(run.id, "failed")
-            raise
-        client.set_run_status(run.id, "finished")
+    With the store, the rows stream into a layer of the run and the service computes the
+    exact boundaries; without it, a local reservoir holding every row gives the very same
+    ones (the same order statistics). Returns the boundaries, the rows recorded and the
+    stored layer's id (None without the store).
+    """
+    device = torch.device(config.device)
+    layer_id = logger.create_layer(STORED_LAYER, N_OUTPUTS)
+    if logger.client is not None and layer_id is not None:
+        with logger.open_writer(layer_id) as writer:  # closed (every row committed) before the quantiles
+            rows = record_task_outputs(model, task, config, WriterSink(writer))
+        if config.num_quantiles == 1:
+            return QuantileCache(torch.empty(N_OUTPUTS, 0, device=device)), rows, layer_id
+        assert logger.run_id is not None
+        answer = logger.client.compute_quantiles(logger.run_id, layer_id, config.num_quantiles, "exact", task=task.name)
+        return QuantileCache.from_quantile_set(answer, device), rows, layer_id
+    reservoir = ReservoirSink(N_OUTPUTS, capacity=max(1, len(task.train_labels)))
+    rows = record_task_outputs(model, task, config, reservoir)
+    if config.num_quantiles == 1:
+        return QuantileCache(torch.empty(N_OUTPUTS, 0, device=device)), rows, None
+    return QuantileCache(local_boundaries(reservoir.values(), config.num_quantiles).to(device)), rows, None
 
 
 def run_once(
     config: TasksConfig,
-    settings: EideticTasksSettings,
+    settings: ClientSettings,
     tasks: tuple[TaskData, TaskData],
     *,
     run_name: str | None = None,
-    progress: bool = True,
-    save_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """One seed: the shared Task A phase, then each arm's Task B phase; returns its metrics."""
+    """One seed: the shared Task A phase, then each arm's Task B phase; returns its metrics (also logged as the
+    run's in the store)."""
     task_a, task_b = tasks
     device = torch.device(config.device)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    model = EideticTasksNet(config.num_quantiles, buffer_rows=len(task_b.train_labels)).to(device)
+    model = EideticTasksNet(config.num_quantiles).to(device)
     steps = config.epochs * (
         math.ceil(len(task_a.train_labels) / config.batch_size)
         + len(config.arms) * math.ceil(len(task_b.train_labels) / config.batch_size)
     )
     result: dict[str, Any] = {"seed": config.seed, "use_db": settings.use_db}
+    name = run_name or f"{EXPERIMENT}-{config.dataset}-s{config.seed}-{uuid.uuid4().hex[:8]}"
     with (
-        store_run(config, settings, run_name) as store,
+        open_run(settings, name, config) as logger,
         tqdm(
-            total=steps, desc=f"{EXPERIMENT} {config.dataset} seed {config.seed}", unit="step", disable=not progress
+            total=steps,
+            desc=f"{EXPERIMENT} {config.dataset} seed {config.seed}",
+            unit="step",
+            disable=not config.progress,
         ) as bar,
     ):
         ticker = Progress(bar)
@@ -381,12 +381,9 @@ def run_once(
         after_a = test_tasks(model, tasks, config)
         shared = trained_state(model)
 
-        if store is not None:
-            result.update(run_id=store.run_id, layer_id=store.layer_id)
-            model.eidetic_indexed.bind_store(StoreBinding(store.client, store.run_id, store.layer_id, settings))
-        recorded = record_task_outputs(model, task_b, config)
-        quantiles = model.eidetic_indexed.compute_quantiles(config.num_quantiles, task=task_b.name)
-        model.eidetic_indexed.bind_store(None)
+        quantiles, recorded, layer_id = task_quantiles(model, task_b, config, logger)
+        if logger.run_id is not None:
+            result.update(run_id=logger.run_id, layer_id=layer_id)
         result["quantiles"] = {
             "n_quantiles": config.num_quantiles,
             "rows": recorded,
@@ -397,7 +394,7 @@ def run_once(
 
         result["arms"] = {}
         for arm, n_quantiles in config.arms.items():
-            net = EideticTasksNet(n_quantiles, buffer_rows=len(task_b.train_labels)).to(device)
+            net = EideticTasksNet(n_quantiles).to(device)
             unmatched = net.load_state_dict(shared, strict=False)
             assert not unmatched.unexpected_keys and all(k.endswith("bucket_weights") for k in unmatched.missing_keys)
             if n_quantiles > 1:
@@ -412,11 +409,10 @@ def run_once(
             result["arms"][arm] = _arm_metrics(
                 n_quantiles, initial, after_a, after_b, task_a_losses, task_b_losses, trainable
             )
-            if save_dir is not None:
-                save_dir.mkdir(parents=True, exist_ok=True)
-                torch.save(net.state_dict(), save_dir / f"{EXPERIMENT}_{config.dataset}_s{config.seed}_{arm}.pt")
-        if store is not None:  # the run's metrics live beside its activations and quantiles
-            store.client.record_metrics(store.run_id, {"arms": result["arms"], "quantiles": result["quantiles"]})
+            if config.save_model:
+                config.out_dir.mkdir(parents=True, exist_ok=True)
+                torch.save(net.state_dict(), config.out_dir / f"{EXPERIMENT}_{config.dataset}_s{config.seed}_{arm}.pt")
+        logger.log({"arms": result["arms"], "quantiles": result["quantiles"]})
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result
 
@@ -575,32 +571,18 @@ def append_benchmark_log(metrics: dict[str, Any], path: Path) -> None:
         handle.write("\n".join(lines) + "\n")
 
 
-def run(
-    config: TasksConfig,
-    settings: EideticTasksSettings,
-    seeds: list[int],
-    out_dir: Path,
-    *,
-    data_dir: Path | None = None,
-    run_name: str | None = None,
-    progress: bool = True,
-    save_model: bool = False,
-    log_path: Path | None = Path("benchmark.log"),
-) -> dict[str, Any]:
-    """Every seed, then the summary, table, plot, JSON and log lines."""
-    tasks = load_tasks(config, data_dir)
+def run(configs: Sequence[TasksConfig], settings: ClientSettings) -> dict[str, Any]:
+    """Every run (one per seed; the configs differ only in it), then the summary, table, plot, JSON and log."""
+    config = configs[0]
+    seeds = [each.seed for each in configs]
+    tasks = load_tasks(config)
     runs = []
-    for seed in seeds:
-        seeded = replace(config, seed=seed)
-        name = f"{run_name}-s{seed}" if run_name and len(seeds) > 1 else run_name
-        runs.append(
-            run_once(
-                seeded, settings, tasks, run_name=name, progress=progress, save_dir=out_dir if save_model else None
-            )
-        )
+    for each in configs:
+        name = f"{each.run_name}-s{each.seed}" if each.run_name and len(configs) > 1 else each.run_name
+        runs.append(run_once(each, settings, tasks, run_name=name))
     metrics: dict[str, Any] = {
         "experiment": EXPERIMENT,
-        "config": {**asdict(config), "seed": None},
+        "config": {**config_json(config), "seed": None},
         "seeds": seeds,
         "use_db": settings.use_db,
         "task_sizes": {t.name: len(t.train_labels) for t in tasks},
@@ -617,77 +599,21 @@ def run(
         "runs": runs,
     }
     metrics["summary"] = summarise(runs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{EXPERIMENT}_{config.dataset}"
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = config.out_dir / f"{EXPERIMENT}_{config.dataset}"
     stem.with_suffix(".json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot(metrics, stem.with_suffix(".png"))
-    if log_path is not None:
-        append_benchmark_log(metrics, log_path)
+    if config.log_file is not None:
+        append_benchmark_log(metrics, config.log_file)
     return metrics
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = TasksConfig()
-    parser = argparse.ArgumentParser(
-        prog=f"python -m model.experiments.{EXPERIMENT}",
-        description="Task A then Task B with Eidetic and Indexed layers, against the one-bucket baseline. "
-        "TASK_A_SUBSET_CARDINALITY, TASK_B_SUBSET_CARDINALITY, NUM_QUANTILES, USE_DB and DEVICE "
-        "come from the environment or .env.",
-    )
-    parser.add_argument("--dataset", choices=sorted(SOURCES), default=defaults.dataset)
-    parser.add_argument("--data-dir", type=Path, default=None, help="torchvision root (nothing is downloaded)")
-    parser.add_argument("--seed", type=int, nargs="+", default=[defaults.seed], help="one or more seeds")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs of each task")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--test-batch-size", type=int, default=defaults.test_batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--gamma", type=float, default=defaults.gamma)
-    parser.add_argument("--test-limit", type=int, default=None, help="test samples per task (default: all)")
-    parser.add_argument("--out-dir", type=Path, default=Path("outputs"), help="metrics JSON and PNG go here")
-    parser.add_argument("--log-file", type=Path, default=Path("benchmark.log"))
-    parser.add_argument("--save-model", action="store_true", help="save each arm's state_dict in --out-dir")
-    parser.add_argument(
-        "--use-db",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="override USE_DB from the environment / .env",
-    )
-    parser.add_argument("--run-name", default=None, help="name of the run in the store (default: unique)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    settings = EideticTasksSettings()
-    if args.use_db is not None:
-        settings = settings.model_copy(update={"use_db": args.use_db})
-    config = TasksConfig(
-        dataset=args.dataset,
-        task_a_subset_cardinality=settings.task_a_subset_cardinality,
-        task_b_subset_cardinality=settings.task_b_subset_cardinality,
-        num_quantiles=settings.num_quantiles,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        test_batch_size=args.test_batch_size,
-        lr=args.lr,
-        gamma=args.gamma,
-        test_limit=args.test_limit,
-        device=settings.device,
-    )
-    metrics = run(
-        config,
-        settings,
-        args.seed,
-        args.out_dir,
-        data_dir=args.data_dir,
-        run_name=args.run_name,
-        progress=not args.no_progress,
-        save_model=args.save_model,
-        log_path=args.log_file,
-    )
+    parsed = COMMAND.parse(argv)
+    metrics = run(parsed.configs, parsed.settings)
+    config = parsed.config
     print(table(metrics))
-    print(f"metrics: {args.out_dir / (EXPERIMENT + '_' + args.dataset + '.json')} (and .png)")
+    print(f"metrics: {config.out_dir / (EXPERIMENT + '_' + config.dataset + '.json')} (and .png)")
     return metrics
 
 
