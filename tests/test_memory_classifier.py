@@ -26,6 +26,8 @@ TINY = MemoryClassifierConfig(
     eval_batch_size=48,
     speed_batches=1,
     speed_repeats=1,
+    device="cpu",
+    progress=False,
 )
 
 
@@ -99,8 +101,8 @@ def test_the_command_line_runs_every_memory_kind_and_writes_metrics_and_plots(tm
 @pytest.mark.parametrize("kind", ["cached", "trainable"])
 def test_results_are_the_same_with_the_store_or_without_and_the_run_is_recorded(kind, digits, store_settings, tmp_path):
     config = replace(TINY, memory=kind)
-    without = run_once(config, ClientSettings(use_db=False), digits, tmp_path / "off", progress=False)
-    stored = run_once(config, store_settings, digits, tmp_path / "on", progress=False)
+    without = run_once(replace(config, out_dir=tmp_path / "off"), ClientSettings(use_db=False), digits)
+    stored = run_once(replace(config, out_dir=tmp_path / "on"), store_settings, digits)
     assert history(stored) == history(without)
     with EideticClient.from_settings(store_settings) as client:
         run = client.get_run(stored["run_id"])
@@ -121,7 +123,7 @@ class Interrupted(Exception):
 def test_an_interrupted_run_resumes_where_it_stopped(kind, use_db, digits, request, tmp_path, monkeypatch):
     settings = request.getfixturevalue("store_settings") if use_db else ClientSettings(use_db=False)
     config = replace(TINY, memory=kind)
-    straight = run_once(config, settings, digits, tmp_path / "straight", progress=False)
+    straight = run_once(replace(config, out_dir=tmp_path / "straight"), settings, digits)
 
     train_epoch = experiment.train_epoch
 
@@ -132,9 +134,9 @@ def test_an_interrupted_run_resumes_where_it_stopped(kind, use_db, digits, reque
 
     monkeypatch.setattr(experiment, "train_epoch", stop_at_the_second_epoch)
     with pytest.raises(Interrupted):
-        run_once(config, settings, digits, tmp_path / "resumed", progress=False)
+        run_once(replace(config, out_dir=tmp_path / "resumed"), settings, digits)
     monkeypatch.setattr(experiment, "train_epoch", train_epoch)
-    resumed = run_once(config, settings, digits, tmp_path / "resumed", resume=True, progress=False)
+    resumed = run_once(replace(config, out_dir=tmp_path / "resumed", resume=True), settings, digits)
     assert resumed["resumed_from_epoch"] == 0
     assert history(resumed) == history(straight)
     if use_db:

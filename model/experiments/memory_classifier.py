@@ -28,15 +28,13 @@ the memory from its bank).
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import math
 import platform
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,10 +44,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from eidetic.client import EideticClient
 from eidetic.config import ClientSettings
 from model import data as datasets
 from model.enhanced_classifier import BackboneUnavailable, EnhancedClassifier, make_backbone
+from model.experiments.options import CommandLine, config_json, option
+from model.experiments.store_logger import RunLogger, open_run
 from model.memory_modules import CachedMemory, MemoryStore, TrainableMemory
 
 EXPERIMENT = "memory_classifier"
@@ -73,31 +72,54 @@ SPEED_METRICS = ("feature_ms", "retrieval_ms", "head_ms", "memory_path_ms", "net
 
 @dataclass(frozen=True)
 class MemoryClassifierConfig:
-    """Everything a run depends on (recorded with its results and in the store)."""
+    """EnhancedClassifier with cached or trainable memory against the same network without one.
 
-    dataset: str = "digits"
-    memory: str = "cached"
-    memory_size: int = 10_000
-    confidence_threshold: float = 0.85  # memory path when the nearest item's similarity reaches this
-    similarity_threshold: float = 0.85  # a full memory stores an item only if its best similarity is below this
-    epochs: int = 5
-    batch_size: int = 128
-    memory_loss_weight: float = 0.4
-    temperature: float = 0.1
-    written_confidence: float = 0.9  # trainable memory: class probability of a freshly written slot
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    grad_clip: float = 2.0
-    dropout: float = 0.2
-    backbone: str = "small_cnn"
-    widths: tuple[int, ...] = (32, 64, 128)
-    train_limit: int | None = None
-    test_limit: int | None = None
-    eval_batch_size: int = 512
-    speed_batches: int = 20
-    speed_repeats: int = 3
-    seed: int = 1
-    device: str = "cpu"
+    Everything a run depends on: its command line, and its config in the store.
+    """
+
+    dataset: str = option("digits", choices=DATASETS)
+    memory: str = option("cached", choices=MEMORIES, sweep=True, help="one or more memory kinds, one run each")
+    memory_size: int = option(10_000, help="memory slots")
+    confidence_threshold: float = option(
+        0.85, flags=("--threshold", "--confidence-threshold"), help="memory path when its confidence is at least this"
+    )
+    similarity_threshold: float = option(
+        0.85, help="a full memory stores an item only if its best similarity is below this"
+    )
+    epochs: int = option(5)
+    batch_size: int = option(128)
+    memory_loss_weight: float = option(0.4, help="weight of the memory's contrastive loss")
+    temperature: float = option(0.1, help="of the memory's contrastive loss")
+    written_confidence: float = option(0.9, help="trainable memory: class probability of a freshly written slot")
+    lr: float = option(1e-3, help="Adam's peak learning rate (one-cycle schedule)")
+    weight_decay: float = option(1e-4)
+    grad_clip: float = option(2.0, help="max gradient norm")
+    dropout: float = option(0.2, help="of the network head")
+    backbone: str = option("small_cnn", help="small_cnn, or a timm model name")
+    backbone_weights: Path | None = option(None, help="local weights file for a timm backbone")
+    widths: tuple[int, ...] = option((32, 64, 128), help="small_cnn channels per block")
+    train_limit: int | None = option(None, help="training samples (a fixed subsample; default all)")
+    test_limit: int | None = option(None, help="test samples (a fixed subsample; default all)")
+    eval_batch_size: int = option(512)
+    speed_batches: int = option(20, help="test batches timed for the inference speed")
+    speed_repeats: int = option(3, help="timed passes (the best counts)")
+    seed: int = option(1, sweep=True, help="one or more seeds, one run each")
+    device: str = option("auto", help="cpu, cuda, cuda:1, ... (auto: cuda when there is one)")
+    threads: int | None = option(None, help="torch CPU threads")
+    data_dir: Path | None = option(None, help="torchvision root (CIFAR-10; nothing is downloaded)")
+    out_dir: Path = option(Path("outputs"), help="metrics JSON, PNGs and checkpoints")
+    run_name: str | None = option(None, help="run name in the store (default: unique)")
+    bank_name: str | None = option(None, help="memory bank name (default: the run's); an existing one warms the memory")
+    resume: bool = option(False, help="continue each run from its checkpoint in --out-dir")
+    progress: bool = option(True, help="show the progress bar")
+
+
+COMMAND = CommandLine(MemoryClassifierConfig, prog=f"python -m model.experiments.{EXPERIMENT}")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' is cuda when there is one, else cpu."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 # ---------------------------------------------------------------- data
@@ -159,6 +181,7 @@ def build_model(
         "device": device,
         "store": store,
     }
+    memory: CachedMemory | TrainableMemory | None
     if config.memory == "cached":
         memory = CachedMemory(feature_dim, data.num_classes, config.memory_size, **options)
     elif config.memory == "trainable":
@@ -219,7 +242,7 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     epoch: int,
     bar: Any,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """One pass over the training data in an order fixed by (seed, epoch); the memory takes each batch
     after the step."""
     device = torch.device(config.device)
@@ -307,17 +330,17 @@ def threshold_sweep(
         return []
     device = torch.device(config.device)
     model.eval()
-    confidence, memory_right, head_right = [], [], []
+    confidences, memory_rights, head_rights = [], [], []
     for start in range(0, len(labels), config.eval_batch_size):
         x, y = (
             images[start : start + config.eval_batch_size].to(device),
             labels[start : start + config.eval_batch_size].to(device),
         )
         output = model(x)
-        confidence.append(torch.where(output.memory_prediction >= 0, output.memory_confidence, -1.0))
-        memory_right.append(output.memory_prediction == y)
-        head_right.append(output.logits.argmax(dim=1) == y)
-    confidence, memory_right, head_right = torch.cat(confidence), torch.cat(memory_right), torch.cat(head_right)
+        confidences.append(torch.where(output.memory_prediction >= 0, output.memory_confidence, -1.0))
+        memory_rights.append(output.memory_prediction == y)
+        head_rights.append(output.logits.argmax(dim=1) == y)
+    confidence, memory_right, head_right = torch.cat(confidences), torch.cat(memory_rights), torch.cat(head_rights)
     sweep = []
     for threshold in SWEEP_THRESHOLDS:
         on_memory = confidence >= threshold
@@ -370,6 +393,7 @@ def inference_speed(model: EnhancedClassifier, images: torch.Tensor, config: Mem
         best = {name: min(best[name], spent[name]) for name in best}
     per_sample = {name: 1000.0 * seconds / samples for name, seconds in best.items()}
     memory = model.memory is not None
+    items = model.memory.size if model.memory is not None else 0
     return {
         "feature_ms": per_sample["feature"],
         "retrieval_ms": per_sample["retrieval"] if memory else None,
@@ -380,43 +404,8 @@ def inference_speed(model: EnhancedClassifier, images: torch.Tensor, config: Mem
         "retrieval_over_head": per_sample["retrieval"] / per_sample["head"] if memory else None,
         "samples": samples,
         "batch_size": config.batch_size,
-        "memory_items": model.memory.size if memory else 0,
+        "memory_items": items,
     }
-
-
-# ---------------------------------------------------------------- the store
-
-
-@dataclass
-class StoreRun:
-    client: EideticClient
-    run_id: int
-
-    def record_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
-        """The epoch's EPOCH_METRICS merged into the run's metrics (null: a path no sample took)."""
-        self.client.record_metrics(self.run_id, {f"epoch_{epoch}": {name: metrics[name] for name in EPOCH_METRICS}})
-
-
-@contextmanager
-def store_run(
-    config: MemoryClassifierConfig, settings: ClientSettings, name: str, resumed: dict | None
-) -> Iterator[StoreRun | None]:
-    """With USE_DB: the run (new, or the checkpoint's), finished or failed on the way out."""
-    if not settings.use_db:
-        yield None
-        return
-    with EideticClient.from_settings(settings) as client:
-        if resumed is not None and resumed.get("run_id") is not None:
-            run_id = int(resumed["run_id"])
-            client.set_run_status(run_id, "running")
-        else:
-            run_id = client.create_run(name, asdict(config)).id
-        try:
-            yield StoreRun(client, run_id)
-        except BaseException:
-            client.set_run_status(run_id, "failed")
-            raise
-        client.set_run_status(run_id, "finished")
 
 
 # ---------------------------------------------------------------- one run
@@ -447,33 +436,30 @@ def _memory_in_store(model: EnhancedClassifier) -> bool:
     return model.memory is not None and model.memory.store is not None
 
 
-def run_once(
-    config: MemoryClassifierConfig,
-    settings: ClientSettings,
-    data: ImageData,
-    out_dir: Path,
-    *,
-    run_name: str | None = None,
-    bank_name: str | None = None,
-    resume: bool = False,
-    weights: Path | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """One memory kind and seed: train, test after each epoch, checkpoint, then time inference."""
+def run_once(config: MemoryClassifierConfig, settings: ClientSettings, data: ImageData) -> dict[str, Any]:
+    """One memory kind and seed: train, test after each epoch, checkpoint, then time inference.
+
+    With USE_DB the run is recorded in the store (each epoch's metrics under `epoch_N`); a
+    resumed run continues the checkpoint's run there.
+    """
+    config = replace(config, device=resolve_device(config.device))
     started = time.perf_counter()
-    path = checkpoint_path(out_dir, config)
-    resumed = _load_checkpoint(path, config) if resume and path.exists() else None
+    path = checkpoint_path(config.out_dir, config)
+    resumed = _load_checkpoint(path, config) if config.resume and path.exists() else None
     name = (
         (resumed or {}).get("run_name")
-        or run_name
+        or config.run_name
         or f"{EXPERIMENT}-{config.dataset}-{config.memory}-s{config.seed}-{uuid.uuid4().hex[:8]}"
     )
-    bank = (resumed or {}).get("bank_name") or bank_name or name
+    bank = (resumed or {}).get("bank_name") or config.bank_name or name
     torch.manual_seed(config.seed)
     steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
-    with store_run(config, settings, name, resumed) as store:
-        memory_store = MemoryStore(store.client, bank) if store is not None and config.memory != "none" else None
-        model = build_model(config, data, memory_store, weights)
+    resume_run_id = (resumed or {}).get("run_id")
+    with open_run(settings, name, config, resume_run_id=resume_run_id) as logger:
+        memory_store = (
+            MemoryStore(logger.client, bank) if logger.client is not None and config.memory != "none" else None
+        )
+        model = build_model(config, data, memory_store, config.backbone_weights)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         scheduler = make_scheduler(optimizer, config, config.epochs * steps_per_epoch)
         history: list[dict[str, Any]] = []
@@ -485,7 +471,7 @@ def run_once(
         with tqdm(
             total=(config.epochs - first_epoch) * steps_per_epoch,
             unit="step",
-            disable=not progress,
+            disable=not config.progress,
             desc=f"{EXPERIMENT} {config.dataset} {config.memory} seed {config.seed}",
         ) as bar:
             for epoch in range(first_epoch, config.epochs):
@@ -503,9 +489,8 @@ def run_once(
                     "seconds": round(time.perf_counter() - epoch_started, 3),
                 }
                 history.append(metrics)
-                if store is not None:
-                    store.record_epoch(epoch, metrics)
-                _save_checkpoint(path, config, model, optimizer, scheduler, epoch, history, name, bank, store, slots)
+                logger.log({key: metrics[key] for key in EPOCH_METRICS}, key=f"epoch_{epoch}")
+                _save_checkpoint(path, config, model, optimizer, scheduler, epoch, history, name, bank, logger, slots)
                 tqdm.write(_epoch_line(config, metrics))
         sweep = threshold_sweep(model, data.test_images, data.test_labels, config)
         speed = inference_speed(model, data.test_images, config)
@@ -514,7 +499,7 @@ def run_once(
         "seed": config.seed,
         "use_db": settings.use_db,
         "run_name": name if settings.use_db else None,
-        "run_id": store.run_id if store is not None else None,
+        "run_id": logger.run_id,
         "bank_name": bank if memory_store is not None else None,
         "warm_start_epoch": warm_start,
         "resumed_from_epoch": resumed["epoch"] if resumed is not None else None,
@@ -535,7 +520,19 @@ def _epoch_line(config: MemoryClassifierConfig, m: dict[str, Any]) -> str:
     )
 
 
-def _save_checkpoint(path, config, model, optimizer, scheduler, epoch, history, run_name, bank, store, slots) -> None:
+def _save_checkpoint(
+    path: Path,
+    config: MemoryClassifierConfig,
+    model: EnhancedClassifier,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    history: list[dict[str, Any]],
+    run_name: str,
+    bank: str,
+    logger: RunLogger,
+    slots: torch.Tensor | None,
+) -> None:
     """Everything a resumed run needs; a memory kept in the store is left out of it (it comes back from its bank)."""
     in_store = _memory_in_store(model)
     state = {k: v for k, v in model.state_dict().items() if not (in_store and k.startswith("memory."))}
@@ -549,7 +546,7 @@ def _save_checkpoint(path, config, model, optimizer, scheduler, epoch, history, 
         "history": history,
         "run_name": run_name,
         "bank_name": bank if in_store else None,
-        "run_id": store.run_id if store is not None else None,
+        "run_id": logger.run_id,
         "memory_slots": slots.cpu() if slots is not None else None,
         "cached_items": model.memory.stored_items()
         if isinstance(model.memory, CachedMemory) and not in_store
@@ -697,43 +694,24 @@ def plot(metrics: dict[str, Any], kind: str, path: Path) -> None:
     plt.close(fig)
 
 
-def run(
-    config: MemoryClassifierConfig,
-    settings: ClientSettings,
-    memories: list[str],
-    seeds: list[int],
-    out_dir: Path,
-    *,
-    data_dir: Path | None = None,
-    run_name: str | None = None,
-    bank_name: str | None = None,
-    resume: bool = False,
-    weights: Path | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Every memory kind and seed, then the summary, table, JSON and one PNG per kind."""
-    data = load_data(config.dataset, data_dir, config.train_limit, config.test_limit)
-    several = len(memories) * len(seeds) > 1
+def run(configs: Sequence[MemoryClassifierConfig], settings: ClientSettings) -> dict[str, Any]:
+    """Every run (one per memory kind and seed), then the summary, table, JSON and one PNG per kind."""
+    config = configs[0]
+    data = load_data(config.dataset, config.data_dir, config.train_limit, config.test_limit)
+    memories = list(dict.fromkeys(each.memory for each in configs))
+    seeds = list(dict.fromkeys(each.seed for each in configs))
     runs = []
-    for kind in memories:
-        for seed in seeds:
-            suffix = f"-{kind}-s{seed}" if several else ""
-            runs.append(
-                run_once(
-                    replace(config, memory=kind, seed=seed),
-                    settings,
-                    data,
-                    out_dir,
-                    run_name=f"{run_name}{suffix}" if run_name else None,
-                    bank_name=f"{bank_name}{suffix}" if bank_name else None,
-                    resume=resume,
-                    weights=weights,
-                    progress=progress,
-                )
-            )
+    for each in configs:
+        suffix = f"-{each.memory}-s{each.seed}" if len(configs) > 1 else ""
+        named = replace(
+            each,
+            run_name=f"{each.run_name}{suffix}" if each.run_name else None,
+            bank_name=f"{each.bank_name}{suffix}" if each.bank_name else None,
+        )
+        runs.append(run_once(named, settings, data))
     metrics: dict[str, Any] = {
         "experiment": EXPERIMENT,
-        "config": {**asdict(config), "memory": memories, "seed": None},
+        "config": {**config_json(config), "memory": memories, "seed": None},
         "memories": memories,
         "seeds": seeds,
         "use_db": settings.use_db,
@@ -745,120 +723,31 @@ def run(
             "processor": platform.processor(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "device": config.device,
+            "device": resolve_device(config.device),
         },
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "runs": runs,
     }
     metrics["summary"] = summarise(runs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{EXPERIMENT}_{config.dataset}"
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = config.out_dir / f"{EXPERIMENT}_{config.dataset}"
     stem.with_suffix(".json").write_text(json.dumps(metrics, indent=2) + "\n")
     for kind in memories:
-        plot(metrics, kind, out_dir / f"{EXPERIMENT}_{config.dataset}_{kind}.png")
+        plot(metrics, kind, config.out_dir / f"{EXPERIMENT}_{config.dataset}_{kind}.png")
     return metrics
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = MemoryClassifierConfig()
-    parser = argparse.ArgumentParser(
-        prog=f"python -m model.experiments.{EXPERIMENT}",
-        description="EnhancedClassifier with cached or trainable memory against the same network without one. "
-        "USE_DB, EIDETIC_URL and EIDETIC_API_KEY come from the environment or .env.",
-    )
-    parser.add_argument("--memory", nargs="+", choices=MEMORIES, default=["cached"], help="one or more memory kinds")
-    parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
-    parser.add_argument(
-        "--data-dir", type=Path, default=None, help="torchvision root (CIFAR-10; nothing is downloaded)"
-    )
-    parser.add_argument("--seed", type=int, nargs="+", default=[defaults.seed])
-    parser.add_argument("--memory-size", type=int, default=defaults.memory_size)
-    parser.add_argument(
-        "--threshold",
-        "--confidence-threshold",
-        dest="confidence_threshold",
-        type=float,
-        default=defaults.confidence_threshold,
-        help="memory path when its confidence is at least this",
-    )
-    parser.add_argument(
-        "--similarity-threshold",
-        type=float,
-        default=defaults.similarity_threshold,
-        help="a full memory stores an item only if its best similarity is below this",
-    )
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--memory-loss-weight", type=float, default=defaults.memory_loss_weight)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--backbone", default=defaults.backbone, help="small_cnn, or a timm model name")
-    parser.add_argument("--backbone-weights", type=Path, default=None, help="local weights file for a timm backbone")
-    parser.add_argument(
-        "--widths", type=int, nargs="+", default=list(defaults.widths), help="small_cnn channels per block"
-    )
-    parser.add_argument(
-        "--train-limit", type=int, default=None, help="training samples (a fixed subsample; default all)"
-    )
-    parser.add_argument("--test-limit", type=int, default=None, help="test samples (a fixed subsample; default all)")
-    parser.add_argument("--speed-batches", type=int, default=defaults.speed_batches)
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when there is one)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out-dir", type=Path, default=Path("outputs"), help="metrics JSON, PNGs and checkpoints")
-    parser.add_argument("--use-db", action=argparse.BooleanOptionalAction, default=None, help="override USE_DB")
-    parser.add_argument("--run-name", default=None, help="run name in the store (default: unique)")
-    parser.add_argument(
-        "--bank-name", default=None, help="memory bank name (default: the run's); an existing one warms the memory"
-    )
-    parser.add_argument("--resume", action="store_true", help="continue each run from its checkpoint in --out-dir")
-    parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    settings = ClientSettings()
-    if args.use_db is not None:
-        settings = settings.model_copy(update={"use_db": args.use_db})
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    config = MemoryClassifierConfig(
-        dataset=args.dataset,
-        memory=args.memory[0],
-        memory_size=args.memory_size,
-        confidence_threshold=args.confidence_threshold,
-        similarity_threshold=args.similarity_threshold,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        memory_loss_weight=args.memory_loss_weight,
-        temperature=args.temperature,
-        lr=args.lr,
-        backbone=args.backbone,
-        widths=tuple(args.widths),
-        train_limit=args.train_limit,
-        test_limit=args.test_limit,
-        speed_batches=args.speed_batches,
-        device=device,
-    )
+    parsed = COMMAND.parse(argv)
+    config = parsed.config
+    if config.threads:
+        torch.set_num_threads(config.threads)
     try:
-        metrics = run(
-            config,
-            settings,
-            args.memory,
-            args.seed,
-            args.out_dir,
-            data_dir=args.data_dir,
-            run_name=args.run_name,
-            bank_name=args.bank_name,
-            resume=args.resume,
-            weights=args.backbone_weights,
-            progress=not args.no_progress,
-        )
+        metrics = run(parsed.configs, parsed.settings)
     except (BackboneUnavailable, datasets.DatasetUnavailable) as error:
         raise SystemExit(f"{EXPERIMENT}: {error}") from error
     print(table(metrics))
-    print(f"metrics: {args.out_dir / (EXPERIMENT + '_' + args.dataset + '.json')} (and one .png per memory kind)")
+    print(f"metrics: {config.out_dir / (EXPERIMENT + '_' + config.dataset + '.json')} (and one .png per memory kind)")
     return metrics
 
 

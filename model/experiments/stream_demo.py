@@ -12,7 +12,6 @@ CPU-only; a few seconds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -29,9 +28,12 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from tqdm import tqdm
 
-from eidetic.client import EideticClient, LayerSummary
+from eidetic.client import LayerSummary
 from eidetic.config import ClientSettings
-from eidetic.writer import ActivationWriter, open_writer
+from eidetic.writer import ActivationWriter
+from model.experiments.options import CommandLine, config_json, option
+from model.experiments.store_logger import open_run
+from model.recording import ActivationRecorder, ActivationSink, WriterSink
 
 EXPERIMENT = "stream_demo"
 LAYER_NAME = "penultimate"
@@ -39,13 +41,26 @@ LAYER_NAME = "penultimate"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 5e-3
-    hidden: int = 64
-    seed: int = 0
-    test_fraction: float = 0.2
-    task: str = "digits"
+    """Train a small CNN on the bundled 8x8 digits; with USE_DB, stream its penultimate activations to the
+    Eidetic store and print the stored layer's summary."""
+
+    epochs: int = option(3)
+    batch_size: int = option(32)
+    lr: float = option(5e-3, help="Adam learning rate")
+    hidden: int = option(64, help="units of the streamed layer")
+    seed: int = option(0)
+    test_fraction: float = option(0.2, help="share of the digits held out for testing")
+    task: str = option("digits", help="the task recorded with every row")
+    out_dir: Path = option(Path("outputs"), help="where metrics JSON is written")
+    run_name: str | None = option(None, help="name of the run in the store (default: unique)")
+    progress: bool = option(True, help="show the progress bar")
+
+
+COMMAND = CommandLine(
+    DemoConfig,
+    prog=f"python -m model.experiments.{EXPERIMENT}",
+    store_flags={"use_db": "--use-db", "eidetic_transport": "--transport"},
+)
 
 
 class DigitsCNN(nn.Module):
@@ -56,13 +71,14 @@ class DigitsCNN(nn.Module):
         self.conv1 = nn.Conv2d(1, 16, kernel_size=3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
         self.fc1 = nn.Linear(32 * 4 * 4, hidden)
+        self.penultimate = nn.ReLU()  # its output is what the last layer reads (the streamed activations)
         self.fc2 = nn.Linear(hidden, n_classes)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities and the penultimate activations (what the last layer reads)."""
         x = F.relu(self.conv1(images))
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        features = F.relu(self.fc1(torch.flatten(x, 1)))
+        features = self.penultimate(self.fc1(torch.flatten(x, 1)))
         return F.log_softmax(self.fc2(features), dim=1), features
 
 
@@ -93,17 +109,18 @@ def train(
     model: DigitsCNN,
     data: DigitsSplit,
     config: DemoConfig,
-    writer: ActivationWriter | None,
-    progress: bool = True,
+    sink: ActivationSink | None,
 ) -> list[float]:
-    """Trains in place; returns the mean training loss of each epoch."""
+    """Trains in place, the penultimate activations of every batch going to `sink` (when given); returns the mean
+    training loss of each epoch."""
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     order = torch.Generator().manual_seed(config.seed)
     n_train = len(data.train_labels)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     losses: list[float] = []
     step = 0
-    with tqdm(total=config.epochs * steps_per_epoch, desc=EXPERIMENT, unit="step", disable=not progress) as bar:
+    recorder = ActivationRecorder(model, {LAYER_NAME: sink}, task=config.task) if sink is not None else None
+    with tqdm(total=config.epochs * steps_per_epoch, desc=EXPERIMENT, unit="step", disable=not config.progress) as bar:
         for epoch in range(config.epochs):
             model.train()
             permutation = torch.randperm(n_train, generator=order)
@@ -111,19 +128,20 @@ def train(
             for start in range(0, n_train, config.batch_size):
                 index = permutation[start : start + config.batch_size]
                 labels = data.train_labels[index]
-                log_probs, features = model(data.train_images[index])
+                if recorder is not None:
+                    recorder.annotate(sample_id=data.train_ids[index], step=step, epoch=epoch, label=labels)
+                log_probs, _features = model(data.train_images[index])
                 loss = F.nll_loss(log_probs, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                if writer is not None:
-                    sample_ids = data.train_ids[index]
-                    writer.write(features, sample_id=sample_ids, step=step, epoch=epoch, label=labels, task=config.task)
                 total += loss.item() * len(index)
                 step += 1
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
             losses.append(total / n_train)
+    if recorder is not None:
+        recorder.remove()
     return losses
 
 
@@ -134,40 +152,31 @@ def accuracy(model: DigitsCNN, images: torch.Tensor, labels: torch.Tensor) -> fl
     return float((log_probs.argmax(dim=1) == labels).float().mean())
 
 
-def run(config: DemoConfig, settings: ClientSettings, out_dir: Path, run_name: str | None, progress: bool) -> dict:
-    """Trains, streams (with USE_DB), evaluates; returns the metrics it also writes as JSON."""
+def run(config: DemoConfig, settings: ClientSettings) -> dict:
+    """Trains, streams (with USE_DB), evaluates; returns the metrics it also writes as JSON (and logs as the run's)."""
     torch.manual_seed(config.seed)
     data = load_split(config)
     model = DigitsCNN(config.hidden)
     started = time.perf_counter()
-    metrics: dict[str, Any] = {"experiment": EXPERIMENT, "config": asdict(config), "use_db": settings.use_db}
+    metrics: dict[str, Any] = {"experiment": EXPERIMENT, "config": config_json(config), "use_db": settings.use_db}
 
-    if not settings.use_db:
-        metrics["train_loss"] = train(model, data, config, None, progress)
-    else:
-        with EideticClient.from_settings(settings) as client:
-            store_run = client.create_run(run_name or f"{EXPERIMENT}-{uuid.uuid4().hex[:8]}", asdict(config))
-            layer = client.create_layer(store_run.id, LAYER_NAME, config.hidden)
-            try:
-                with open_writer(store_run.id, layer.id, settings) as writer:
-                    metrics["train_loss"] = train(model, data, config, writer, progress)
-            except BaseException:
-                client.set_run_status(store_run.id, "failed")
-                raise
-            client.set_run_status(store_run.id, "finished")
-            summary = client.layer_summary(store_run.id, layer.id)
-        metrics.update(run_id=store_run.id, layer_id=layer.id)
-        metrics.update(writer=_stats_json(writer), summary=_summary_json(summary))
-
-    metrics["test_accuracy"] = accuracy(model, data.test_images, data.test_labels)
-    metrics["train_accuracy"] = accuracy(model, data.train_images, data.train_labels)
-    metrics["seconds"] = round(time.perf_counter() - started, 3)
-    if settings.use_db:  # the run's results beside its activations
-        with EideticClient.from_settings(settings) as client:
-            scores = {name: metrics[name] for name in ("test_accuracy", "train_accuracy", "seconds")}
-            client.record_metrics(metrics["run_id"], scores)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{EXPERIMENT}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    name = config.run_name or f"{EXPERIMENT}-{uuid.uuid4().hex[:8]}"
+    with open_run(settings, name, config) as logger:
+        layer_id = logger.create_layer(LAYER_NAME, config.hidden)
+        if logger.client is None or logger.run_id is None or layer_id is None:
+            metrics["train_loss"] = train(model, data, config, None)
+        else:
+            with logger.open_writer(layer_id) as writer:
+                metrics["train_loss"] = train(model, data, config, WriterSink(writer))
+            summary = logger.client.layer_summary(logger.run_id, layer_id)
+            metrics.update(run_id=logger.run_id, layer_id=layer_id)
+            metrics.update(writer=_stats_json(writer), summary=_summary_json(summary))
+        metrics["test_accuracy"] = accuracy(model, data.test_images, data.test_labels)
+        metrics["train_accuracy"] = accuracy(model, data.train_images, data.train_labels)
+        metrics["seconds"] = round(time.perf_counter() - started, 3)
+        logger.log({name: metrics[name] for name in ("test_accuracy", "train_accuracy", "seconds")})
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    (config.out_dir / f"{EXPERIMENT}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -200,43 +209,11 @@ def report(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = DemoConfig()
-    parser = argparse.ArgumentParser(
-        prog=f"python -m model.experiments.{EXPERIMENT}",
-        description="Train a small CNN on the bundled 8x8 digits; with USE_DB, stream its penultimate "
-        "activations to the Eidetic store and print the stored layer's summary.",
-    )
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--hidden", type=int, default=defaults.hidden, help="units of the streamed layer")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--out-dir", type=Path, default=Path("outputs"), help="where metrics JSON is written")
-    parser.add_argument(
-        "--use-db",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="override USE_DB from the environment / .env",
-    )
-    parser.add_argument("--transport", choices=["rest", "direct"], default=None, help="override EIDETIC_TRANSPORT")
-    parser.add_argument("--run-name", default=None, help="name of the run in the store (default: unique)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    config = DemoConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, hidden=args.hidden, seed=args.seed)
-    overrides = {
-        name: value
-        for name, value in (("use_db", args.use_db), ("eidetic_transport", args.transport))
-        if value is not None
-    }
-    settings = ClientSettings().model_copy(update=overrides)
-    metrics = run(config, settings, args.out_dir, args.run_name, progress=not args.no_progress)
+    parsed = COMMAND.parse(argv)
+    metrics = run(parsed.config, parsed.settings)
     print(report(metrics))
-    print(f"metrics: {args.out_dir / (EXPERIMENT + '.json')}")
+    print(f"metrics: {parsed.config.out_dir / (EXPERIMENT + '.json')}")
     return metrics
 
 
