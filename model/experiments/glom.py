@@ -6,8 +6,10 @@ width whose parameter count is nearest GLOM's). Every arm starts from the same s
 sees the same batches. Writes `results.json`, `accuracy_by_iteration.png` and
 `islands.npz` (the islands of the first test images under the ``glom`` arm) to --out-dir.
 
-Metrics go through a `RunSink`; this module ships the JSON-lines one. Recording the run
-and the island rows in the store is a sink added with the store integration.
+Every epoch's metrics go through a `RunSink`: `JsonLinesSink` writes them to
+`metrics.jsonl` and logs them to the run's logger (the store with USE_DB, each under
+`{arm}/epoch_{N}`; nothing without it), beside each arm's results. Storing the island
+rows themselves is left to the store integration of islands.
 
     python -m model.experiments.glom --dataset digits8 --iterations 6 --epochs 3
     python -m model.experiments.glom --dataset mnist --data-dir ~/data --column patch --patch-size 4
@@ -15,18 +17,21 @@ and the island rows in the store is a sink added with the store integration.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 
+from eidetic.config import ClientSettings
 from model import data as datasets
+from model.experiments.options import CommandLine, option
+from model.experiments.store_logger import RunLogger, open_run
 from model.glom import Glom, GlomConfig
 from model.glom_training import EpochRecord, TrainConfig, seeded, train
 from model.islands import IslandTable, find_islands
@@ -37,8 +42,73 @@ ARMS = ("glom", "glom-concat", "cnn")
 N_CLASSES = 10  # every data set offered here has ten classes
 
 
+@dataclass(frozen=True)
+class GlomExperimentConfig:
+    """GLOM against a CNN of matched size: accuracy after every iteration, and the islands it forms."""
+
+    dataset: str = option("digits8", choices=("digits8", "digits28", "mnist", "fashion"))
+    data_dir: Path | None = option(None, help="torchvision root (nothing is downloaded)")
+    arms: tuple[str, ...] = option(ARMS, choices=ARMS, help="the networks compared")
+    levels: int = option(4)
+    dim: int = option(10, help="dimensions of each level's embedding")
+    iterations: int = option(30)
+    column: Literal["pixel", "patch"] = option("pixel", help="what one location sees")
+    patch_size: int = option(4)
+    hidden: int = option(32, help="width of the bottom-up, top-down and concat-lateral MLPs")
+    beta: float = option(1.0, help="attention sharpness")
+    window_inputs: bool = option(False, help="bottom-up and top-down nets read the 3x3 window")
+    noise_std: float = option(0.05)
+    denoise: bool = option(False)
+    checkpointing: bool = option(False, help="recompute iterations in the backward pass (less memory)")
+    epochs: int = option(10)
+    batch_size: int = option(32)
+    lr: float = option(1e-2)
+    seed: int = option(0)
+    device: str = option("cpu")
+    train_limit: int | None = option(None, help="training samples (default: all)")
+    test_limit: int | None = option(None, help="test samples (default: all)")
+    island_images: int = option(16, help="test images whose islands are found (0: none)")
+    island_threshold: float = option(0.9, help="cosine similarity that joins two locations into an island")
+    out_dir: Path = option(Path("runs") / EXPERIMENT, help="results.json, the plot, metrics.jsonl, islands.npz")
+    run_name: str | None = option(None, help="name of the run in the store (default: unique)")
+    progress: bool = option(True, help="show the progress bar")
+
+    def glom(self) -> GlomConfig:
+        return GlomConfig(
+            levels=self.levels,
+            dim=self.dim,
+            iterations=self.iterations,
+            column=self.column,
+            patch_size=self.patch_size,
+            hidden=self.hidden,
+            beta=self.beta,
+            window_inputs=self.window_inputs,
+            noise_std=self.noise_std,
+            denoise=self.denoise,
+            checkpointing=self.checkpointing,
+            n_classes=N_CLASSES,
+            in_channels=1,
+            linear_head=self.dim != N_CLASSES,
+        )
+
+    def training(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=self.seed,
+            device=self.device,
+            progress=self.progress,
+        )
+
+
+COMMAND = CommandLine(GlomExperimentConfig, prog=f"python -m model.experiments.{EXPERIMENT}")
+
+
 class RunSink(Protocol):
-    """Where a run's metrics and islands go: a file here, the store later."""
+    """Where a run's metrics and islands go, arm by arm (`arm` is set before each arm trains)."""
+
+    arm: str
 
     def record(self, metrics: Mapping[str, float], step: int) -> None: ...
 
@@ -46,17 +116,20 @@ class RunSink(Protocol):
 
 
 class JsonLinesSink:
-    """One JSON line per record in `path` (emptied first: a file holds one run); islands kept for `islands.npz`."""
+    """One JSON line per record in `path` (emptied first: a file holds one run), each also logged to the run's
+    logger under `{arm}/epoch_{step}`; islands kept for `islands.npz`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, logger: RunLogger | None = None) -> None:
         self.path = path
         path.write_text("")
+        self.logger = logger or RunLogger()
         self.arm = ""
         self.tables: dict[str, IslandTable] = {}
 
     def record(self, metrics: Mapping[str, float], step: int) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps({"arm": self.arm, "step": step, **metrics}) + "\n")
+        self.logger.log(metrics, key=f"{self.arm}/epoch_{step}")
 
     def islands(self, arm: str, table: IslandTable) -> None:
         self.tables[arm] = table
@@ -92,7 +165,7 @@ def run(
     test_limit: int | None,
     island_images: int,
     island_threshold: float,
-    sink: JsonLinesSink,
+    sink: RunSink,
 ) -> dict[str, object]:
     training, testing = load(dataset, data_dir, True), load(dataset, data_dir, False)
     images, labels = training.normalised()[:train_limit], training.labels[:train_limit]
@@ -149,88 +222,44 @@ def plot(results: Mapping[str, object], path: Path) -> None:
     plt.close(figure)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m model.experiments.glom", description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=("digits8", "digits28", "mnist", "fashion"), default="digits8")
-    parser.add_argument("--data-dir", type=Path, default=None)
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
-    parser.add_argument("--levels", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=10)
-    parser.add_argument("--iterations", type=int, default=30)
-    parser.add_argument("--column", choices=("pixel", "patch"), default="pixel")
-    parser.add_argument("--patch-size", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--beta", type=float, default=1.0)
-    parser.add_argument("--window-inputs", action="store_true")
-    parser.add_argument("--noise-std", type=float, default=0.05)
-    parser.add_argument("--denoise", action="store_true")
-    parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--train-limit", type=int, default=None)
-    parser.add_argument("--test-limit", type=int, default=None)
-    parser.add_argument("--island-images", type=int, default=16)
-    parser.add_argument("--island-threshold", type=float, default=0.9)
-    parser.add_argument("--out-dir", type=Path, default=Path("runs") / EXPERIMENT)
-    parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    args = parse_args(argv)
-    glom_config = GlomConfig(
-        levels=args.levels,
-        dim=args.dim,
-        iterations=args.iterations,
-        column=args.column,
-        patch_size=args.patch_size,
-        hidden=args.hidden,
-        beta=args.beta,
-        window_inputs=args.window_inputs,
-        noise_std=args.noise_std,
-        denoise=args.denoise,
-        checkpointing=args.checkpointing,
-        n_classes=N_CLASSES,
-        in_channels=1,
-        linear_head=args.dim != N_CLASSES,
-    )
-    train_config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.no_progress,
-    )
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    sink = JsonLinesSink(args.out_dir / "metrics.jsonl")
-    results = run(
-        glom_config,
-        train_config,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        arms=tuple(args.arms),
-        train_limit=args.train_limit,
-        test_limit=args.test_limit,
-        island_images=args.island_images,
-        island_threshold=args.island_threshold,
-        sink=sink,
-    )
-    summary = {
+    parsed = COMMAND.parse(argv)
+    return run_experiment(parsed.config, parsed.settings)
+
+
+def run_experiment(config: GlomExperimentConfig, settings: ClientSettings) -> dict[str, object]:
+    """Every arm, then results.json, the plot and islands.npz; the run (config, every epoch, each arm's results)
+    logged in the store with USE_DB."""
+    glom_config, train_config = config.glom(), config.training()
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    name = config.run_name or f"{EXPERIMENT}-{config.dataset}-s{config.seed}-{uuid.uuid4().hex[:8]}"
+    with open_run(settings, name, config) as logger:
+        sink = JsonLinesSink(config.out_dir / "metrics.jsonl", logger)
+        results = run(
+            glom_config,
+            train_config,
+            dataset=config.dataset,
+            data_dir=config.data_dir,
+            arms=tuple(config.arms),
+            train_limit=config.train_limit,
+            test_limit=config.test_limit,
+            island_images=config.island_images,
+            island_threshold=config.island_threshold,
+            sink=sink,
+        )
+        logger.log({"results": results})
+    summary: dict[str, object] = {
         "experiment": EXPERIMENT,
-        "dataset": args.dataset,
+        "dataset": config.dataset,
         "glom": asdict(glom_config),
         "train": asdict(train_config),
         "results": results,
     }
-    (args.out_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    plot(results, args.out_dir / "accuracy_by_iteration.png")
+    (config.out_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    plot(results, config.out_dir / "accuracy_by_iteration.png")
     for arm, table in sink.tables.items():
         np.savez_compressed(
-            args.out_dir / "islands.npz",
+            config.out_dir / "islands.npz",
             arm=arm,
             sample=table.sample,
             level=table.level,
