@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
@@ -209,33 +210,42 @@ def test_every_experiment_keeps_its_flags_and_environment_names(monkeypatch):
     monkeypatch.setenv("NUM_QUANTILES", "3")
     monkeypatch.setenv("DEVICE", "cpu")
     tasks = eidetic_tasks.COMMAND.parse(
-        "--dataset fashion --seed 1 2 --epochs 1 --batch-size 8 --test-batch-size 100 --lr 0.5 --gamma 0.9 "
-        "--test-limit 20 --data-dir d --out-dir o --log-file l --save-model --use-db --run-name r --no-progress".split()
+        shlex.split(
+            "--dataset fashion --seed 1 2 --epochs 1 --batch-size 8 --test-batch-size 100 --lr 0.5 --gamma 0.9 "
+            "--test-limit 20 --data-dir d --out-dir o --log-file l --save-model --use-db --run-name r --no-progress"
+        )
     )
     assert [c.seed for c in tasks.configs] == [1, 2] and tasks.settings.use_db is True
     assert (tasks.config.task_a_subset_cardinality, tasks.config.num_quantiles) == (32, 3)
     assert tasks.config.task_b_subset_cardinality == 1000 and tasks.config.data_dir == Path("d")
 
     memory = memory_classifier.COMMAND.parse(
-        "--memory cached trainable none --dataset digits --data-dir d --seed 1 2 3 --memory-size 64 --threshold 0.9 "
-        "--similarity-threshold 0.8 --epochs 2 --batch-size 32 --memory-loss-weight 0.3 --temperature 0.2 "
-        "--lr 0.01 --backbone small_cnn --backbone-weights w.pt --widths 4 8 --train-limit 128 --test-limit 48 "
-        "--speed-batches 1 --device cpu --threads 1 --out-dir o --no-use-db --run-name r --bank-name b --resume "
-        "--no-progress".split()
+        shlex.split(
+            "--memory cached trainable none --dataset digits --data-dir d --seed 1 2 3 --memory-size 64 "
+            "--threshold 0.9 "
+            "--similarity-threshold 0.8 --epochs 2 --batch-size 32 --memory-loss-weight 0.3 --temperature 0.2 "
+            "--lr 0.01 --backbone small_cnn --backbone-weights w.pt --widths 4 8 --train-limit 128 --test-limit 48 "
+            "--speed-batches 1 --device cpu --threads 1 --out-dir o --no-use-db --run-name r --bank-name b --resume "
+            "--no-progress"
+        )
     )
     assert len(memory.configs) == 9 and memory.config.widths == (4, 8) and memory.config.confidence_threshold == 0.9
     assert memory_classifier.COMMAND.parse([]).config.device == "auto"
 
     demo = stream_demo.COMMAND.parse(
-        "--epochs 1 --batch-size 8 --lr 0.1 --hidden 16 --seed 2 --out-dir o --use-db --transport direct "
-        "--run-name r --no-progress".split()
+        shlex.split(
+            "--epochs 1 --batch-size 8 --lr 0.1 --hidden 16 --seed 2 --out-dir o --use-db --transport direct "
+            "--run-name r --no-progress"
+        )
     )
     assert demo.config.hidden == 16 and demo.settings.eidetic_transport == "direct"
 
     g = glom.COMMAND.parse(
-        "--dataset digits8 --arms glom cnn --levels 3 --dim 10 --iterations 2 --column patch --patch-size 4 "
-        "--hidden 8 --beta 2 --window-inputs --noise-std 0.1 --denoise --checkpointing --epochs 1 --batch-size 4 "
-        "--lr 0.1 --seed 3 --device cpu --train-limit 16 --test-limit 8 --island-images 2 --island-threshold 0.8 "
-        "--out-dir o --no-progress".split()
+        shlex.split(
+            "--dataset digits8 --arms glom cnn --levels 3 --dim 10 --iterations 2 --column patch --patch-size 4 "
+            "--hidden 8 --beta 2 --window-inputs --noise-std 0.1 --denoise --checkpointing --epochs 1 --batch-size 4 "
+            "--lr 0.1 --seed 3 --device cpu --train-limit 16 --test-limit 8 --island-images 2 --island-threshold 0.8 "
+            "--out-dir o --no-progress"
+        )
     )
     assert g.config.arms == ("glom", "cnn") and g.config.glom().levels == 3 and g.config.training().seed == 3

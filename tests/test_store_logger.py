@@ -1,4 +1,4 @@
-"""The store logger: a run created with its config, metrics merged in, finished or failed; nothing at all without USE_DB."""
+"""The store logger: a run created with its config, metrics merged in, finished or failed; nothing without USE_DB."""
 
 from __future__ import annotations
 
