@@ -248,3 +248,29 @@ def test_the_experiment_writes_results_a_plot_and_islands(tmp_path) -> None:
     assert (tmp_path / "results.json").exists() and (tmp_path / "accuracy_by_iteration.png").stat().st_size > 0
     assert set(np.load(tmp_path / "islands.npz")["level"]) <= {0, 1, 2}
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 3
+
+
+def test_with_use_db_the_experiment_records_its_run_and_every_epoch_in_the_store(tmp_path, service, api) -> None:
+    from eidetic.config import ClientSettings
+    from model.experiments import glom as experiment
+
+    config = experiment.GlomExperimentConfig(
+        arms=("glom", "cnn"),
+        iterations=2,
+        levels=2,
+        hidden=8,
+        column="patch",
+        epochs=2,
+        train_limit=16,
+        test_limit=8,
+        island_images=0,
+        out_dir=tmp_path,
+        run_name="glom-tiny",
+        progress=False,
+    )
+    settings = ClientSettings(use_db=True, eidetic_url=service.base_url, eidetic_api_key=service.write_key)
+    summary = experiment.run_experiment(config, settings)
+    (run,) = [run for run in api.get("/v1/runs").json()["runs"] if run["name"] == "glom-tiny"]
+    assert run["status"] == "finished" and run["config"]["arms"] == ["glom", "cnn"]
+    assert sorted(run["metrics"]) == ["cnn/epoch_0", "cnn/epoch_1", "glom/epoch_0", "glom/epoch_1", "results"]
+    assert run["metrics"]["results"]["glom"]["test_accuracy"] == summary["results"]["glom"]["test_accuracy"]
