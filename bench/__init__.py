@@ -11,6 +11,7 @@ Nothing heavy is imported here: `python -m bench list` loads no benchmark.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +27,15 @@ class Benchmark:
     name: str
     heading: str  # the section of RESULTS.md the benchmark's region sits in
     summary: str
+    requires: tuple[str, ...] = ()  # modules beyond the service's own dependencies (the [train] extra)
 
     @property
     def module(self) -> str:
         return f"bench.{self.name}"
+
+    def missing(self) -> list[str]:
+        """The required modules this environment lacks."""
+        return [name for name in self.requires if importlib.util.find_spec(name) is None]
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -39,6 +45,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "ingest",
             "## Ingest (bench/ingest.py)",
             "ActivationWriter (direct COPY, REST Arrow) against raw binary COPY, and its cost to a training loop",
+            requires=("torch", "sklearn"),
         ),
         Benchmark(
             "knn",
@@ -54,11 +61,13 @@ BENCHMARKS: dict[str, Benchmark] = {
             "caches",
             "## Device caches (bench/caches.py)",
             "QuantileCache against the seed's search, MemoryCache against numpy and the service",
+            requires=("torch", "threadpoolctl"),
         ),
         Benchmark(
             "memory_path",
             "## Memory classifier (model/experiments/memory_classifier.py)",
             "memory path against network path after the features: device cache, matmul anchor, service",
+            requires=("torch",),
         ),
         Benchmark(
             "reliability",

@@ -49,6 +49,9 @@ def benchmark_parser(benchmark: Benchmark, module: ModuleType) -> argparse.Argum
 
 def run_one(name: str, argv: list[str]) -> int:
     benchmark = BENCHMARKS[name]
+    if benchmark.missing():
+        print(f"{name} needs {', '.join(benchmark.missing())} (`pip install -e '.[train]'`)", file=sys.stderr)
+        return 2
     module = importlib.import_module(benchmark.module)
     parser = benchmark_parser(benchmark, module)
     args = parser.parse_args(argv)
