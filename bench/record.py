@@ -69,12 +69,10 @@ def plain(value: Any, *, skip: tuple[str, ...] = ()) -> Any:
         return value if math.isfinite(value) else None
     if isinstance(value, Path):
         return str(value)
-    size = getattr(value, "size", None)
     if hasattr(value, "tolist") and hasattr(value, "dtype"):  # numpy arrays and scalars, torch tensors
-        count = size() if callable(size) else size
-        shape = list(getattr(value, "shape", ()))
-        if count is not None and count > LARGEST_ARRAY:
-            return {"shape": shape, "dtype": str(value.dtype)}
+        count = value.numel() if hasattr(value, "numel") else value.size
+        if count > LARGEST_ARRAY:
+            return {"shape": list(value.shape), "dtype": str(value.dtype)}
         return plain(value.tolist())
     return str(value)
 
