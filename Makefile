@@ -26,8 +26,12 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Every benchmark at full size (tens of minutes; knn's FAISS anchor wants the [bench] extra):
+# each writes bench/results/NAME.json and re-renders its region of bench/RESULTS.md.
+BENCHMARKS ?= ingest knn quantiles caches memory_path reliability
+
 bench: setup
-	$(BIN)/python bench/ingest.py
+	for name in $(BENCHMARKS); do $(BIN)/python -m bench $$name || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

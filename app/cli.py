@@ -89,11 +89,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    if not settings.database_url:
+    database_url = settings.database_url
+    if not database_url:
         log.error("`eidetic serve` needs DATABASE_URL; use `eidetic up` for the embedded database")
         return 2
-    settings = _with_flags(settings, args)
-    serve(settings, settings.database_url)
+    serve(_with_flags(settings, args), database_url)
     return 0
 
 

@@ -38,7 +38,7 @@ def iter_copy_chunks(
     yield HEADER
     for start in range(0, rows.n_rows, chunk_rows):
         for index in _layout_groups(rows, start, min(start + chunk_rows, rows.n_rows)):
-            yield memoryview(_encode_group(rows, index, run_id, layer_id, batch_seq)).cast("B")
+            yield memoryview(_encode_group(rows, index, run_id, layer_id, batch_seq).data).cast("B")
     yield TRAILER
 
 

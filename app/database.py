@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
 
 from app.settings import Settings
+
+
+def one_row(cursor: psycopg.Cursor[Any]) -> Any:
+    """The row a statement always returns: an aggregate, an upsert's RETURNING, a row just locked.
+
+    None there means the schema or the statement is wrong, not the request: an internal error.
+    """
+    row = cursor.fetchone()
+    if row is None:
+        raise RuntimeError("a statement that always returns a row returned none")
+    return row
 
 
 def connection_kwargs(settings: Settings) -> dict:

@@ -13,6 +13,7 @@ import psycopg
 from psycopg import sql
 
 from app.copy_binary import COPY_COLUMNS, iter_copy_chunks
+from app.database import one_row
 from app.runs import Layer, layer_partition
 from app.settings import Settings
 from app.sketches import DEFAULT_K, update_sketches
@@ -99,10 +100,12 @@ def ingest(
             (layer.run_id, layer.id, batch_id, rows.n_rows, digest),
         ).fetchone()
         if inserted is None:
-            stored_rows, stored_digest = conn.execute(
-                "SELECT row_count, digest FROM ingest_batches WHERE layer_id = %s AND batch_id = %s",
-                (layer.id, batch_id),
-            ).fetchone()
+            stored_rows, stored_digest = one_row(
+                conn.execute(
+                    "SELECT row_count, digest FROM ingest_batches WHERE layer_id = %s AND batch_id = %s",
+                    (layer.id, batch_id),
+                )
+            )
             if stored_rows != rows.n_rows or (stored_digest is not None and bytes(stored_digest) != digest):
                 raise Conflict(
                     f"batch {batch_id!r} was stored with other content ({stored_rows} rows); "

@@ -9,6 +9,7 @@ from enum import IntEnum
 
 import psycopg
 
+from app.database import one_row
 from eidetic.errors import Forbidden, InvalidInput, Unauthenticated
 
 KEY_PREFIX = "eid"
@@ -44,10 +45,13 @@ def hash_key(key: str) -> bytes:
 def ensure_project(conn: psycopg.Connection, name: str) -> int:
     if not name or len(name) > 200:
         raise InvalidInput("a project name has 1 to 200 characters", field="project")
-    row = conn.execute(
-        "INSERT INTO projects (name) VALUES (%s) ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
-        (name,),
-    ).fetchone()
+    row = one_row(
+        conn.execute(
+            "INSERT INTO projects (name) VALUES (%s) "
+            "ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
+            (name,),
+        )
+    )
     return int(row[0])
 
 

@@ -10,6 +10,7 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 import migrations
+from app.database import one_row
 
 
 def alembic_config(database_url: str) -> Config:
@@ -29,7 +30,10 @@ def downgrade(database_url: str, revision: str = "-1") -> None:
 
 def head_revision() -> str:
     script = ScriptDirectory.from_config(alembic_config("unused"))
-    return script.get_current_head()
+    head = script.get_current_head()
+    if head is None:
+        raise RuntimeError("the migrations have no head revision")
+    return head
 
 
 def all_revisions() -> list[str]:
@@ -40,7 +44,7 @@ def all_revisions() -> list[str]:
 
 def current_revision(conn: psycopg.Connection) -> str | None:
     """The revision the database is at, or None when it was never migrated."""
-    exists = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()[0]
+    exists = one_row(conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL"))[0]
     if not exists:
         return None
     row = conn.execute("SELECT version_num FROM alembic_version").fetchone()

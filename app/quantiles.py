@@ -17,6 +17,7 @@ from psycopg import sql
 
 from app import sketches
 from app.copy_binary import iter_vectors
+from app.database import one_row
 from app.query import ActivationFilter
 from app.runs import Layer, layer_partition
 from eidetic.errors import InvalidInput, NotFound, PayloadTooLarge
@@ -47,13 +48,13 @@ def exact_boundaries(
     conditions, params = where.where()
     partition = layer_partition(layer.run_id, layer.id)
     if where == ActivationFilter():  # every row: the ledger knows how many, no scan needed
-        n_rows = conn.execute(
-            "SELECT coalesce(sum(row_count), 0) FROM ingest_batches WHERE layer_id = %s", (layer.id,)
-        ).fetchone()[0]
+        n_rows = one_row(
+            conn.execute("SELECT coalesce(sum(row_count), 0) FROM ingest_batches WHERE layer_id = %s", (layer.id,))
+        )[0]
     else:
-        n_rows = conn.execute(
-            sql.SQL("SELECT count(*) FROM {} a WHERE {}").format(partition, conditions), params
-        ).fetchone()[0]
+        n_rows = one_row(
+            conn.execute(sql.SQL("SELECT count(*) FROM {} a WHERE {}").format(partition, conditions), params)
+        )[0]
     if n_rows == 0:
         raise InvalidInput("no stored rows match; nothing to compute quantiles of", field="filter")
     bytes_per_unit = n_rows * 4 * 2  # the column block and numpy's working copy

@@ -10,6 +10,7 @@ import numpy as np
 import psycopg
 from datasketches import kll_floats_sketch
 
+from app.database import one_row
 from app.runs import Layer
 from eidetic.wire.rows import ActivationRows
 
@@ -39,11 +40,13 @@ def update_sketches(conn: psycopg.Connection, layer: Layer, rows: ActivationRows
             "ON CONFLICT (layer_id, task) DO NOTHING",
             (layer.id, task, k),
         )
-        stored_k, blobs = conn.execute(  # binary: the sketches travel as bytes, not escaped text
-            "SELECT k, sketches FROM layer_sketches WHERE layer_id = %s AND task = %s FOR UPDATE",
-            (layer.id, task),
-            binary=True,
-        ).fetchone()
+        stored_k, blobs = one_row(
+            conn.execute(  # binary: the sketches travel as bytes, not escaped text
+                "SELECT k, sketches FROM layer_sketches WHERE layer_id = %s AND task = %s FOR UPDATE",
+                (layer.id, task),
+                binary=True,
+            )
+        )
         if blobs:  # merge the batch into what is stored; KLL merges keep the error guarantee
             sketches = _load(blobs, layer.dim, stored_k)
             for sketch, batch_sketch in zip(sketches, batch_sketches[task]):

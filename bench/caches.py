@@ -31,7 +31,7 @@ Every CPU figure is taken at each thread count of --threads (default 1 and nproc
 torch.set_num_threads and, for numpy's BLAS, threadpoolctl: on a shared machine the extra
 threads can cost more than they bring, and the figures show it.
 
-Usage: .venv/bin/python bench/caches.py [--device auto|cpu|cuda] [--threads 1,2] [--n 10000,100000] [--no-write]
+Usage: .venv/bin/python -m bench caches [--device auto|cpu|cuda] [--threads 1,2] [--n 10000,100000] [--no-write]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import os
 import platform
 import pstats
 import re
+import shlex
 import signal
 import sys
 import time
@@ -73,13 +74,12 @@ from bench.common import (
     fresh_database,
     load_words,
     machine_facts,
-    publish,
     start_service,
 )
+from bench.record import Outcome, plain
 from eidetic.torch.memory_cache import BankSpec, MemoryCache, vote
 from eidetic.torch.quantile_cache import QuantileCache, local_boundaries
 
-SECTION = "## Device caches (bench/caches.py)"
 SPEEDUP_TARGET = 1000.0  # bucketize at least 1000x the seed's per-value search
 NUMPY_RATIO_TARGET = 1.25  # time_cache <= 1.25 x time_numpy (0.8x numpy's speed)
 TIE_TOLERANCE = 1e-5  # a differing neighbour within this of the k-th similarity is a tie, not a miss
@@ -774,8 +774,6 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
     args = figures.args
     cuda = torch.cuda.is_available()
     lines = [
-        SECTION,
-        "",
         f"- Date: {machine['date']}",
         f"- Machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory']} memory; {machine['software']}",
         f"- Command: `{machine['command']}` (wall {figures.total_s:.0f} s, including set-up and checks; "
@@ -966,7 +964,7 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def machine_description(argv: list[str]) -> dict[str, str]:
+def machine_description(command: str) -> dict[str, str]:
     blas = {info["user_api"] + ":" + info["internal_api"]: info.get("version") for info in threadpool_info()}
     torch_blas = "MKL" if torch.backends.mkl.is_available() else "no MKL"
     numpy_blas = next((f"{api.split(':')[1]} {v}" for api, v in blas.items() if api.startswith("blas:openblas")), "?")
@@ -974,11 +972,17 @@ def machine_description(argv: list[str]) -> dict[str, str]:
         f"Python {platform.python_version()}, torch {torch.__version__} (matmul on CPU: {torch_blas}), "
         f"numpy {np.__version__} ({numpy_blas})"
     )
-    return machine_facts(argv, software)
+    return machine_facts(command, software)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# Options of a smoke run: a small matrix and small banks, few repeats, one thread.
+TINY = shlex.split(
+    "--device cpu --threads 1 --rows 2000 --units 4 --sample-values 200 --bucket-repeats 2 --seed-repeats 1 --n 500 --dim 16 --batch 16 --write-chunk 250 --topk-repeats 2 --service-repeats 1 --exact-repeats 1"
+)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
@@ -1008,14 +1012,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--service-repeats", type=int, default=5, help="timed HNSW request rounds")
     parser.add_argument("--exact-repeats", type=int, default=2, help="timed exact=true request rounds")
     parser.add_argument("--no-service", action="store_true", help="leave out the service round trips")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    args = parser.parse_args(argv[1:])
+    return parser
+
+
+def run(args: argparse.Namespace, command: str) -> Outcome:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the server and removes its data
-    machine = machine_description(argv)
+    machine = machine_description(command)
     figures = run_benchmark(args)
-    publish(report(figures, machine), SECTION, write=not args.no_write)
-    return 0
+    return Outcome(report(figures, machine), plain(figures, skip=("args",)), machine)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    from bench.__main__ import main
+
+    sys.exit(main(["caches", *sys.argv[1:]]))

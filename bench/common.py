@@ -1,17 +1,15 @@
 """What the benchmark scripts share: a fresh database, the service in a thread of the script, activations
-shaped like a trained layer's, the machine facts and their section of RESULTS.md."""
+shaped like a trained layer's, and the machine facts a run records."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import re
-import shlex
 import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -133,34 +131,6 @@ def start_service(database_url: str, settings: Settings) -> Service:
     return Service(client, server, thread, base_url, database_url, project_id, key)
 
 
-RESULTS = REPO / "bench" / "RESULTS.md"
-
-
-def publish(section: str, heading: str, *, write: bool) -> None:
-    """Prints a run's section and, unless told not to, puts it into bench/RESULTS.md under its heading."""
-    print()
-    print(section)
-    if write:
-        write_section(RESULTS, heading, section)
-        print(f"written to {RESULTS.relative_to(REPO)}")
-
-
-def write_section(path: Path, heading: str, section: str) -> None:
-    """Replaces the section under `heading` in RESULTS.md (or appends it), keeping every other section.
-
-    Other benchmarks write their own sections of the same file, so it is read right before writing.
-    """
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
-    if start is None:
-        path.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    after = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + section + ("\n" + after if after else ""))
-
-
 def load_words(before: float, after: float) -> str:
     """The 1-minute load average at the start and end of a run, and whether other work shared the CPUs."""
     cpus = os.cpu_count() or 1
@@ -170,8 +140,8 @@ def load_words(before: float, after: float) -> str:
     )
 
 
-def machine_facts(argv: list[str], software: str) -> dict[str, str]:
-    """The date, machine and exact command a section of RESULTS.md was measured with."""
+def machine_facts(command: str, software: str) -> dict[str, str]:
+    """The date, machine and exact command a run was measured with."""
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -188,10 +158,5 @@ def machine_facts(argv: list[str], software: str) -> dict[str, str]:
         "cpu": cpu,
         "memory": memory,
         "software": software,
-        "command": shlex.join([_shown(Path(sys.executable)), _shown(Path(argv[0]).resolve(), argv[0]), *argv[1:]]),
+        "command": command,
     }
-
-
-def _shown(path: Path, otherwise: str | None = None) -> str:
-    """A path relative to the repository when it lies inside it."""
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else (otherwise or str(path))

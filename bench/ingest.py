@@ -21,7 +21,7 @@ Then a small CNN (28x28 inputs, batch 64) trains on CPU with the writer off and 
 fc layer's 128-d activations of every batch streamed by the direct or REST writer),
 interleaved; the slowdown of the loop (stored rows included) has the target <= 5%.
 
-Usage: .venv/bin/python bench/ingest.py [--rows 600000 --dim 128 --batch-rows 32768 --in-flight 2 --repeats 3 --train-threads 1]
+Usage: .venv/bin/python -m bench ingest [--rows 600000 --dim 128 --batch-rows 32768 --in-flight 2 --repeats 3 --train-threads 1]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -53,12 +54,12 @@ from app import keys
 from app.copy_binary import COPY_COLUMNS, iter_copy_chunks
 from app.database import connect
 from app.settings import Settings
-from bench.common import BenchDatabase, Repeats, fresh_database, machine_facts, publish
+from bench.common import BenchDatabase, Repeats, fresh_database, machine_facts
+from bench.record import Outcome, plain
 from eidetic.config import ClientSettings
 from eidetic.wire.rows import ActivationRows, NullableColumn, slice_rows
 from eidetic.writer import ActivationWriter, WriterStats, open_writer
 
-SECTION = "## Ingest (bench/ingest.py)"
 DIRECT_TARGET = 0.9  # the direct writer at least 0.9x raw binary COPY
 REST_TARGET = 0.5  # the REST writer at least 0.5x raw binary COPY
 SLOWDOWN_TARGET = 0.05  # training with the writer on at most 5% slower
@@ -532,8 +533,6 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
     args, stream = figures.args, figures.stream
     anchor = anchor_of(figures.ingest)
     lines = [
-        SECTION,
-        "",
         f"- date: {machine['date']}",
         f"- machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory']} memory; "
         f"client, service process and PostgreSQL share these cores",
@@ -627,17 +626,23 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine_description(argv: list[str]) -> dict[str, str]:
+def machine_description(command: str) -> dict[str, str]:
     facts = machine_facts(
-        argv,
+        command,
         software=f"Python {platform.python_version()}, numpy {np.__version__}, psycopg {psycopg.__version__} "
         f"({psycopg.pq.__impl__}), pyarrow {metadata.version('pyarrow')}, datasketches {metadata.version('datasketches')}",
     )
     return facts
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# Options of a smoke run: a few thousand rows, one repeat, a few training steps.
+TINY = shlex.split(
+    "--rows 2048 --dim 8 --batch-rows 512 --write-rows 256 --repeats 1 --train-steps 3 --train-repeats 1"
+)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--rows", type=int, default=600_000, help="rows of the stream (at least 600,000 for the record)"
     )
@@ -665,15 +670,24 @@ def main(argv: list[str]) -> int:
         help="torch threads of the training loop (0: torch's default); 1 leaves a core of this 2-core box to the "
         "writer and PostgreSQL",
     )
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    args = parser.parse_args(argv[1:])
-    machine = machine_description(argv)
+    return parser
+
+
+def run(args: argparse.Namespace, command: str) -> Outcome:
+    machine = machine_description(command)
     began = time.perf_counter()
     figures = run_benchmark(args)
     print(f"({time.perf_counter() - began:.0f} s in all)")
-    publish(report(figures, machine), SECTION, write=not args.no_write)
-    return 0
+    measured = plain(figures, skip=("args", "stream"))
+    measured["stream"] = {
+        "rows": figures.stream.n_rows,
+        "dim": figures.stream.dim,
+        "task_b_from": figures.stream.task_b_from,
+    }
+    return Outcome(report(figures, machine), measured, machine)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    from bench.__main__ import main
+
+    sys.exit(main(["ingest", *sys.argv[1:]]))

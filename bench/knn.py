@@ -41,7 +41,7 @@ way (add of the bulk, then of the last keys).
 Target (the issue): service HNSW recall@10 >= 0.95 at a throughput of at least half of direct
 SQL at the same ef_search.
 
-Usage: .venv/bin/python bench/knn.py [--n 100000 --dim 128 --queries 1000 --batch 128 --k 10 [--m 16 --ef-construction 64 --ef 40,100,200]]
+Usage: .venv/bin/python -m bench knn [--n 100000 --dim 128 --queries 1000 --batch 128 --k 10 [--m 16 --ef-construction 64 --ef 40,100,200]]
 
 The HNSW parameters and ef_search values come per data set from INDEX_PLANS; --m,
 --ef-construction and --ef set them for every data set.
@@ -58,6 +58,7 @@ import os
 import platform
 import pstats
 import re
+import shlex
 import signal
 import struct
 import sys
@@ -81,14 +82,14 @@ from app import keys, memory
 from app.database import connect
 from app.schemas import SearchIn
 from app.settings import Settings
-from bench.common import Service, fresh_database, load_words, machine_facts, publish, start_service
+from bench.common import Service, fresh_database, load_words, machine_facts, start_service
+from bench.record import Outcome, plain
 
 try:
     import faiss
 except ImportError:  # pip install faiss-cpu
     faiss = None
 
-SECTION = "## Nearest neighbours (bench/knn.py)"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 RECALL_TARGET = 0.95
 THROUGHPUT_TARGET = 0.5  # the service at least half of direct SQL's queries/s
@@ -697,8 +698,6 @@ def target_verdict(data: DataSetFigures, efs: list[int]) -> str:
 def report(figures: Figures, machine: dict[str, str]) -> str:
     args = figures.args
     lines = [
-        SECTION,
-        "",
         f"- Date: {machine['date']}",
         f"- Machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory']} memory; {machine['software']}",
         f"- Command: `{machine['command']}` (wall {figures.total_s:.0f} s, including set-up and checks; "
@@ -794,19 +793,27 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
             ]
         lines.append("")
     if faiss is None:
-        lines.append("FAISS is not installed (`pip install faiss-cpu`): its rows are missing.\n")
+        lines.append(FAISS_MISSING + "\n")
     return "\n".join(lines)
 
 
-def machine_description(argv: list[str]) -> dict[str, str]:
+def machine_description(command: str) -> dict[str, str]:
     software = f"Python {platform.python_version()}, numpy {np.__version__}"
     if faiss is not None:
         software += f", faiss-cpu {faiss.__version__}"
-    return machine_facts(argv, software)
+    return machine_facts(command, software)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# Options of a smoke run: the Gaussian set only, a thousand keys, one batch of queries.
+TINY = shlex.split(
+    "--data gaussian --n 1000 --dim 16 --queries 64 --batch 32 --exact-queries 32 --service-keys 100 --write-batch 100 --repeats 1 --m 8 --ef-construction 16 --ef 20"
+)
+
+FAISS_MISSING = "FAISS is not installed (`pip install faiss-cpu`, the [bench] extra): its anchor rows are skipped."
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--n", type=int, default=100_000, help="keys of the Gaussian set (Fashion-MNIST: at most 60,000)"
     )
@@ -839,14 +846,20 @@ def main(argv: list[str]) -> int:
         default=2_000,
         help="keys written through the service into the live index (the rest: COPY + CREATE INDEX)",
     )
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    args = parser.parse_args(argv[1:])
+    return parser
+
+
+def run(args: argparse.Namespace, command: str) -> Outcome:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the server and removes its data
-    machine = machine_description(argv)
+    notes = [] if faiss is not None else [FAISS_MISSING]
+    for note in notes:
+        print(f"note: {note}", flush=True)
+    machine = machine_description(command)
     figures = run_benchmark(args)
-    publish(report(figures, machine), SECTION, write=not args.no_write)
-    return 0
+    return Outcome(report(figures, machine), plain(figures, skip=("args",)), machine, notes=notes)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    from bench.__main__ import main
+
+    sys.exit(main(["knn", *sys.argv[1:]]))

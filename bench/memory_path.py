@@ -17,16 +17,21 @@ Each of --batches batches timed --repeats times, its best run counted (--service
 and 3 runs for the service); keys and queries are standard Gaussian
 (seed 0), metric cosine, torch on the CPU with --threads threads.
 
-Usage: .venv/bin/python bench/memory_path.py [--sizes 1000,10000 --dim 128 --batch 128 --classes 10]
+Usage: .venv/bin/python -m bench memory_path [--sizes 1000,10000 --dim 128 --batch 128 --classes 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
+import shlex
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -38,12 +43,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.settings import Settings
-from bench.common import fresh_database, start_service
+from bench.common import fresh_database, machine_facts, start_service
+from bench.record import Outcome, plain
 from eidetic.client import EideticClient
 from eidetic.torch.memory_cache import MemoryCache
 
 
-def best_per_sample(action, batches: list, repeats: int) -> float:
+def best_per_sample(action: Callable[[Any], object], batches: list, repeats: int) -> float:
     """Microseconds per query: each batch's best of `repeats` runs, summed (after one warm-up batch).
 
     The best of each batch rather than of whole passes, so that other work on a shared
@@ -59,33 +65,34 @@ def best_per_sample(action, batches: list, repeats: int) -> float:
     return 1e6 * sum(best) / sum(len(batch) for batch in batches)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="1000,10000", help="bank sizes N, comma-separated")
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--service-batches", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+@dataclass
+class PathFigures:
+    """Microseconds per query after the features, for one bank size."""
+
+    bank_items: int
+    head_us: float
+    cache_us: float
+    anchor_us: float
+    service_exact_us: float
+    service_hnsw_us: float
+
+
+def measure(args: argparse.Namespace) -> list[PathFigures]:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     queries = [
         torch.from_numpy(rng.standard_normal((args.batch, args.dim)).astype(np.float32)) for _ in range(args.batches)
     ]
     head = nn.Linear(args.dim, args.classes).eval()
-    load_before = os.getloadavg()[0]
     service = None
-    rows = []
+    figures = []
     with fresh_database("memory-path") as database:
         try:
             settings = Settings(database_url=database.url, data_dir=database.workdir, no_auth=False)
             service = start_service(database.url, settings)
             with EideticClient(service.base_url, service.write_key, timeout=600) as client, torch.inference_mode():
                 head_us = best_per_sample(lambda q: head(q), queries, args.repeats)
-                for n in [int(size) for size in args.sizes.split(",")]:
+                for n in args.sizes:
                     stored = rng.standard_normal((n, args.dim)).astype(np.float32)
                     labels = rng.integers(0, args.classes, n)
                     bank = client.create_bank(f"path-{n}", args.dim, n, metric="cosine", policy="none")
@@ -104,25 +111,70 @@ def main() -> None:
                     few = [q.numpy() for q in queries[: args.service_batches]]
                     exact_us = best_per_sample(lambda q: client.search(bank["id"], q, k=1, exact=True), few, 3)
                     hnsw_us = best_per_sample(lambda q: client.search(bank["id"], q, k=1, ef_search=40), few, 3)
-                    rows.append((n, head_us, cache_us, anchor_us, exact_us, hnsw_us))
+                    figures.append(PathFigures(n, head_us, cache_us, anchor_us, exact_us, hnsw_us))
+                    print(f"  N={n:,}: cache {cache_us:.2f} us, service HNSW {hnsw_us:.0f} us per query", flush=True)
         finally:
             if service is not None:
                 service.stop()
-    print(
-        f"per query, batch {args.batch}, dim {args.dim}, {args.classes} classes, torch {torch.__version__} on "
-        f"{args.threads} CPU thread(s); load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
-    )
-    print(
-        "| bank items | head (us) | device cache search (us) | anchor: matmul + max (us) | cache / head | "
-        "service exact (us) | service HNSW ef 40 (us) | service HNSW / cache |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for n, head_us, cache_us, anchor_us, exact_us, hnsw_us in rows:
-        print(
-            f"| {n:,} | {head_us:.2f} | {cache_us:.2f} | {anchor_us:.2f} | {cache_us / head_us:.1f}x | "
-            f"{exact_us:.1f} | {hnsw_us:.1f} | {hnsw_us / cache_us:.0f}x |"
+    return figures
+
+
+def report(
+    figures: list[PathFigures], args: argparse.Namespace, machine: dict[str, str], load: tuple[float, float]
+) -> str:
+    lines = [
+        f"After the features, per query (`{machine['command']}`, {machine['date']}; {machine['software']}: "
+        f"batch {args.batch}, {args.dim} dimensions, {args.classes} classes, Gaussian keys, cosine, "
+        f"{args.threads} thread{'' if args.threads == 1 else 's'}; each of {args.batches} batches' best of "
+        f"{args.repeats} runs; service: {args.service_batches} batches, best of 3, HTTP on loopback to a fresh "
+        f"embedded PostgreSQL; load average {load[0]:.2f} before, {load[1]:.2f} after):",
+        "",
+        f"| bank items | head: linear {args.dim}→{args.classes} | device cache search | anchor: matmul + max "
+        "| cache / head | service, exact | service, HNSW ef_search 40 | service HNSW / cache |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        lines.append(
+            f"| {f.bank_items:,} | {f.head_us:.2f} µs | {f.cache_us:.2f} µs | {f.anchor_us:.2f} µs | "
+            f"{f.cache_us / f.head_us:.0f}x | {f.service_exact_us:,.0f} µs | {f.service_hnsw_us:,.0f} µs | "
+            f"{f.service_hnsw_us / f.cache_us:.0f}x |"
         )
+    return "\n".join(lines) + "\n"
+
+
+# Options of a smoke run: one small bank, a few batches.
+TINY = shlex.split("--sizes 200 --dim 16 --batch 8 --batches 2 --service-batches 1 --repeats 1")
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[1000, 10000],
+        help="bank sizes N, e.g. 1000,10000",
+    )
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--service-batches", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    return parser
+
+
+def run(args: argparse.Namespace, command: str) -> Outcome:
+    machine = machine_facts(
+        command, f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}"
+    )
+    load_before = os.getloadavg()[0]
+    figures = measure(args)
+    load = (load_before, os.getloadavg()[0])
+    return Outcome(report(figures, args, machine, load), {"banks": plain(figures), "load": list(load)}, machine)
 
 
 if __name__ == "__main__":
-    main()
+    from bench.__main__ import main
+
+    sys.exit(main(["memory_path", *sys.argv[1:]]))

@@ -16,13 +16,14 @@ One run on a fresh embedded PostgreSQL (a temporary data directory, removed at t
 The exact path is also split into its parts (raw binary COPY out, COPY parsed into a
 float32 block, numpy boundaries of the block) so a slow part shows up by name.
 
-Usage: .venv/bin/python bench/quantiles.py [--rows 60000 --dim 128 --sketch-rows 6000000 --sketch-dim 16 --repeats 3]
+Usage: .venv/bin/python -m bench quantiles [--rows 60000 --dim 128 --sketch-rows 6000000 --sketch-dim 16 --repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -43,12 +44,12 @@ from app import runs
 from app.copy_binary import iter_vectors
 from app.database import connect
 from app.settings import Settings
-from bench.common import Service, activations, fresh_database, load_words, machine_facts, publish, start_service
+from bench.common import Service, activations, fresh_database, load_words, machine_facts, start_service
+from bench.record import Outcome, plain
 from eidetic.wire.formats import ARROW_STREAM, rows_to_arrow
 from eidetic.wire.order_statistics import exact_boundaries_of
 from eidetic.wire.rows import ActivationRows
 
-SECTION = "## Quantiles (bench/quantiles.py)"
 EXACT_TARGET_RATIO = 3.0  # the service's exact path at most 3x numpy on the same matrix
 SKETCH_TARGET_SPEEDUP = 10.0  # sketch at least 10x faster than exact at scale
 RANK_ERROR_TARGET = 0.01  # measured and stated rank error at most 1%
@@ -347,8 +348,6 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
     """The figures as the markdown section of RESULTS.md (also printed)."""
     s = figures.sketch
     lines = [
-        SECTION,
-        "",
         f"- Date: {machine['date']}",
         f"- Machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory']} memory; {machine['software']}",
         f"- Command: `{machine['command']}` (wall {figures.total_s:.0f} s, including setup and checks)",
@@ -441,17 +440,23 @@ def checks_pass(figures: Figures) -> bool:
     )
 
 
-def machine_description(argv: list[str]) -> dict[str, str]:
+def machine_description(command: str) -> dict[str, str]:
     facts = machine_facts(
-        argv,
+        command,
         software=f"Python {platform.python_version()}, numpy {np.__version__}, datasketches {metadata.version('datasketches')}",
     )
     facts["load_before"] = _load_average()
     return facts
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# Options of a smoke run: thousands of rows, one repeat.
+TINY = shlex.split(
+    "--rows 2000 --dim 8 --sketch-rows 20000 --sketch-dim 4 --repeats 1 --batch-rows 1000 --sketch-batch-rows 10000"
+)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=60_000, help="rows of the exact workload")
     parser.add_argument("--dim", type=int, default=128, help="units of the exact workload")
     parser.add_argument("--sketch-rows", type=int, default=6_000_000, help="rows of the sketch workload")
@@ -468,18 +473,18 @@ def main(argv: list[str]) -> int:
         default=None,
         help="rows of the sketch workload also stored without sketches, for the ingest cost (default: all; 0: none)",
     )
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    args = parser.parse_args(argv[1:])
+    return parser
+
+
+def run(args: argparse.Namespace, command: str) -> Outcome:
     if args.sketch_repeats is None:
         args.sketch_repeats = args.repeats
-    machine = machine_description(argv)
+    machine = machine_description(command)
     figures = run_benchmark(args)
-    publish(report(figures, machine), SECTION, write=not args.no_write)
-    if not checks_pass(figures):
-        print("FAILED: a correctness check did not hold (see the tables)", file=sys.stderr)
-        return 1
-    return 0
+    return Outcome(report(figures, machine), plain(figures), machine, passed=checks_pass(figures))
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    from bench.__main__ import main
+
+    sys.exit(main(["quantiles", *sys.argv[1:]]))

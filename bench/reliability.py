@@ -24,7 +24,7 @@ Mixed load: --clients clients, each sending one request at a time (closed loop) 
 --load-seconds, cycling through ingest, JSON page, Arrow stream, summary, exact quantiles,
 bank search and bank write, against a fresh service with default settings.
 
-Usage: .venv/bin/python bench/reliability.py [--trials 10 --anchor-trials 3 --load-seconds 30 --no-write]
+Usage: .venv/bin/python -m bench reliability [--trials 10 --anchor-trials 3 --load-seconds 30 --no-write]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -51,7 +52,8 @@ import httpx
 import numpy as np
 import pyarrow as pa
 
-from bench.common import load_words, machine_facts, publish
+from bench.common import load_words, machine_facts
+from bench.record import Outcome, plain
 from eidetic.wire.formats import ARROW_STREAM
 from tests.fault_kit import (
     FAULTS,
@@ -64,7 +66,6 @@ from tests.fault_kit import (
     make_batch,
 )
 
-HEADING = "## Reliability (bench/reliability.py)"
 DEADLINE_S = 2.0
 FAULT_SETTINGS = {"request_timeout_s": str(DEADLINE_S), "cancel_grace_s": "0.5"}
 
@@ -288,8 +289,43 @@ def load_table(answers: list[tuple[Answer, bool]], seconds: float) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def fault_figures(figures: list[FaultFigures]) -> dict[str, list[dict]]:
+    """Every trial's audit and timing per fault; the answers by count only."""
+    return {
+        figure.fault: [{**plain(trial, skip=("answers",)), "answers": len(trial.answers)} for trial in figure.trials]
+        for figure in figures
+    }
+
+
+def load_figures(answers: list[tuple[Answer, bool]], seconds: float) -> dict[str, dict]:
+    """Per request kind: how many, how many failed, and the latency percentiles in milliseconds."""
+    summary = {}
+    for kind in KINDS:
+        latency = [1000 * answer.seconds for answer, _ in answers if answer.kind == kind]
+        errors = sum(not ok for answer, ok in answers if answer.kind == kind)
+        summary[kind] = {
+            "requests": len(latency),
+            "errors": errors,
+            "per_s": len(latency) / seconds,
+            "p50_ms": plain(percentile(latency, 50)),
+            "p99_ms": plain(percentile(latency, 99)),
+        }
+    return summary
+
+
+def complete(figures: list[FaultFigures]) -> bool:
+    """After the resend every batch is stored whole, exactly once: the check a reliability run must pass."""
+    return all(t.after.sound and t.after.stored == t.after.sent for figure in figures for t in figure.trials)
+
+
+# Options of a smoke run: one short trial of each fault, no anchor, two seconds of mixed load.
+TINY = shlex.split(
+    "--trials 1 --writers 2 --rows 20 --dim 4 --before 5 --outage 1 --freeze 1 --clients 2 --load-seconds 2 --anchor ''"
+)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=10, help="trials of each fault")
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--rows", type=int, default=200, help="rows per batch")
@@ -301,8 +337,10 @@ def main() -> None:
     parser.add_argument("--load-seconds", type=float, default=30.0)
     parser.add_argument("--anchor", default="41c8613", help="revision whose API runs the anchor's trials ('' for none)")
     parser.add_argument("--anchor-trials", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace, command: str) -> Outcome:
     load_before = os.getloadavg()[0]
     started = time.monotonic()
 
@@ -316,10 +354,8 @@ def main() -> None:
         target = prepare_load(bed.api, dim=32, read_rows=20_000, bank_items=2000)
         answers = run_mixed_load(target, args.clients, args.load_seconds)
 
-    facts = machine_facts(sys.argv, f"Python {sys.version.split()[0]}")
+    facts = machine_facts(command, f"Python {sys.version.split()[0]}")
     lines = [
-        HEADING,
-        "",
         f"- Date: {facts['date']}",
         f"- Machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory']} memory, no GPU; {facts['software']}",
         f"- Command: `{facts['command']}` (wall {time.monotonic() - started:.0f} s)",
@@ -363,8 +399,16 @@ def main() -> None:
         *load_table(answers, args.load_seconds),
         "",
     ]
-    publish("\n".join(lines), HEADING, write=not args.no_write)
+    measured = {
+        "faults": fault_figures(figures),
+        "anchor": fault_figures(anchor),
+        "mixed_load": load_figures(answers, args.load_seconds),
+    }
+    passed = complete(figures)  # the anchor's revision is measured, not judged
+    return Outcome("\n".join(lines), measured, facts, passed=passed)
 
 
 if __name__ == "__main__":
-    main()
+    from bench.__main__ import main
+
+    sys.exit(main(["reliability", *sys.argv[1:]]))

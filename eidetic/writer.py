@@ -40,6 +40,7 @@ from eidetic.client import EideticAPIError, EideticClient
 from eidetic.config import MIB, ClientSettings, default_spill_dir
 from eidetic.spill import SpillDirectory, SpilledBatch
 from eidetic.transports import RestTransport, TransientError, Transport
+from eidetic.wire.formats import load_lazy_imports
 from eidetic.wire.rows import METADATA_COLUMNS, ActivationRows, concat_rows, slice_rows
 
 __all__ = [
@@ -264,6 +265,7 @@ class ActivationWriter:
         self._thread.start()
         for lane in self._lanes:
             lane.start()
+        load_lazy_imports()  # nothing may be imported at exit, when a writer left open still sends
         _open_writers.add(self)
 
     # ------------------------------------------------------------ the training thread's side
@@ -535,7 +537,7 @@ class ActivationWriter:
                 return
             first = self.stats().batches_spilled == 0
             if self._spill_to_disk(batch):  # outside the lock: the lanes go on meanwhile
-                if first:
+                if first and batch.spilled is not None:
                     log.warning(
                         "activation writer %s: the store is unreachable and the memory backlog is full; "
                         "spilling batches to %s",
@@ -561,6 +563,8 @@ class ActivationWriter:
 
     def _spill_to_disk(self, batch: _Batch) -> bool:
         """Moves the batch's rows to the spill; False (and spilling off) if the disk refuses."""
+        if batch.rows is None:
+            return True  # on disk already
         try:
             spilled = self._spill.save(batch.seq, batch.batch_id, batch.rows)
         except OSError as error:
@@ -607,13 +611,15 @@ class ActivationWriter:
         """One batch, retried under its id until acknowledged, or until the writer stops."""
         if self._error is not None:
             return self._abandon(batch)
-        rows = batch.rows
+        rows, spilled = batch.rows, batch.spilled
         if rows is None:
+            if spilled is None:
+                raise RuntimeError(f"batch {batch.batch_id!r} has neither rows nor a spill file")
             try:
-                rows = self._spill.load(batch.spilled)
+                rows = self._spill.load(spilled)
             except Exception as error:  # a damaged or vanished file: say which, never skip it silently
                 failure = WriterError(
-                    f"spilled batch {batch.batch_id!r} could not be read from {batch.spilled.path}: {error!r}"
+                    f"spilled batch {batch.batch_id!r} could not be read from {spilled.path}: {error!r}"
                 )
                 failure.__cause__ = error
                 self._fail(failure)

@@ -161,3 +161,14 @@ def api(service: Service) -> Iterator[httpx.Client]:
     """An HTTP client of the service holding a write key of project 'alpha'."""
     with service.client() as client:
         yield client
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run faster on one thread than on two fighting over a shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

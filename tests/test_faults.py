@@ -96,10 +96,14 @@ def test_while_postgres_is_down_requests_get_503_with_retry_after_at_once(runnin
             assert time.monotonic() - started < 1.0
             assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
             assert answer.json()["error"]["code"] == "unavailable"
+        started = time.monotonic()
+        assert client.get("/readyz").status_code == 503  # a load balancer hears it at once too
+        assert time.monotonic() - started < 1.0
 
         back = running.postgres.start()
         wait_for_answer(lambda: client.get(f"/v1/runs/{run_id}"), timeout=10)
         assert time.monotonic() - back < RECOVERY_S
+        assert client.get("/readyz").status_code == 200
 
 
 @pytest.mark.parametrize(

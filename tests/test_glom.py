@@ -23,13 +23,7 @@ from model.small_cnn import SmallCNN, matched_width, parameter_count
 CORNER_TO_OPPOSITE = window_offsets(3).index((-1, -1))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**options) -> GlomConfig:

@@ -4,7 +4,6 @@ neuromodulation they drive, and a tiny run of every arm to a T x T accuracy matr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -32,13 +31,7 @@ from model.kernel_plasticity import (
 from model.softhebb import SoftHebbConv2d, Triangle
 from model.softhebb_net import DIGITS8_NET, SoftHebbTraining
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

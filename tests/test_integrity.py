@@ -52,9 +52,10 @@ def structured(n: int, **fields: tuple[str, object]) -> np.ndarray:
     return array
 
 
-def arrow_body(**columns: pa.Array) -> bytes:
-    values = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(2 * DIM, dtype=np.float32)), DIM)
-    table = pa.table({"values": values, **columns})
+def arrow_body(rows: int = 2, metadata: dict[bytes, bytes] | None = None, **columns: pa.Array) -> bytes:
+    """An Arrow IPC stream of `rows` rows of ones, with extra columns and schema metadata as given."""
+    values = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(rows * DIM, dtype=np.float32)), DIM)
+    table = pa.table({"values": values, **columns}).replace_schema_metadata(metadata)
     sink = io.BytesIO()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
@@ -169,12 +170,7 @@ def test_invalid_utf8_in_an_arrow_string_column_is_refused(api, layer):
 
 
 def test_invalid_utf8_in_the_arrow_batch_id_is_refused(api, layer):
-    table = pa.table({"values": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(DIM, np.float32)), DIM)})
-    table = table.replace_schema_metadata({b"batch_id": b"\xff\xfe"})
-    sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    response = send(api, layer, sink.getvalue(), ARROW_STREAM)
+    response = send(api, layer, arrow_body(1, {b"batch_id": b"\xff\xfe"}), ARROW_STREAM)
     assert response.status_code == 422 and error_of(response)["field"] == "batch_id"
 
 
@@ -303,12 +299,7 @@ def test_a_retry_in_another_format_is_a_duplicate(api, layer, service):
 def test_an_empty_batch_id_is_refused(api, layer):
     response = api.post(activations_path(*layer), json={"batch_id": "", "rows": [{"values": [1, 2, 3, 4]}]})
     assert response.status_code == 422 and error_of(response)["field"] == "batch_id"
-    table = pa.table({"values": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(DIM, np.float32)), DIM)})
-    table = table.replace_schema_metadata({b"batch_id": b""})
-    sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    response = send(api, layer, sink.getvalue(), ARROW_STREAM)
+    response = send(api, layer, arrow_body(1, {b"batch_id": b""}), ARROW_STREAM)
     assert response.status_code == 422 and error_of(response)["field"] == "batch_id"
 
 

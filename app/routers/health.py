@@ -19,6 +19,9 @@ def healthz() -> dict:
 @router.get("/readyz")
 def readyz(request: Request) -> JSONResponse:
     """Ready when the database answers and its schema is at the head revision."""
+    health = getattr(request.app.state, "database_health", None)
+    if health is not None and not health.up:  # known down: say so at once, as every route does
+        return JSONResponse({"status": "unavailable", "reason": "database down"}, status_code=503)
     try:
         with request.app.state.pool.connection(timeout=5) as conn:
             revision = migrate.current_revision(conn)

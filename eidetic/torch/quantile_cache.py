@@ -52,6 +52,7 @@ class QuantileCache:
         self.version = version
         self.set_id = set_id
         self.stats = QuantileCacheStats(version=version)
+        self._source: tuple[int, int, str | None] | None = None  # (run, layer, method) when loaded from the store
 
     @property
     def n_quantiles(self) -> int:
@@ -96,6 +97,8 @@ class QuantileCache:
 
     def refresh(self, client: EideticClient) -> bool:
         """Loads the store's latest version if it is newer than the one held; True if it changed."""
+        if self._source is None:
+            raise ValueError("this cache was not loaded from the store (QuantileCache.from_service)")
         run_id, layer_id, method = self._source
         answer = client.latest_quantiles(run_id, layer_id, method)
         if int(answer["version"]) <= self.version:

@@ -27,6 +27,16 @@ END_OF_ROWS = b"eidetic.end"  # custom metadata of a stream's last (empty) recor
 _ARROW_INT_TYPES = {"sample_id": pa.int64(), "step": pa.int64(), "epoch": pa.int32(), "label": pa.int32()}
 
 
+def load_lazy_imports() -> None:
+    """Makes pyarrow import what it imports on first use (pandas, when installed), now.
+
+    A writer left open delivers its rows from an atexit handler, while the interpreter shuts
+    down; a module imported then can fail ("can't register atexit after shutdown": pandas
+    pulls in concurrent.futures), which would lose the rows. Writers call this when made.
+    """
+    pa.array(np.empty(0, dtype=np.float32))
+
+
 def media_type(content_type: str | None) -> str:
     return (content_type or JSON).split(";")[0].strip().lower()
 
