@@ -340,14 +340,18 @@ def _plan_by_schedule(
         by_age = np.argsort(bank.orders, kind="stable")
         schedule = by_age[np.argsort(bank.confidences[by_age], kind="stable")]
         cycle = max(1, int((bank.confidences <= tail.confidences[0]).sum()))
-    ordered = to_slots[:, schedule]  # columns in victim order
-    # Best similarity to the slots still there once the first p in the schedule are replaced: suffix maxima.
-    remaining_best = np.maximum.accumulate(ordered[:, ::-1], axis=1)[:, ::-1]
-    remaining_best = np.concatenate([remaining_best, np.full((r, 1), -np.inf, dtype=remaining_best.dtype)], axis=1)
+    # remaining_best[t, p]: best similarity to the slots still there once the first p in the schedule are
+    # replaced (suffix maxima). At most min(cycle, r) are replaced before any candidate, so only those p are
+    # needed: the scheduled head's columns, and one maximum over all the others.
+    head = schedule[: min(cycle, r)]
+    others = to_slots.copy()
+    others[:, head] = -np.inf
+    columns = [to_slots[:, head], others.max(axis=1, keepdims=True)]
+    remaining_best = np.maximum.accumulate(np.concatenate(columns, axis=1)[:, ::-1], axis=1)[:, ::-1]
     earlier = np.tril(np.ones((r, r), dtype=bool), -1)  # [t, s]: s comes before t
     accepted = remaining_best[:, 0] < threshold  # first guess: the bank as it was, the batch ignored
     for _ in range(r + 1):
-        before = np.cumsum(accepted) - accepted  # candidates stored before t
+        before: np.ndarray = np.cumsum(accepted) - accepted  # candidates stored before t
         best_slot = remaining_best[np.arange(r), np.minimum(before, cycle)]
         # the batch's stored candidates still in the bank at t: the last `cycle` of those before it
         present = earlier & accepted[None, :] & ((before + 1)[None, :] > (before - cycle)[:, None])
