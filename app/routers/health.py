@@ -2,31 +2,36 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request, Response
 
 from app import migrate
+from app.schemas import HealthOut
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
-def healthz() -> dict:
+@router.get("/healthz", response_model=HealthOut, response_model_exclude_none=True)
+def healthz() -> HealthOut:
     """The process is up (says nothing of the database)."""
-    return {"status": "ok"}
+    return HealthOut(status="ok")
 
 
-@router.get("/readyz")
-def readyz(request: Request) -> JSONResponse:
+@router.get(
+    "/readyz",
+    response_model=HealthOut,
+    response_model_exclude_none=True,
+    responses={503: {"model": HealthOut, "description": "The database does not answer or its schema is not at head."}},
+)
+def readyz(request: Request, response: Response) -> HealthOut:
     """Ready when the database answers and its schema is at the head revision."""
     try:
         with request.app.state.pool.connection(timeout=5) as conn:
             revision = migrate.current_revision(conn)
     except Exception as error:  # any failure to reach the database means not ready
-        return JSONResponse({"status": "unavailable", "reason": type(error).__name__}, status_code=503)
+        response.status_code = 503
+        return HealthOut(status="unavailable", reason=type(error).__name__)
     head = migrate.head_revision()
     if revision != head:
-        return JSONResponse(
-            {"status": "unavailable", "reason": f"schema at {revision}, head is {head}"}, status_code=503
-        )
-    return JSONResponse({"status": "ok", "revision": revision})
+        response.status_code = 503
+        return HealthOut(status="unavailable", reason=f"schema at {revision}, head is {head}")
+    return HealthOut(status="ok", revision=revision)
