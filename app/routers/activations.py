@@ -86,12 +86,13 @@ async def ingest_activations(
 
 
 def activation_filter(
-    sample_id: Annotated[list[int], Query(default_factory=list, description="Repeat to ask for several sample ids.")],
+    *,
     task: Annotated[str | None, Query(max_length=200)] = None,
     label: Annotated[int | None, Query(ge=-INT32, le=INT32)] = None,
     epoch: Annotated[int | None, Query(ge=-INT32, le=INT32)] = None,
     step_min: Annotated[int | None, Query(ge=-INT64, le=INT64)] = None,
     step_max: Annotated[int | None, Query(ge=-INT64, le=INT64)] = None,
+    sample_id: Annotated[list[int], Query(default_factory=list, description="Repeat to ask for several sample ids.")],
 ) -> query.ActivationFilter:
     for value in sample_id:
         if not -INT64 <= value <= INT64:
