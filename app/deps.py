@@ -1,9 +1,14 @@
-"""FastAPI dependencies: the connection pool, the caller, and the request body under its size limit."""
+"""FastAPI dependencies: the connection pool, the caller, and the request body under its size limit.
+
+Routes name their needs with the aliases (`conn: Conn`, `principal: Writer`, `run_id: Id`),
+so a signature reads like what the route uses.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Annotated
 
 import psycopg
 from fastapi import Depends, Path, Request
@@ -54,14 +59,23 @@ def get_principal(request: Request) -> Principal:
     return principal if principal is not None else authenticate_request(request)
 
 
-def reader(principal: Principal = Depends(get_principal)) -> Principal:
+Conn = Annotated[psycopg.Connection, Depends(get_conn)]
+Caller = Annotated[Principal, Depends(get_principal)]
+
+
+def reader(principal: Caller) -> Principal:
     principal.require(Scope.read)
     return principal
 
 
-def writer(principal: Principal = Depends(get_principal)) -> Principal:
+def writer(principal: Caller) -> Principal:
     principal.require(Scope.write)
     return principal
+
+
+Reader = Annotated[Principal, Depends(reader)]  # a caller whose key may read
+Writer = Annotated[Principal, Depends(writer)]  # a caller whose key may write
+Id = Annotated[int, Path(ge=1, le=2**63 - 1)]  # a positive 64-bit id in the path
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -77,11 +91,6 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"the body is over the limit of {limit} bytes", field="body")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def id_path() -> Path:
-    """A positive 64-bit id in the path (a fresh Path per parameter, as FastAPI binds each to its name)."""
-    return Path(ge=1, le=2**63 - 1)
 
 
 _KNOWN_QUERY = "eidetic_known_query"  # kept on the route object itself, worked out on first use

@@ -103,7 +103,7 @@ class ActivationRowOut(BaseModel):
     epoch: int | None
     task: str | None
     label: int | None
-    values: list[float]
+    values: list[float | None] = Field(description="null where a stored value is not finite.")
 
 
 class ActivationPage(BaseModel):
@@ -210,6 +210,10 @@ class WriteOut(BaseModel):
     ids: list[int | None] = Field(description="Per item: the id it was stored under, or null if skipped.")
 
 
+class BankVersionOut(BaseModel):
+    version: int = Field(description="The bank's version after the change.")
+
+
 class SearchIn(RequestBody):
     queries: list[list[float]] = Field(min_length=1, description="A batch of query keys (a training batch).")
     k: int = Field(default=10, ge=1)
@@ -235,6 +239,12 @@ class ChangesOut(BaseModel):
     tombstones: list[dict[str, int]]
     version: int
     next_since: int | None
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "unavailable"]
+    revision: str | None = Field(default=None, description="Readiness: the schema's migration revision.")
+    reason: str | None = Field(default=None, description="Why the service is not ready.")
 
 
 class ErrorDetail(BaseModel):

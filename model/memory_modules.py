@@ -25,12 +25,14 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from eidetic.client import EideticAPIError, EideticClient
 from eidetic.torch.memory_cache import BankSpec, MemoryCache, WriteOutcome
+from eidetic.wire.bank_policy import BankState, Batch, Similarities, WritePlan, inserted_until_full, plan_write
 
 NO_PREDICTION = -1  # the memory's prediction where it holds nothing
 
@@ -178,6 +180,9 @@ class TrainableMemory(nn.Module):
     """Learnable keys and value logits; least-confident replacement of novel items once full."""
 
     policy = "least_confident"
+    filled: torch.Tensor  # buffers (registered in __init__): used slots, each slot's age, the next age
+    order: torch.Tensor
+    next_order: torch.Tensor
 
     def __init__(
         self,
@@ -247,7 +252,7 @@ class TrainableMemory(nn.Module):
         a write)."""
         n = self.size if n is None else n
         stamp = (self.keys._version, self.keys.data_ptr(), n)
-        if self._unit_keys_of != stamp:
+        if self._unit_keys is None or self._unit_keys_of != stamp:
             with torch.no_grad():
                 self._unit_keys = F.normalize(self.keys[:n].detach().float(), dim=1)
             self._unit_keys_of = stamp
@@ -285,81 +290,54 @@ class TrainableMemory(nn.Module):
     def write(self, features: torch.Tensor, labels: torch.Tensor) -> WriteOutcome:
         """Inserts until full; then each novel item replaces the least confident slot, as if written one at a time.
 
-        Counts follow the service's: an item that takes a slot filled earlier in this same
-        batch counts as inserted, the item it displaced as skipped.
+        The bank policy planner (eidetic.wire.bank_policy) decides, as it does for the
+        service: every written item has the same confidence and is newer than every slot,
+        so it plans the whole batch at once. Counts follow the service's: an item that
+        takes a slot filled earlier in this same batch counts as inserted, the item it
+        displaced as skipped.
         """
         keys = features.detach().to(self.keys.device, self.keys.dtype)
         labels = labels.detach().to(self.keys.device, torch.long)
-        n = len(keys)
-        slots = torch.full((n,), -1, dtype=torch.long, device=keys.device)
-        start = self.size
-        inserted = min(self.capacity - start, n)
+        n, r = self.size, len(keys)
         first_order = int(self.next_order)
-        if inserted:
-            index = torch.arange(start, start + inserted, device=keys.device)
-            self._put(
-                index, keys[:inserted], labels[:inserted], first_order + torch.arange(inserted, device=keys.device)
+        batch = Batch(
+            labels=labels.cpu().numpy(),
+            confidences=np.full(r, float(self.written_confidence)),
+            orders=first_order + np.arange(r, dtype=np.int64),
+        )
+        fits = inserted_until_full(bank_size=n, capacity=self.capacity, batch_size=r)
+        if fits < r:
+            tail = F.normalize(keys[fits:].float(), dim=1)
+            confidence, label = self._confidence_and_label(self.values[:n])
+            plan = plan_write(
+                self.policy,
+                BankState(
+                    labels=label.cpu().numpy(),
+                    confidences=confidence.double().cpu().numpy(),
+                    orders=self.order[:n].cpu().numpy(),
+                ),
+                batch,
+                capacity=self.capacity,
+                similarity_threshold=self.similarity_threshold,
+                similarities=Similarities(
+                    to_bank=(tail @ self.unit_keys(n).T).cpu().numpy(),
+                    among=(tail @ F.normalize(keys.float(), dim=1).T).cpu().numpy(),
+                ),
             )
-            slots[:inserted] = index
-            self.filled += inserted
-        replaced = 0
-        if inserted < n:
-            positions, victims = self._plan_replacements(keys[inserted:])
-            slots[victims[victims >= start] - start] = -1  # this batch's inserts, replaced again
-            slots[inserted + positions] = victims
-            replaced = int((victims < start).sum())
-            orders = first_order + inserted + positions
-            self._put(victims, keys[inserted + positions], labels[inserted + positions], orders)
-        self.next_order += n
-        return WriteOutcome(slots.tolist(), inserted, replaced, n - inserted - replaced)
+        else:
+            plan = WritePlan.until_full(bank_size=n, capacity=self.capacity, batch_size=r)
+        stored = torch.from_numpy(plan.stored).to(keys.device)
+        if len(stored):
+            slots = torch.from_numpy(plan.slots[plan.stored]).to(keys.device)
+            self._put(slots, keys[stored], labels[stored], first_order + stored)
+        self.filled += plan.inserted
+        self.next_order += r
+        return WriteOutcome(plan.slots.tolist(), plan.inserted, plan.replaced, plan.skipped)
 
     def _put(self, slots: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor) -> None:
         self.keys[slots] = keys
         self.values[slots] = F.one_hot(labels, self.num_classes).to(self.values.dtype) * self.value_logit
         self.order[slots] = orders
-
-    def _plan_replacements(self, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which candidates a full memory keeps (positions) and in which slots: the one-at-a-time rule, for
-        the batch at once.
-
-        One at a time, an item whose best similarity to the memory (as it is by then)
-        reaches the threshold is skipped; else it replaces the least confident slot, the
-        oldest among equals. Written items share one confidence c and are newer than every
-        slot, so the victims do not depend on the keys: the slots in (confidence, age)
-        order while their confidence is at most c (`cycle` of them, at least one), then
-        the batch's own items in those slots, oldest first. Only novelty is left, and item
-        t's novelty depends on the decisions for the items before it alone, so iterating
-        the decision for every item from a guess is exact after at most len + 1 rounds
-        (in practice two or three).
-        """
-        m, r = self.capacity, len(candidates)
-        confidence = self.slot_confidences()
-        by_age = torch.argsort(self.order[:m], stable=True)
-        schedule = by_age[torch.argsort(confidence[by_age], stable=True)]
-        cycle = max(1, int((confidence <= self.written_confidence).sum()))
-        unit = F.normalize(candidates.float(), dim=1)
-        to_slots = unit @ self.unit_keys(m)[schedule].T  # (r, m), columns in victim order
-        # Best similarity to the slots still there once the first p in the schedule are replaced: suffix maxima.
-        remaining_best = torch.flip(torch.cummax(torch.flip(to_slots, [1]), dim=1).values, [1])
-        remaining_best = torch.cat([remaining_best, torch.full((r, 1), float("-inf"), device=unit.device)], dim=1)
-        among = unit @ unit.T
-        earlier = torch.ones(r, r, dtype=torch.bool, device=unit.device).tril(-1)  # [t, s]: s comes before t
-        threshold = self.similarity_threshold
-        accepted = remaining_best[:, 0] < threshold  # first guess: the memory as it was, the batch ignored
-        for _ in range(r + 1):
-            before = torch.cumsum(accepted.long(), 0) - accepted.long()  # items stored before t
-            best_slot = remaining_best.gather(1, before.clamp(max=cycle)[:, None]).squeeze(1)
-            # the batch's stored items still in memory at t: the last `cycle` of those before it
-            present = earlier & accepted[None, :] & ((before + 1)[None, :] > (before - cycle)[:, None])
-            best_batch = among.masked_fill(~present, float("-inf")).max(dim=1).values
-            decided = torch.maximum(best_slot, best_batch) < threshold
-            if torch.equal(decided, accepted):
-                break
-            accepted = decided
-        positions = torch.nonzero(accepted).flatten()
-        rank = torch.arange(len(positions), device=unit.device)
-        kept = rank >= len(positions) - cycle  # an earlier one in the same slot was replaced again
-        return positions[kept], schedule[rank[kept] % cycle]
 
     # ------------------------------------------------------------ the store: a generation per epoch
 
@@ -481,6 +459,8 @@ def open_bank(client: EideticClient, name: str, spec: BankSpec) -> dict:
             if error.code != "conflict":  # created meanwhile by another worker: use it
                 raise
             bank = client.find_bank(name)
+            if bank is None:
+                raise LookupError(f"bank {name!r} was said to exist and then was not found") from error
     _check_bank(bank, spec)
     return bank
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from app.memory import similarities
+from eidetic.wire.bank_policy import similarity_matrix
 from tests.helpers import error_of
 
 
@@ -196,7 +196,7 @@ def test_exact_search_is_the_true_top_k(api, metric):
     )
     results = response.json()["results"]
     for query, result in zip(queries, results):
-        sims = similarities(metric, keys, query)
+        sims = similarity_matrix(metric, query, keys)[0]
         expected = np.argsort(-sims, kind="stable")[:5]
         assert result["ids"] == [ids[i] for i in expected]
         np.testing.assert_allclose(result["scores"], sims[expected], rtol=1e-4, atol=1e-5)
@@ -358,5 +358,5 @@ def test_exact_search_stays_exact_after_the_statement_is_prepared(api):
     for _ in range(3):
         results = api.post(url, json={"queries": queries.tolist(), "k": 10, "exact": True}).json()["results"]
         for query, result in zip(queries, results):
-            expected = np.argsort(-similarities("cosine", keys, query), kind="stable")[:10]
+            expected = np.argsort(-similarity_matrix("cosine", query, keys)[0], kind="stable")[:10]
             assert result["ids"] == [ids[i] for i in expected]

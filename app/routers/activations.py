@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from typing import Literal
+from collections.abc import Generator
+from typing import Annotated, Literal
 
 import numpy as np
-import psycopg
 import pyarrow as pa
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from psycopg_pool import ConnectionPool
 
 from app import ingest, query, runs
 from app.deadline import request_deadline, within_deadline
-from app.deps import get_conn, id_path, read_body, reader, writer
-from app.keys import Principal
+from app.deps import Conn, Id, Reader, Writer, read_body
 from app.openapi import error_responses
 from app.runs import Layer
-from app.schemas import ActivationBatchIn, ActivationPage, IngestOut, SummaryOut
+from app.schemas import ActivationBatchIn, ActivationPage, ActivationRowOut, IngestOut, SummaryOut
 from app.settings import Settings
 from app.streams import ArrowStreamResponse
 from eidetic.errors import InvalidInput
@@ -55,17 +53,22 @@ _INGEST_BODY = {
 )
 async def ingest_activations(
     request: Request,
-    run_id: int = id_path(),
-    layer_id: int = id_path(),
-    batch_id: str | None = Query(None, min_length=1, max_length=200, description="Idempotency key of the batch."),
-    sample_id_start: int | None = Query(None, ge=0, le=INT64, description=".npy: sample ids start, one per row."),
-    step: int | None = Query(None, ge=-INT64, le=INT64, description=".npy: the step of every row."),
-    epoch: int | None = Query(None, ge=-INT32, le=INT32, description=".npy: the epoch of every row."),
-    label: int | None = Query(None, ge=-INT32, le=INT32, description=".npy: the label of every row."),
-    task: str | None = Query(None, min_length=1, max_length=200, description=".npy: the task of every row."),
-    principal: Principal = Depends(writer),
-    conn: psycopg.Connection = Depends(get_conn),
-) -> JSONResponse:
+    response: Response,
+    run_id: Id,
+    layer_id: Id,
+    principal: Writer,
+    conn: Conn,
+    batch_id: Annotated[
+        str | None, Query(min_length=1, max_length=200, description="Idempotency key of the batch.")
+    ] = None,
+    sample_id_start: Annotated[
+        int | None, Query(ge=0, le=INT64, description=".npy: sample ids start, one per row.")
+    ] = None,
+    step: Annotated[int | None, Query(ge=-INT64, le=INT64, description=".npy: the step of every row.")] = None,
+    epoch: Annotated[int | None, Query(ge=-INT32, le=INT32, description=".npy: the epoch of every row.")] = None,
+    label: Annotated[int | None, Query(ge=-INT32, le=INT32, description=".npy: the label of every row.")] = None,
+    task: Annotated[str | None, Query(min_length=1, max_length=200, description=".npy: the task of every row.")] = None,
+) -> IngestOut:
     settings: Settings = request.app.state.settings
     body = await read_body(request, settings.max_body_bytes)
     params = {"sample_id_start": sample_id_start, "step": step, "epoch": epoch, "label": label, "task": task}
@@ -77,22 +80,27 @@ async def ingest_activations(
 
     result = await run_in_threadpool(store)
     request.app.state.metrics.record_ingest(result.rows, result.duplicate)
-    content = IngestOut(batch_id=result.batch_id, rows=result.rows, duplicate=result.duplicate).model_dump()
-    return JSONResponse(content, status_code=200 if result.duplicate else 201)
+    if result.duplicate:  # a retried batch, already stored
+        response.status_code = 200
+    return IngestOut(batch_id=result.batch_id, rows=result.rows, duplicate=result.duplicate)
 
 
 def activation_filter(
-    task: str | None = Query(None, max_length=200),
-    label: int | None = Query(None, ge=-INT32, le=INT32),
-    epoch: int | None = Query(None, ge=-INT32, le=INT32),
-    step_min: int | None = Query(None, ge=-INT64, le=INT64),
-    step_max: int | None = Query(None, ge=-INT64, le=INT64),
-    sample_id: list[int] = Query(default_factory=list, description="Repeat to ask for several sample ids."),
+    *,
+    task: Annotated[str | None, Query(max_length=200)] = None,
+    label: Annotated[int | None, Query(ge=-INT32, le=INT32)] = None,
+    epoch: Annotated[int | None, Query(ge=-INT32, le=INT32)] = None,
+    step_min: Annotated[int | None, Query(ge=-INT64, le=INT64)] = None,
+    step_max: Annotated[int | None, Query(ge=-INT64, le=INT64)] = None,
+    sample_id: Annotated[list[int], Query(default_factory=list, description="Repeat to ask for several sample ids.")],
 ) -> query.ActivationFilter:
     for value in sample_id:
         if not -INT64 <= value <= INT64:
             raise InvalidInput("sample ids are 64-bit integers", field="sample_id")
     return query.ActivationFilter(task, label, epoch, step_min, step_max, tuple(sample_id)).check()
+
+
+Where = Annotated[query.ActivationFilter, Depends(activation_filter)]  # the rows a read selects
 
 
 @router.get(
@@ -108,15 +116,17 @@ def activation_filter(
 )
 def read_activations(
     request: Request,
-    run_id: int = id_path(),
-    layer_id: int = id_path(),
-    where: query.ActivationFilter = Depends(activation_filter),
-    limit: int | None = Query(None, ge=1, description="Rows per page; with format=arrow, omit it to stream all."),
-    cursor: str | None = Query(None, max_length=100),
-    format: Literal["json", "arrow"] = Query("json"),
-    principal: Principal = Depends(reader),
-    conn: psycopg.Connection = Depends(get_conn),
-):
+    run_id: Id,
+    layer_id: Id,
+    where: Where,
+    principal: Reader,
+    conn: Conn,
+    limit: Annotated[
+        int | None, Query(ge=1, description="Rows per page; with format=arrow, omit it to stream all.")
+    ] = None,
+    cursor: Annotated[str | None, Query(max_length=100)] = None,
+    format: Annotated[Literal["json", "arrow"], Query()] = "json",
+) -> ActivationPage | ArrowStreamResponse:
     settings: Settings = request.app.state.settings
     layer = runs.get_layer(conn, principal.project_id, run_id, layer_id)
     after = query.RowKey.decode(cursor) if cursor else query.BEFORE_FIRST
@@ -125,25 +135,25 @@ def read_activations(
     if format == "arrow":
         rows = _arrow_stream(request.app.state.pool, layer, where, after, limit, settings, request_deadline(request))
         return ArrowStreamResponse(rows)
-    rows, next_cursor = query.page(conn, layer, where, after, limit or settings.default_page_limit)
-    return JSONResponse({"rows": [_row_json(row) for row in rows], "next_cursor": next_cursor})
+    page, next_cursor = query.page(conn, layer, where, after, limit or settings.default_page_limit)
+    return ActivationPage(rows=[_row_out(row) for row in page], next_cursor=next_cursor)
 
 
-def _row_json(row: tuple) -> dict:
+def _row_out(row: tuple) -> ActivationRowOut:
     record = dict(zip(query.ROW_FIELDS, row))
     record["values"] = [formats.json_safe(v) for v in record["values"].tolist()]
-    return record
+    return ActivationRowOut(**record)
 
 
 def _arrow_stream(
-    pool,
+    pool: ConnectionPool,
     layer: Layer,
     where: query.ActivationFilter,
     after: query.RowKey,
     limit: int | None,
     settings: Settings,
     deadline: float,
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     """Record batches as they are read, inside one snapshot, by the deadline; memory stays at one window."""
     schema = pa.schema(
         [pa.field("batch_id", pa.string()), pa.field("row", pa.int32()), *formats.arrow_schema(layer.dim)]
@@ -156,32 +166,27 @@ def _arrow_stream(
 
 
 def _window_batch(window: list[tuple], schema: pa.Schema, dim: int) -> pa.RecordBatch:
-    columns = list(zip(*window))
-    values = np.stack(columns[7]).astype(np.float32, copy=False).reshape(-1)
+    columns = dict(zip(query.ROW_FIELDS, zip(*window)))
+    values = np.stack(columns["values"]).astype(np.float32, copy=False).reshape(-1)
     arrays = {
-        "batch_id": pa.array(columns[0], type=pa.string()),
-        "row": pa.array(columns[1], type=pa.int32()),
-        "sample_id": pa.array(columns[2], type=pa.int64()),
-        "step": pa.array(columns[3], type=pa.int64()),
-        "epoch": pa.array(columns[4], type=pa.int32()),
-        "task": pa.array(columns[5], type=pa.string()),
-        "label": pa.array(columns[6], type=pa.int32()),
+        "batch_id": pa.array(columns["batch_id"], type=pa.string()),
+        "row": pa.array(columns["row"], type=pa.int32()),
+        "sample_id": pa.array(columns["sample_id"], type=pa.int64()),
+        "step": pa.array(columns["step"], type=pa.int64()),
+        "epoch": pa.array(columns["epoch"], type=pa.int32()),
+        "task": pa.array(columns["task"], type=pa.string()),
+        "label": pa.array(columns["label"], type=pa.int32()),
         "values": pa.FixedSizeListArray.from_arrays(pa.array(values), dim),
     }
     return pa.record_batch([arrays[name] for name in schema.names], schema=schema)
 
 
 @router.get("/summary", response_model=SummaryOut)
-def summary(
-    run_id: int = id_path(),
-    layer_id: int = id_path(),
-    where: query.ActivationFilter = Depends(activation_filter),
-    principal: Principal = Depends(reader),
-    conn: psycopg.Connection = Depends(get_conn),
-) -> JSONResponse:
+def summary(run_id: Id, layer_id: Id, where: Where, principal: Reader, conn: Conn) -> SummaryOut:
     layer = runs.get_layer(conn, principal.project_id, run_id, layer_id)
     stats = query.summarize(conn, layer, where)
-    content = {"rows": stats.rows}
-    for name in ("mean", "std", "min", "max"):
-        content[name] = [formats.json_safe(v) for v in getattr(stats, name).tolist()]
-    return JSONResponse(content)
+
+    def finite(name: str) -> list[float | None]:
+        return [formats.json_safe(v) for v in getattr(stats, name).tolist()]
+
+    return SummaryOut(rows=stats.rows, mean=finite("mean"), std=finite("std"), min=finite("min"), max=finite("max"))

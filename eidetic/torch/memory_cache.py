@@ -20,8 +20,21 @@ import pyarrow as pa
 import torch
 
 from eidetic.client import EideticClient
+from eidetic.wire.bank_policy import (
+    NO_CONFIDENCE,
+    NO_LABEL,
+    BankState,
+    Batch,
+    Similarities,
+    WritePlan,
+    encode_confidences,
+    encode_labels,
+    inserted_until_full,
+    plan_write,
+    policy_named,
+)
 
-NO_LABEL = -(2**62)  # stands for a missing label; matches no real label
+__all__ = ["NO_LABEL", "BankSpec", "CacheAnswer", "CacheStats", "MemoryCache", "WriteOutcome", "vote"]
 
 
 @dataclass
@@ -115,7 +128,7 @@ class MemoryCache:
         self.unit_keys = torch.zeros(n, dim, device=self.device)  # normalised, for cosine
         self.labels = torch.full((n,), NO_LABEL, dtype=torch.long, device=self.device)
         self.values = torch.zeros(n, self.spec.value_dim or 0, device=self.device)
-        self.confidences = torch.full((n,), float("-inf"), device=self.device)
+        self.confidences = torch.full((n,), NO_CONFIDENCE, device=self.device)
         self.order = torch.zeros(n, dtype=torch.long, device=self.device)
         self.hits = torch.zeros(n, dtype=torch.long, device=self.device)
         self.ids = torch.zeros(n, dtype=torch.long, device=self.device)
@@ -140,7 +153,7 @@ class MemoryCache:
         self.labels[slot] = NO_LABEL if label is None else int(label)
         if self.spec.value_dim:
             self.values[slot] = 0 if value is None else torch.as_tensor(value, dtype=torch.float32, device=self.device)
-        self.confidences[slot] = float("-inf") if confidence is None else float(confidence)
+        self.confidences[slot] = NO_CONFIDENCE if confidence is None else float(confidence)
         self.order[slot] = order
         self.hits[slot] = 0
 
@@ -189,7 +202,8 @@ class MemoryCache:
 
     def warm(self) -> None:
         """Loads the bank from its Arrow snapshot (the most-hit items when it does not all fit)."""
-        table = self.client.snapshot_table(self.spec.id)
+        client, bank_id = self._service()
+        table = client.snapshot_table(bank_id)
         version = int(table.schema.metadata[b"bank_version"])
         if table.num_rows > self.capacity:
             order = np.argsort(-np.asarray(table.column("hits")), kind="stable")[: self.capacity]
@@ -207,7 +221,7 @@ class MemoryCache:
                 )
                 confidences = table.column("confidence").to_pylist()
                 self.confidences[:n] = torch.tensor(
-                    [float("-inf") if c is None else c for c in confidences], device=self.device
+                    [NO_CONFIDENCE if c is None else c for c in confidences], device=self.device
                 )
                 if self.spec.value_dim:
                     values = [
@@ -228,10 +242,11 @@ class MemoryCache:
     def sync(self) -> int:
         """Applies the change feed after the version held; returns how many changes it applied."""
         applied = 0
+        client, bank_id = self._service()
         with self._lock:
             since = self.stats.version
             while True:
-                page = self.client.changes(self.spec.id, since)
+                page = client.changes(bank_id, since)
                 for tombstone in page["tombstones"]:
                     self._remove(int(tombstone["id"]))
                 for item in page["items"]:
@@ -260,11 +275,15 @@ class MemoryCache:
 
     # ---------------------------------------------------------------- search (the hot path)
 
-    def similarity(self, queries: torch.Tensor) -> torch.Tensor:
-        """(batch x size) similarities, defined as the service defines them."""
-        keys = self.keys[: self.size]
+    def similarity(self, queries: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch x size) similarities to the stored keys (or to `keys`), defined as the service defines them."""
+        if keys is None:
+            keys = self.keys[: self.size]
+            unit_keys = self.unit_keys[: self.size]
+        else:
+            unit_keys = _unit(keys)
         if self.spec.metric == "cosine":
-            return _unit(queries) @ self.unit_keys[: self.size].T
+            return _unit(queries) @ unit_keys.T
         if self.spec.metric == "ip":
             return queries @ keys.T
         return 1.0 / (1.0 + torch.cdist(queries, keys))
@@ -310,7 +329,8 @@ class MemoryCache:
         return answer
 
     def _answer_remotely(self, queries: torch.Tensor, rows: torch.Tensor, k: int, answer: CacheAnswer) -> None:
-        results = self.client.search(self.spec.id, queries[rows].cpu().numpy(), k, exact=True)
+        client, bank_id = self._service()
+        results = client.search(bank_id, queries[rows].cpu().numpy(), k, exact=True)
         for row, result in zip(rows.tolist(), results):
             n = len(result["ids"])
             answer.ids[row, :n] = torch.tensor(result["ids"], device=self.device)
@@ -360,75 +380,73 @@ class MemoryCache:
             self._send(keys, labels, values_list, confidences, expected=expected)
         return outcome
 
-    def _apply(self, keys, labels, values, confidences) -> tuple[WriteOutcome, list]:
-        """The service's policy (app.memory.write_items) on the device: insert until full, then novelty + victim."""
-        slots: list[int] = [-1] * len(keys)
-        expected: list[int | None] = [None] * len(keys)  # per item: the id the service should report
+    def _apply(
+        self, keys: torch.Tensor, labels: list, values: list, confidences: list
+    ) -> tuple[WriteOutcome, list[int | None]]:
+        """Plans the write with the bank's policy, as the service does (eidetic.wire.bank_policy), and applies it here.
+
+        Returns the outcome and, per item, the id the service should report for it.
+        """
+        n, r = self.size, len(keys)
         version = self.stats.version + 1 + self._pending  # the version the service will give this batch
-        first_new_id = self._next_provisional + 1  # this batch's provisional ids are below it
-        fits = min(len(keys), self.capacity - self.size)
-        if fits:  # the part that fits is inserted in one go: slice assignments, no per-item kernels
-            slots[:fits], expected[:fits] = self._insert_block(keys[:fits], labels, values, confidences, version)
-        for position in range(fits, len(keys)):  # the bank is full from here on
-            order = (version << 32) + position  # the service's insertion order: version, then place in the write
-            if self.spec.policy == "none":
-                continue
-            sims = self.similarity(keys[position : position + 1])[0]
-            if float(sims.max()) >= self.spec.similarity_threshold:
-                continue
-            victim = self._victim(sims, labels[position])
-            victim_id = int(self.ids[victim])
-            self._put(
-                victim, victim_id, keys[position], labels[position], values[position], confidences[position], order
-            )
-            expected = [None if e == victim_id else e for e in expected]
-            slots = [-1 if s == victim else s for s in slots]
-            slots[position], expected[position] = victim, victim_id
-        skipped = len(keys) - sum(1 for e in expected if e is not None)
-        replaced = sum(1 for e in expected if e is not None and e >= first_new_id)  # an item stored before
-        inserted = len(keys) - skipped - replaced
-        return WriteOutcome(slots, inserted, replaced, skipped), expected
-
-    def _insert_block(self, keys, labels, values, confidences, version: int) -> tuple[list[int], list[int]]:
-        n, start = len(keys), self.size
-        stop = start + n
-        provisional = list(range(self._next_provisional, self._next_provisional - n, -1))
-        self._next_provisional -= n
-        self.keys[start:stop] = keys
-        self.unit_keys[start:stop] = _unit(keys)
-        self.labels[start:stop] = torch.tensor(
-            [NO_LABEL if label is None else int(label) for label in labels[:n]], dtype=torch.long, device=self.device
+        batch = Batch(
+            labels=encode_labels(labels),
+            # as the cache holds them (float32), so the batch's items tie with stored ones as they will here
+            confidences=encode_confidences(confidences).astype(np.float32).astype(np.float64),
+            orders=(version << 32) + np.arange(r, dtype=np.int64),  # the service's: version, then place in the write
         )
-        if self.spec.value_dim:
-            self.values[start:stop] = torch.stack(
-                [
-                    torch.zeros(self.spec.value_dim, device=self.device) if v is None else v.to(self.device)
-                    for v in values[:n]
-                ]
+        policy = policy_named(self.spec.policy)
+        fits = inserted_until_full(bank_size=n, capacity=self.capacity, batch_size=r)
+        if fits < r and policy.replaces:
+            tail = keys[fits:]
+            bank = BankState(
+                labels=self.labels[:n].cpu().numpy(),
+                confidences=self.confidences[:n].double().cpu().numpy(),
+                orders=self.order[:n].cpu().numpy(),
             )
-        self.confidences[start:stop] = torch.tensor(
-            [float("-inf") if c is None else float(c) for c in confidences[:n]], device=self.device
+            similarities = Similarities(
+                to_bank=self.similarity(tail).cpu().numpy(), among=self.similarity(tail, keys).cpu().numpy()
+            )
+            plan = plan_write(
+                policy,
+                bank,
+                batch,
+                capacity=self.capacity,
+                similarity_threshold=self.spec.similarity_threshold,
+                similarities=similarities,
+            )
+        else:
+            plan = WritePlan.until_full(bank_size=n, capacity=self.capacity, batch_size=r)
+        return WriteOutcome(plan.slots.tolist(), plan.inserted, plan.replaced, plan.skipped), self._store(
+            plan, batch, keys, values
         )
-        self.order[start:stop] = (version << 32) + torch.arange(n, device=self.device)
-        self.hits[start:stop] = 0
-        self.ids[start:stop] = torch.tensor(provisional, dtype=torch.long, device=self.device)
-        self._slot_of.update(zip(provisional, range(start, stop)))
-        self.size = stop
-        return list(range(start, stop)), provisional
 
-    def _victim(self, sims: torch.Tensor, label: int | None) -> int:
-        n = self.size
-        if self.spec.policy == "same_class_lowest_similarity":
-            same = self.labels[:n] == (NO_LABEL if label is None else int(label))
-            if bool(same.any()):
-                masked = torch.where(same, sims, torch.full_like(sims, float("inf")))
-                return int(torch.argmin(masked))
-            return int(torch.argmin(sims))
-        if self.spec.policy == "least_confident":
-            lowest = self.confidences[:n].min()
-            candidates = torch.nonzero(self.confidences[:n] == lowest).flatten()
-            return int(candidates[torch.argmin(self.order[candidates])])
-        return int(torch.argmin(self.order[:n]))  # fifo
+    def _store(self, plan: WritePlan, batch: Batch, keys: torch.Tensor, values: list) -> list[int | None]:
+        """Writes the plan's stored items into their slots at once; returns per item the id the service will report."""
+        n = plan.bank_size
+        provisional = list(range(self._next_provisional, self._next_provisional - plan.inserted, -1))
+        self._next_provisional -= plan.inserted
+        replaced_slots = [slot for slot, _ in plan.replacements]
+        replaced_ids = self.ids[torch.tensor(replaced_slots, dtype=torch.long, device=self.device)].tolist()
+        victim_id = dict(zip(replaced_slots, replaced_ids))
+        stored = plan.stored
+        if len(stored):
+            positions = torch.from_numpy(stored).to(self.device)
+            slots = torch.from_numpy(plan.slots[stored]).to(self.device)
+            self.keys[slots] = keys[positions]
+            self.unit_keys[slots] = _unit(keys[positions])
+            self.labels[slots] = torch.from_numpy(batch.labels[stored]).to(self.device)
+            if self.spec.value_dim:
+                zero = torch.zeros(self.spec.value_dim, device=self.device)
+                self.values[slots] = torch.stack([zero if values[p] is None else values[p] for p in stored.tolist()])
+            self.confidences[slots] = torch.from_numpy(batch.confidences[stored]).to(self.device, torch.float32)
+            self.order[slots] = torch.from_numpy(batch.orders[stored]).to(self.device)
+            self.hits[slots] = 0
+        if provisional:  # a replaced item keeps its id; a new slot gets a provisional one until the service answers
+            self.ids[n : n + len(provisional)] = torch.tensor(provisional, dtype=torch.long, device=self.device)
+            self._slot_of.update(zip(provisional, range(n, n + len(provisional))))
+            self.size = n + len(provisional)
+        return [None if s < 0 else provisional[s - n] if s >= n else victim_id[s] for s in plan.slots.tolist()]
 
     # ---------------------------------------------------------------- write-behind
 
@@ -467,9 +485,10 @@ class MemoryCache:
                 self._outbox.task_done()
 
     def _post_with_retries(self, items: list[dict], attempts: int = 5) -> dict:
+        client, bank_id = self._service()
         for attempt in range(attempts):
             try:
-                return self.client.write_items(self.spec.id, items)
+                return client.write_items(bank_id, items)
             except Exception as error:
                 retryable = getattr(error, "retryable", True)
                 if not retryable or attempt == attempts - 1:
@@ -515,6 +534,12 @@ class MemoryCache:
         self._raise_failure()
         if self.client is not None:  # also picks up other writers' changes the cache has not heard of
             self.sync()
+
+    def _service(self) -> tuple[EideticClient, int]:
+        """The client and the bank this cache copies (a device-only cache has neither)."""
+        if self.client is None or self.spec.id is None:
+            raise RuntimeError("this cache is not backed by a bank in the store")
+        return self.client, self.spec.id
 
     def _raise_failure(self) -> None:
         if self._failure is not None:

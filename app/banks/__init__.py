@@ -1,0 +1,36 @@
+"""Memory banks: stored keys (and optional values) searched by nearest neighbour, written under a policy.
+
+- `schema`: the bank's row, its partition of items and HNSW index (create, read, drop);
+- `policy`: writes, each planned by `eidetic.wire.bank_policy` and applied under the bank's row lock;
+- `search`: batched k-nearest-neighbour search, its vote, and hit counts;
+- `feed`: the change feed (`since=version`) and the Arrow snapshot the device caches follow.
+"""
+
+from app.banks.feed import Changes, changes, snapshot_batches, snapshot_schema
+from app.banks.policy import NewItems, WriteResult, delete_item, write_items
+from app.banks.schema import METRICS, Bank, create_bank, delete_bank, get_bank, items_partition, list_banks
+from app.banks.search import MAX_EF_SEARCH, Neighbours, record_hits, search, similarity_from_distance, vote
+
+__all__ = [
+    "MAX_EF_SEARCH",
+    "METRICS",
+    "Bank",
+    "Changes",
+    "Neighbours",
+    "NewItems",
+    "WriteResult",
+    "changes",
+    "create_bank",
+    "delete_bank",
+    "delete_item",
+    "get_bank",
+    "items_partition",
+    "list_banks",
+    "record_hits",
+    "search",
+    "similarity_from_distance",
+    "snapshot_batches",
+    "snapshot_schema",
+    "vote",
+    "write_items",
+]

@@ -1,0 +1,134 @@
+"""Bank definitions: the `memory_banks` row, and each bank's partition of `memory_items` with its HNSW index.
+
+pgvector indexes need a fixed dimension, so every bank gets its own partition and an
+HNSW index on `key::vector(dim)` with the operator class of its metric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import class_row
+
+from eidetic.errors import Conflict, NotFound
+
+METRICS = ("cosine", "l2", "ip")
+_OPCLASS = {"cosine": "vector_cosine_ops", "l2": "vector_l2_ops", "ip": "vector_ip_ops"}
+
+
+@dataclass(frozen=True)
+class Bank:
+    id: int
+    project_id: int
+    name: str
+    dim: int
+    value_dim: int | None
+    metric: str
+    capacity: int
+    policy: str
+    similarity_threshold: float
+    version: int
+    size: int
+    created_at: datetime
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 64
+
+
+_BANK_COLUMNS = (
+    "id, project_id, name, dim, value_dim, metric, capacity, policy, similarity_threshold, version, size, created_at, "
+    "hnsw_m, hnsw_ef_construction"
+)
+
+
+def items_partition(bank_id: int) -> sql.Identifier:
+    return sql.Identifier(f"memory_items_b{int(bank_id)}")
+
+
+def create_bank(
+    conn: psycopg.Connection,
+    *,
+    project_id: int,
+    name: str,
+    dim: int,
+    metric: str,
+    capacity: int,
+    policy: str,
+    similarity_threshold: float,
+    value_dim: int | None = None,
+    hnsw_m: int = 16,
+    hnsw_ef_construction: int = 64,
+) -> Bank:
+    """A bank and its partition, with an HNSW index (m, ef_construction) on its keys."""
+    with conn.transaction():
+        bank = (
+            conn.cursor(row_factory=class_row(Bank))
+            .execute(
+                f"INSERT INTO memory_banks (project_id, name, dim, value_dim, metric, capacity, policy, "
+                f"similarity_threshold, hnsw_m, hnsw_ef_construction) VALUES (%(project_id)s, %(name)s, %(dim)s, "
+                f"%(value_dim)s, %(metric)s, %(capacity)s, %(policy)s, %(similarity_threshold)s, %(hnsw_m)s, "
+                f"%(hnsw_ef_construction)s) ON CONFLICT (project_id, name) DO NOTHING RETURNING {_BANK_COLUMNS}",
+                {
+                    "project_id": project_id,
+                    "name": name,
+                    "dim": dim,
+                    "value_dim": value_dim,
+                    "metric": metric,
+                    "capacity": capacity,
+                    "policy": policy,
+                    "similarity_threshold": similarity_threshold,
+                    "hnsw_m": hnsw_m,
+                    "hnsw_ef_construction": hnsw_ef_construction,
+                },
+            )
+            .fetchone()
+        )
+        if bank is None:
+            raise Conflict(f"a memory bank named {name!r} already exists in this project", field="name")
+        partition = items_partition(bank.id)
+        conn.execute(
+            sql.SQL("CREATE TABLE {} PARTITION OF memory_items FOR VALUES IN ({})").format(
+                partition, sql.Literal(bank.id)
+            )
+        )
+        conn.execute(
+            sql.SQL(
+                "CREATE INDEX {} ON {} USING hnsw ((key::vector({})) {}) WITH (m = {}, ef_construction = {})"
+            ).format(
+                sql.Identifier(f"memory_items_b{bank.id}_hnsw"),
+                partition,
+                sql.Literal(bank.dim),
+                sql.SQL(_OPCLASS[metric]),
+                sql.Literal(bank.hnsw_m),
+                sql.Literal(bank.hnsw_ef_construction),
+            )
+        )
+    return bank
+
+
+def get_bank(conn: psycopg.Connection, project_id: int, bank_id: int, *, lock: bool = False) -> Bank:
+    """A bank of the caller's project; another project's bank is not found. `lock`: hold its row (writes)."""
+    statement = f"SELECT {_BANK_COLUMNS} FROM memory_banks WHERE id = %s AND project_id = %s"
+    bank = (
+        conn.cursor(row_factory=class_row(Bank))
+        .execute(statement + (" FOR UPDATE" if lock else ""), (bank_id, project_id))
+        .fetchone()
+    )
+    if bank is None:
+        raise NotFound(f"memory bank {bank_id} not found", field="bank_id")
+    return bank
+
+
+def list_banks(conn: psycopg.Connection, project_id: int) -> list[Bank]:
+    statement = f"SELECT {_BANK_COLUMNS} FROM memory_banks WHERE project_id = %s ORDER BY id"
+    return conn.cursor(row_factory=class_row(Bank)).execute(statement, (project_id,)).fetchall()
+
+
+def delete_bank(conn: psycopg.Connection, project_id: int, bank_id: int) -> None:
+    """Drops the bank's partition (its items) and its row, under the row lock so no write is half done."""
+    with conn.transaction():
+        get_bank(conn, project_id, bank_id, lock=True)
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(items_partition(bank_id)))
+        conn.execute("DELETE FROM memory_banks WHERE id = %s", (bank_id,))
