@@ -64,7 +64,7 @@ from pgvector import Vector
 from psycopg import sql
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from app import memory
+from app import banks as memory
 from app.database import connect
 from app.settings import Settings
 from bench.common import (
@@ -647,7 +647,7 @@ def measure_service(
         return interleaved(actions, repeats, device, threads)
 
     # exact=true first, then HNSW; whether exact answers are exact is checked against numpy below
-    # (bench/knn.py found cached HNSW plans serving exact=true before app.memory was changed).
+    # (bench/knn.py found cached HNSW plans serving exact=true before app.banks was changed).
     exact = alternating(True, args.exact_repeats)
     exact_found = np.asarray(found[True], dtype=np.int64)
     hnsw = alternating(False, args.service_repeats)

@@ -22,7 +22,7 @@ For each, with batches of --batch queries and k=--k, at each ef_search of --ef:
 4. exact: the service with exact=true and the statement as an unprepared sequential scan
    (both on the first --exact-queries queries), and numpy brute force.
 
-Then where a service request's time goes (the statement, app.memory.search, record_hits,
+Then where a service request's time goes (the statement, app.banks.search, record_hits,
 parsing, the JSON answer, the rest), batch by batch, with a cProfile of the in-process parts,
 and how many of the hit-count UPDATEs a search makes were HOT.
 
@@ -78,7 +78,8 @@ from fastapi.responses import JSONResponse
 from pgvector import Vector
 from psycopg import sql
 
-from app import keys, memory
+from app import banks as memory
+from app import keys
 from app.database import connect
 from app.schemas import SearchIn
 from app.settings import Settings
@@ -256,7 +257,7 @@ def service_search(service: Service, bank_id: int, bodies: list[bytes]) -> tuple
 
 
 def batch_statement(bank_id: int, dim: int) -> sql.Composed:
-    """The statement app.memory.search sends for an unfiltered batch (cosine), built the same way."""
+    """The statement app.banks.search sends for an unfiltered batch (cosine), built the same way."""
     typed_key = sql.SQL("key::vector({})").format(sql.Literal(dim))
     typed_query = sql.SQL("q.v::vector({})").format(sql.Literal(dim))
     return sql.SQL(
@@ -311,8 +312,8 @@ class Breakdown:
 
     ef: int
     statement_ms: float  # the batch statement alone (direct SQL)
-    search_ms: float  # app.memory.search: adds SET LOCAL, the size look-up, grouping and the vote
-    record_hits_ms: float  # app.memory.record_hits: UPDATE hits of each query's nearest item
+    search_ms: float  # app.banks.search: adds SET LOCAL, the size look-up, grouping and the vote
+    record_hits_ms: float  # app.banks.record_hits: UPDATE hits of each query's nearest item
     parse_ms: float  # SearchIn.model_validate_json of the body + np.array of the queries
     render_ms: float  # JSONResponse of the answers
     http_ms: float  # the whole request over HTTP
@@ -333,7 +334,7 @@ def breakdown(
     """Times the parts of the service's search in-process, batch by batch.
 
     For each batch, back to back: the statement alone, the router's steps in-process (parse,
-    app.memory.search, app.memory.record_hits, the JSON answer) and the whole request over HTTP,
+    app.banks.search, app.banks.record_hits, the JSON answer) and the whole request over HTTP,
     so that a busy machine weighs on every part alike. Then one more in-process pass under
     cProfile (not timed: the profiler slows Python code down).
     """
@@ -403,7 +404,7 @@ def bulk_load(
     """Fills a fresh bank's partition the fast way: its HNSW index dropped, a binary COPY, the index re-made.
 
     The index is re-created from its own definition (pg_get_indexdef), so searches meet the very
-    index app.memory.create_bank made, built in bulk instead of row by row. The bank's size and
+    index app.banks.create_bank made, built in bulk instead of row by row. The bank's size and
     version are set as a write through the service would. Returns the COPY and CREATE INDEX
     seconds and the ids given to the rows.
     """
@@ -735,7 +736,7 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         if exact is not None and exact.recall < 1.0:
             lines += [
                 "",
-                f"The service's exact=true answers were not exact (recall {exact.recall:.4f}): app.memory.search sends the "
+                f"The service's exact=true answers were not exact (recall {exact.recall:.4f}): app.banks.search sends the "
                 "exact scan with the same text as the HNSW statement, psycopg prepares a statement after 5 executions on "
                 "a connection, and PostgreSQL's cached generic plan (the HNSW index scan) ignores "
                 "`SET LOCAL enable_indexscan = off`. The direct exact row sends it unprepared.",
@@ -770,15 +771,15 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
                 "| part | ms per batch |",
                 "|---|---|",
                 f"| the batch statement alone (direct SQL) | {b.statement_ms:.1f} |",
-                f"| app.memory.search (statement + SET LOCAL + size look-up + grouping + vote) | {b.search_ms:.1f} |",
-                f"| app.memory.record_hits (UPDATE hits of each query's nearest item) | {b.record_hits_ms:.1f} |",
+                f"| app.banks.search (statement + SET LOCAL + size look-up + grouping + vote) | {b.search_ms:.1f} |",
+                f"| app.banks.record_hits (UPDATE hits of each query's nearest item) | {b.record_hits_ms:.1f} |",
                 f"| parse: SearchIn.model_validate_json + np.array | {b.parse_ms:.1f} |",
                 f"| answer: JSONResponse of the results | {b.render_ms:.1f} |",
                 f"| whole request over HTTP | {b.http_ms:.1f} |",
                 f"| rest: HTTP, auth, bank look-up | "
                 f"{b.http_ms - b.search_ms - b.record_hits_ms - b.parse_ms - b.render_ms:.1f} |",
                 "",
-                f"Every service search also UPDATEs `hits` of each query's nearest item (app.memory.record_hits). Over the "
+                f"Every service search also UPDATEs `hits` of each query's nearest item (app.banks.record_hits). Over the "
                 f"service's searches of this data set (the passes above, the break-down, exact=true): {data.after['updates'] - data.before['updates']:,} row updates, "
                 f"{data.after['hot_updates'] - data.before['hot_updates']:,} of them HOT (the rest add a new entry to every "
                 f"index of the partition, the HNSW graph included); HNSW index {data.before['index_bytes'] / 2**20:.1f} -> "
