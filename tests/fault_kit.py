@@ -197,11 +197,17 @@ class PostgresChild(ChildProcess):
     def stop(self, signum: int = signal.SIGINT, timeout: float = 20) -> None:  # SIGINT: fast shutdown
         super().stop(signum, timeout)
 
-    def create_database(self, name: str) -> str:
+    def create_database(self, name: str, code: Path = REPO) -> str:
+        """A new database at the head revision of the code that will serve it (an older API's
+        migrations know nothing of a newer schema, so they are its own)."""
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
         url = self.url(name)
-        migrate.upgrade(url)
+        if code == REPO:
+            migrate.upgrade(url)
+        else:
+            env = {**os.environ, "PYTHONPATH": str(code), "DATABASE_URL": url}
+            subprocess.run([sys.executable, "-m", "app.cli", "migrate"], cwd=code, env=env, check=True, timeout=120)
         return url
 
 
@@ -293,7 +299,7 @@ def fault_bed(settings: dict[str, str], api_code: Path = REPO) -> Iterator[Fault
     api = None
     try:
         postgres.start()
-        url = postgres.create_database("eidetic")
+        url = postgres.create_database("eidetic", api_code)
         api = ApiChild(workdir, url, settings, api_code)
         api.start()
         yield FaultBed(workdir, postgres, api)
