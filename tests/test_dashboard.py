@@ -11,7 +11,6 @@ import shutil
 from collections.abc import Iterator
 
 import httpx
-import numpy as np
 import pytest
 
 from app import migrate
@@ -140,3 +139,27 @@ def test_a_key_is_asked_for_once_and_sees_only_its_project(service, api, open_pa
     page.tab.goto(service.base_url + "/ui/health")  # the key stays for the session
     expect_text(tab, "#health-runs", "0")
     assert all("401" in error for error in page.errors), page.errors  # only the first, keyless request
+
+
+def test_layer_page_draws_bands_histogram_boundaries_and_heat_map(service, api, open_page, screenshots):
+    run_id, layer_id = make_layer(api, dim=16, run="layer-run")
+    for step in range(0, 100, 10):
+        rows = random_rows(50, 16, seed=step, step=step, epoch=0, task="A", label=step % 3)
+        assert post_arrow(api, run_id, layer_id, rows).status_code == 201
+    set_response = api.post(f"/v1/runs/{run_id}/layers/{layer_id}/quantiles", json={"n_quantiles": 4})
+    assert set_response.status_code == 201, set_response.text
+
+    page = open_page()
+    tab = page.open(f"/ui/runs/{run_id}/layers/{layer_id}")
+    expect_text(tab, "#layer-title", "layer-run / fc · 16 units")
+    sync_api.expect(tab.locator("#chart-distribution")).to_have_attribute("data-series", "9")
+    sync_api.expect(tab.locator("#chart-histogram")).to_have_attribute("data-boundaries", "3")
+    expect_text(tab, "#histogram-caption", "500 rows in 40 bins")
+    sync_api.expect(tab.locator("#unit-heatmap")).to_have_attribute("data-units", "16")
+    tab.fill("input[name=unit]", "5")
+    tab.fill("input[name=step_max]", "40")
+    tab.press("input[name=step_max]", "Enter")
+    expect_text(tab, "#histogram-caption", "Unit 5: 250 rows")
+    assert "step_max=40" in tab.locator("#arrow-link").get_attribute("href")
+    page.shoot(screenshots, "layer")
+    assert page.errors == []
