@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import pytest
 
 from app import migrate
@@ -162,4 +163,38 @@ def test_layer_page_draws_bands_histogram_boundaries_and_heat_map(service, api, 
     expect_text(tab, "#histogram-caption", "Unit 5: 250 rows")
     assert "step_max=40" in tab.locator("#arrow-link").get_attribute("href")
     page.shoot(screenshots, "layer")
+    assert page.errors == []
+
+
+def test_banks_pages_show_fill_items_neighbours_and_projection(service, api, open_page, screenshots):
+    bank = api.post("/v1/memory-banks", json={"name": "episodic", "dim": 8, "capacity": 400, "policy": "fifo"}).json()
+    centres = np.eye(8)[:3] * 4
+    noise = np.random.default_rng(1).standard_normal((120, 8)) * 0.5
+    items = [{"key": (centres[i % 3] + noise[i]).tolist(), "label": i % 3, "confidence": 0.9} for i in range(120)]
+    written = api.post(f"/v1/memory-banks/{bank['id']}/items", json={"items": items})
+    assert written.status_code == 200, written.text
+    item = written.json()["ids"][4]
+    expected = api.get(f"/v1/memory-banks/{bank['id']}/items/{item}/neighbours", params={"k": 10}).json()["ids"]
+
+    page = open_page()
+    tab = page.open("/ui/banks")
+    expect_text(tab, "#bank-count", "1 bank")
+    expect_text(tab, f"#banks-table tr[data-bank-id='{bank['id']}']", "120 / 400")
+    page.shoot(screenshots, "banks")
+    tab.click("#banks-table a")
+    expect_text(tab, "#bank-title", "episodic")
+    sync_api.expect(tab.locator("#projection")).to_have_attribute("data-points", "120")
+    sync_api.expect(tab.locator("#projection-legend span")).to_have_count(3)
+    tab.select_option("#label-select", "1")
+    sync_api.expect(tab.locator("#items-table tbody tr")).to_have_count(40)
+    tab.click(f"button[data-item='{item}']")
+    expect_text(tab, "#neighbours-of", f"item {item}")
+    shown = tab.locator("#neighbours-table tbody tr").evaluate_all("rows => rows.map(r => Number(r.dataset.neighbour))")
+    assert shown == expected
+    tab.fill("#vector-input", ", ".join(str(v) for v in centres[2]))
+    tab.click("#vector-form button")
+    expect_text(tab, "#neighbours-of", "pasted key")
+    labels = tab.locator("#neighbours-table tbody tr td:nth-child(4)").all_inner_texts()
+    assert labels == ["2"] * 10
+    page.shoot(screenshots, "bank")
     assert page.errors == []
