@@ -255,3 +255,66 @@ class ErrorDetail(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorDetail
+
+
+class StepBucketOut(BaseModel):
+    step_min: int
+    step_max: int
+    rows: int
+    values: list[float] = Field(description="The unit's value at each of the response's percentiles.")
+
+
+class DistributionOut(BaseModel):
+    unit: int
+    percentiles: list[float] = Field(description="The percentiles of every bucket's values, 0 to 100.")
+    buckets: list[StepBucketOut] = Field(description="Equal-width step buckets that hold rows, in step order.")
+
+
+class HistogramOut(BaseModel):
+    unit: int
+    rows: int
+    edges: list[float] = Field(description="bins + 1 ascending bin edges (empty when no row matched).")
+    counts: list[int]
+
+
+class RunStatsOut(BaseModel):
+    run_id: int
+    name: str
+    status: str
+    layers: int
+    rows: int = Field(description="Activation rows stored (from the ingest ledger).")
+    bytes: int = Field(description="Disk used by the run's activations, indexes included.")
+    last_ingest_at: datetime | None
+    rows_last_minute: int
+
+
+class StatsOut(BaseModel):
+    runs: list[RunStatsOut]
+
+
+class BankItemOut(BaseModel):
+    id: int
+    label: int | None
+    confidence: float | None
+    version: int
+    hits: int
+
+
+class LabelCountOut(BaseModel):
+    label: int | None
+    items: int
+
+
+class BankItemsOut(BaseModel):
+    items: list[BankItemOut]
+    labels: list[LabelCountOut] = Field(description="Items per label over the whole bank.")
+    next_after_id: int | None
+
+
+class ProjectionOut(BaseModel):
+    ids: list[int]
+    labels: list[int | None]
+    x: list[float]
+    y: list[float]
+    explained_variance: list[float] = Field(description="Fraction of the sample's variance on each axis.")
+    size: int = Field(description="Items in the bank (the projection shows a sample of them).")

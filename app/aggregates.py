@@ -1,0 +1,216 @@
+"""Aggregates a person watching a run reads: computed in the database, so only summaries travel.
+
+Per-step percentile bands and histograms of one unit of a layer, what each run of a project
+holds (rows, bytes, recent ingest), and a bank's items, neighbours and 2-D projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import psycopg
+from psycopg import sql
+from psycopg.rows import class_row, dict_row
+
+from app import banks
+from app.query import ActivationFilter
+from app.runs import Layer, layer_partition
+from eidetic.errors import InvalidInput, NotFound
+
+# TensorBoard's distribution bands: min, -2σ, -1.5σ, -1σ, median, +1σ, +1.5σ, +2σ, max of a normal.
+BAND_PERCENTILES = (0.0, 6.68, 15.87, 30.85, 50.0, 69.15, 84.13, 93.32, 100.0)
+
+
+@dataclass(frozen=True)
+class StepBucket:
+    step_min: int
+    step_max: int
+    rows: int
+    values: list[float]  # one per BAND_PERCENTILES
+
+
+@dataclass(frozen=True)
+class Histogram:
+    rows: int
+    edges: list[float]
+    counts: list[int]
+
+
+@dataclass(frozen=True)
+class RunStats:
+    run_id: int
+    name: str
+    status: str
+    layers: int
+    rows: int
+    bytes: int
+    last_ingest_at: datetime | None
+    rows_last_minute: int
+
+
+def _unit_column(layer: Layer, unit: int) -> sql.Composable:
+    """One unit of the vector as a real (pgvector has no subscript: through real[], 1-based)."""
+    if unit >= layer.dim:
+        raise InvalidInput(f"unit {unit} is past the layer's {layer.dim} units (0-based)", field="unit")
+    return sql.SQL("(a.values::real[])[{}]").format(sql.Literal(unit + 1))
+
+
+def distribution(
+    conn: psycopg.Connection, layer: Layer, unit: int, buckets: int, where: ActivationFilter
+) -> list[StepBucket]:
+    """Percentile bands of one unit over equal-width step buckets (rows without a step are left out)."""
+    conditions, params = where.where()
+    statement = sql.SQL(
+        "WITH picked AS (SELECT a.step, {unit} AS v FROM {part} a WHERE a.step IS NOT NULL AND {where}), "
+        "span AS (SELECT min(step) AS lo, max(step) AS hi FROM picked) "
+        "SELECT least(floor((p.step - s.lo)::numeric * %s / (s.hi - s.lo + 1)), %s - 1)::int AS bucket, "
+        "min(p.step) AS step_min, max(p.step) AS step_max, count(*) AS rows, "
+        "percentile_cont(%s::float8[]) WITHIN GROUP (ORDER BY p.v) AS values "
+        "FROM picked p CROSS JOIN span s GROUP BY 1 ORDER BY 1"
+    ).format(unit=_unit_column(layer, unit), part=layer_partition(layer.run_id, layer.id), where=conditions)
+    fractions = [p / 100 for p in BAND_PERCENTILES]
+    rows = conn.execute(statement, [*params, buckets, buckets, fractions]).fetchall()
+    return [StepBucket(step_min=r[1], step_max=r[2], rows=r[3], values=[float(v) for v in r[4]]) for r in rows]
+
+
+def histogram(conn: psycopg.Connection, layer: Layer, unit: int, bins: int, where: ActivationFilter) -> Histogram:
+    """Counts of one unit's values in equal-width bins spanning its range over the selected rows."""
+    conditions, params = where.where()
+    statement = sql.SQL(
+        "WITH picked AS (SELECT {unit}::float8 AS v FROM {part} a WHERE {where}), "
+        "span AS (SELECT min(v) AS lo, max(v) AS hi FROM picked) "
+        "SELECT s.lo, s.hi, CASE WHEN s.hi > s.lo THEN least(width_bucket(p.v, s.lo, s.hi, %s), %s) ELSE 1 END, "
+        "count(*) FROM picked p CROSS JOIN span s GROUP BY 1, 2, 3 ORDER BY 3"
+    ).format(unit=_unit_column(layer, unit), part=layer_partition(layer.run_id, layer.id), where=conditions)
+    found = conn.execute(statement, [*params, bins, bins]).fetchall()
+    if not found:
+        return Histogram(rows=0, edges=[], counts=[])
+    low, high = float(found[0][0]), float(found[0][1])
+    if high <= low:  # one value: a bin of width one around it
+        low, high = low - 0.5, high + 0.5
+    counts = np.zeros(bins, dtype=np.int64)
+    for _, _, bucket, count in found:
+        counts[bucket - 1] = count
+    return Histogram(rows=int(counts.sum()), edges=np.linspace(low, high, bins + 1).tolist(), counts=counts.tolist())
+
+
+def run_stats(conn: psycopg.Connection, project_id: int) -> list[RunStats]:
+    """Every run of the project: layers, rows stored (from the ingest ledger), bytes on disk, recent ingest."""
+    cursor = conn.cursor(row_factory=class_row(RunStats))
+    return cursor.execute(
+        "SELECT r.id AS run_id, r.name, r.status, "
+        "(SELECT count(*) FROM layers l WHERE l.run_id = r.id)::int AS layers, "
+        "coalesce(sum(b.row_count), 0)::bigint AS rows, "
+        "(SELECT coalesce(sum(pg_total_relation_size(t.relid)), 0) "
+        " FROM pg_partition_tree(to_regclass(format('activations_r%%s', r.id))) t)::bigint AS bytes, "
+        "max(b.created_at) AS last_ingest_at, "
+        "coalesce(sum(b.row_count) FILTER (WHERE b.created_at > now() - interval '60 seconds'), 0)::bigint "
+        "AS rows_last_minute "
+        "FROM runs r LEFT JOIN ingest_batches b ON b.run_id = r.id WHERE r.project_id = %s "
+        "GROUP BY r.id ORDER BY r.id",
+        (project_id,),
+    ).fetchall()
+
+
+@dataclass(frozen=True)
+class BankItem:
+    id: int
+    label: int | None
+    confidence: float | None
+    version: int
+    hits: int
+
+
+@dataclass(frozen=True)
+class LabelCount:
+    label: int | None
+    items: int
+
+
+def bank_items(
+    conn: psycopg.Connection, bank: banks.Bank, label: int | None, after_id: int, limit: int
+) -> tuple[list[BankItem], list[LabelCount]]:
+    """A page of the bank's items in id order (of one label, if given) with their hits, and items per label."""
+    partition = banks.items_partition(bank.id)
+    label_filter = sql.SQL("AND i.label = %s") if label is not None else sql.SQL("")
+    cursor = conn.cursor(row_factory=class_row(BankItem))
+    items = cursor.execute(
+        sql.SQL(
+            "SELECT i.id, i.label, i.confidence, i.version, coalesce(h.hits, 0) AS hits FROM {} i "
+            "LEFT JOIN memory_hits h ON h.bank_id = %s AND h.item_id = i.id "
+            "WHERE i.id > %s {} ORDER BY i.id LIMIT %s"
+        ).format(partition, label_filter),
+        [bank.id, after_id, *([label] if label is not None else []), limit],
+    ).fetchall()
+    counts = conn.cursor(row_factory=class_row(LabelCount))
+    labels = counts.execute(
+        sql.SQL("SELECT label, count(*) AS items FROM {} GROUP BY label ORDER BY label NULLS LAST").format(partition)
+    ).fetchall()
+    return items, labels
+
+
+def item_neighbours(conn: psycopg.Connection, bank: banks.Bank, item_id: int, k: int) -> banks.Neighbours:
+    """The k items nearest to a stored item (itself left out), by an exact scan; counts no hits."""
+    row = conn.execute(
+        sql.SQL("SELECT key::real[] FROM {} WHERE id = %s").format(banks.items_partition(bank.id)), (item_id,)
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"item {item_id} not found in bank {bank.id}", field="item_id")
+    key = np.asarray(row[0], dtype=np.float32)[None, :]
+    found = banks.search(conn, bank, key, k + 1, exact=True, ef_search=100, labels=None)[0]
+    keep = [i for i, found_id in enumerate(found.ids) if found_id != item_id][:k]
+    return banks.Neighbours(
+        ids=[found.ids[i] for i in keep],
+        scores=[found.scores[i] for i in keep],
+        labels=[found.labels[i] for i in keep],
+        prediction=found.prediction,
+        confidence=found.confidence,
+    )
+
+
+@dataclass(frozen=True)
+class Projection:
+    ids: list[int]
+    labels: list[int | None]
+    x: list[float]
+    y: list[float]
+    explained_variance: list[float]  # of the two components, as fractions of the sample's variance
+    size: int
+
+
+def projection(conn: psycopg.Connection, bank: banks.Bank, sample: int) -> Projection:
+    """The first two principal components of a uniform sample of the keys (any bank size: only the sample is read)."""
+    partition = banks.items_partition(bank.id)
+    rows = (
+        conn.cursor(row_factory=dict_row)
+        .execute(
+            sql.SQL(
+                "WITH s AS (SELECT id FROM {0} ORDER BY random() LIMIT %s) "
+                "SELECT i.id, i.label, i.key::real[] AS key FROM {0} i JOIN s USING (id) ORDER BY i.id"
+            ).format(partition),
+            (sample,),
+        )
+        .fetchall()
+    )
+    size = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(partition)).fetchone()
+    if not rows:
+        return Projection(ids=[], labels=[], x=[], y=[], explained_variance=[], size=0)
+    keys = np.asarray([row["key"] for row in rows], dtype=np.float64)
+    centred = keys - keys.mean(axis=0)
+    _, singular, components = np.linalg.svd(centred, full_matrices=False)
+    coordinates = centred @ components[:2].T
+    if coordinates.shape[1] < 2:  # a bank of one-dimensional keys: the second axis is flat
+        coordinates = np.hstack([coordinates, np.zeros((len(coordinates), 1))])
+    variance = singular**2
+    total = float(variance.sum())
+    explained = [float(v / total) if total > 0 else 0.0 for v in variance[:2]]
+    return Projection(
+        ids=[row["id"] for row in rows],
+        labels=[row["label"] for row in rows],
+        x=coordinates[:, 0].tolist(),
+        y=coordinates[:, 1].tolist(),
+        explained_variance=explained,
+        size=int(size[0]) if size else 0,
+    )
