@@ -73,7 +73,7 @@ class BankReservoir:
             return torch.zeros(0), torch.zeros(0, dtype=torch.long)
         keys = _fixed_size_matrix(table.column("key"))
         samples = torch.from_numpy(keys.copy()).view(-1, *self.sample_shape)
-        labels = torch.as_tensor(table.column("label").to_numpy(), dtype=torch.long)
+        labels = torch.tensor(table.column("label").to_numpy(), dtype=torch.long)
         return samples, labels
 
 
@@ -99,7 +99,7 @@ class StoredLatentMemory:
             table = self.client.read_activations(self.run_id, self.layer_id, task=str(task))
             order = np.argsort(table.column("sample_id").to_numpy(), kind="stable")
             features.append(torch.from_numpy(_fixed_size_matrix(table.column("values"))[order].copy()))
-            labels.append(torch.as_tensor(table.column("label").to_numpy()[order], dtype=torch.long))
+            labels.append(torch.tensor(table.column("label").to_numpy()[order], dtype=torch.long))
         if not features:
             return torch.zeros(0), torch.zeros(0, dtype=torch.long)
         return torch.cat(features), torch.cat(labels)
