@@ -174,3 +174,45 @@ def test_an_arm_gives_the_same_accuracy_matrix_with_its_memories_in_the_store_or
 
 
 DIGITS8_NET_FEATURES = 128  # 32 channels x 2 x 2 after the second block of DIGITS8_NET
+
+
+# ---------------------------------------------------------------- the experiment's command line
+
+
+def test_the_experiment_gives_the_same_metrics_with_use_db_on_or_off_and_records_its_runs(
+    service, client, tmp_path, monkeypatch
+):
+    from model.experiments import hebbian_cl as experiment
+
+    monkeypatch.setenv("EIDETIC_URL", service.base_url)
+    monkeypatch.setenv("EIDETIC_API_KEY", service.write_key)
+    argv = ["--dataset", "digits", "--seed", "0", "--arms", "softhebb_plasticity_replay", "backprop_er_20"]
+    argv += ["--n-tasks", "2", "--train-per-class", "30", "--test-per-class", "10", "--latent-per-task", "6"]
+    argv += ["--readout-epochs", "2", "--backprop-epochs", "1", "--no-sanity", "--no-progress"]
+    off = experiment.main([*argv, "--no-use-db", "--out-dir", str(tmp_path / "off")])["digits"]
+    on = experiment.main([*argv, "--use-db", "--out-dir", str(tmp_path / "on")])["digits"]
+
+    def measured(run: dict) -> dict:
+        return {name: value for name, value in run.items() if name not in ("seconds", "run_id")}
+
+    assert [measured(run) for run in on["runs"]] == [measured(run) for run in off["runs"]]
+    assert all(run["run_id"] is None for run in off["runs"])
+    for run in on["runs"]:
+        stored = client.get_run(run["run_id"])
+        assert stored.status == "finished" and stored.config["arm"] == run["arm"]
+    replay_run = on["runs"][0]["run_id"]
+    assert len(client.kernel_records(replay_run)) == 4  # 2 tasks x 2 layers
+    assert client.top_kernels(replay_run, 1, "block1", k=3)["n_kernels"] == 128
+    assert client.find_bank(f"hebbian_cl-digits-backprop_er_20-s0-{_stamp(client, replay_run)}-reservoir")
+    assert (tmp_path / "on" / "hebbian_cl_digits.json").exists()
+    assert {p.name for p in (tmp_path / "on").glob("*.png")} >= {
+        "hebbian_cl_digits_kernel_change.png",
+        "hebbian_cl_digits_importance.png",
+        "hebbian_cl_digits_first_layer.png",
+        "hebbian_cl_digits_activation_maps.png",
+    }
+    assert experiment.table(on).count("|") > 10
+
+
+def _stamp(client: EideticClient, run_id: int) -> str:
+    return client.get_run(run_id).name.rsplit("-", 1)[1]
