@@ -247,6 +247,49 @@ class HealthOut(BaseModel):
     reason: str | None = Field(default=None, description="Why the service is not ready.")
 
 
+class KernelRecordsIn(RequestBody):
+    """One task's record set of one layer: a change and an importance per kernel, in kernel order."""
+
+    task: int = Field(ge=0, le=2**31 - 1, description="The task's index in the run (0, 1, ...).")
+    layer: Name
+    change: list[float] = Field(
+        min_length=1, max_length=100_000, description="Per kernel: mean ||W_t - W_{t-n}|| over the task."
+    )
+    importance: list[float] = Field(
+        min_length=1, max_length=100_000, description="Per kernel: summed absolute activation over the task."
+    )
+    intervals: int = Field(default=0, ge=0, le=2**31 - 1, description="How many intervals the change averages.")
+
+
+class KernelRecordsWritten(BaseModel):
+    task: int
+    layer: str
+    kernels: int
+    intervals: int
+
+
+class KernelRecordSetOut(BaseModel):
+    task: int
+    layer: str
+    intervals: int
+    change: list[float]
+    importance: list[float]
+    recorded_at: datetime
+
+
+class KernelRecordList(BaseModel):
+    records: list[KernelRecordSetOut]
+
+
+class TopKernelsOut(BaseModel):
+    task: int
+    layer: str
+    by: Literal["change", "importance"]
+    n_kernels: int = Field(description="Kernels the layer has in this record set.")
+    kernels: list[int] = Field(description="Kernel indices, largest value first (ties: lower index first).")
+    values: list[float]
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str

@@ -99,6 +99,17 @@ class LayerSummary:
     max: np.ndarray
 
 
+@dataclass(frozen=True)
+class KernelRecords:
+    """One (task, layer) record set of a run: per kernel (index i at i), its mean change and importance."""
+
+    task: int
+    layer: str
+    intervals: int
+    change: np.ndarray
+    importance: np.ndarray
+
+
 class EideticClient:
     """Synchronous client over one httpx connection pool; use as a context manager or call close()."""
 
@@ -259,6 +270,61 @@ class EideticClient:
         """The whole bank as an Arrow table (schema metadata: bank_version, metric), checked to be whole."""
         _, table = self.read_arrow_stream(f"/v1/memory-banks/{bank_id}/snapshot")
         return table
+
+    def delete_item(self, bank_id: int, item_id: int) -> int:
+        """Deletes one item (leaving a tombstone); returns the bank's new version."""
+        return int(self.request("DELETE", f"/v1/memory-banks/{bank_id}/items/{item_id}").json()["version"])
+
+    # ---------------------------------------------------------------- kernel records
+
+    def write_kernel_records(
+        self,
+        run_id: int,
+        task: int,
+        layer: str,
+        change: np.ndarray | list[float],
+        importance: np.ndarray | list[float],
+        intervals: int = 0,
+    ) -> dict:
+        """Stores one task's per-kernel change and importance of a layer (again: replaces them)."""
+        body = {
+            "task": task,
+            "layer": layer,
+            "change": np.asarray(change, dtype=np.float64).tolist(),
+            "importance": np.asarray(importance, dtype=np.float64).tolist(),
+            "intervals": intervals,
+        }
+        return self.request("POST", f"/v1/runs/{run_id}/kernel-records", json=body).json()
+
+    def kernel_records(self, run_id: int, *, task: int | None = None, layer: str | None = None) -> list[KernelRecords]:
+        """The run's record sets by task then layer, filtered to one task and/or layer if given."""
+        params = {name: value for name, value in (("task", task), ("layer", layer)) if value is not None}
+        answer = self.request("GET", f"/v1/runs/{run_id}/kernel-records", params=params).json()
+        return [
+            KernelRecords(
+                task=int(found["task"]),
+                layer=found["layer"],
+                intervals=int(found["intervals"]),
+                change=np.asarray(found["change"], dtype=np.float64),
+                importance=np.asarray(found["importance"], dtype=np.float64),
+            )
+            for found in answer["records"]
+        ]
+
+    def top_kernels(
+        self,
+        run_id: int,
+        task: int,
+        layer: str,
+        *,
+        k: int | None = None,
+        ratio: float | None = None,
+        by: str = "importance",
+    ) -> dict:
+        """The layer's top kernels for the task by change or importance: give k (a count) or ratio (a share)."""
+        params = {"task": task, "layer": layer, "by": by, "k": k, "ratio": ratio}
+        params = {name: value for name, value in params.items() if value is not None}
+        return self.request("GET", f"/v1/runs/{run_id}/kernel-records/top", params=params).json()
 
     # ---------------------------------------------------------------- Arrow streams
 

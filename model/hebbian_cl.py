@@ -10,14 +10,23 @@ forgetting.
 Arms, all through `run_continual`:
 - backprop_finetune: the same topology trained end to end by backprop on each task in turn;
 - backprop_joint: the same, on the union of the tasks so far (the usual upper bound);
+- backprop_er_N: fine-tuning with experience replay (Chaudhry et al. 2019): every batch is
+  joined by as many samples drawn from a reservoir buffer of N inputs, which takes each
+  task's samples after the task (the standard control; N = 200 and 500 by default);
 - softhebb: the Hebbian blocks learn each task unsupervised, then the read-out fine-tunes;
 - softhebb_plasticity: as softhebb, with neuromodulation of the kernels' plasticity from
-  the statistics earlier tasks recorded in the sink.
-Both SoftHebb arms record per-kernel change and importance for every (task, layer).
+  the statistics earlier tasks recorded in the sink;
+- softhebb_plasticity_replay: as softhebb_plasticity, with latent replay: the read-out
+  inputs of `latent_per_task` samples of each task are kept, and every read-out batch of a
+  later task is joined by as many of them.
+Every SoftHebb arm records per-kernel change and importance for every (task, layer).
+Buffers and records live in memory here, or in the store (`model.store_replay`,
+`model.store_kernel_stats`) with the same results.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +48,7 @@ from model.kernel_plasticity import (
     Neuromodulation,
     NeuromodulationConfig,
 )
+from model.replay import InMemoryLatentMemory, InMemoryReservoir, LatentMemory, SampleBuffer
 from model.softhebb import Triangle
 from model.softhebb_net import (
     GREY28_NET,
@@ -47,8 +57,8 @@ from model.softhebb_net import (
     SoftHebbTraining,
     batch_indices,
     features_of,
+    fit_readout,
     train_hebbian,
-    train_readout,
 )
 
 __all__ = [
@@ -63,13 +73,29 @@ __all__ = [
     "class_incremental_splits",
     "make_learner",
     "make_tasks",
+    "replay_capacity",
     "run_arms",
     "run_continual",
     "task_accuracies",
 ]
 
-ARMS = ("backprop_finetune", "backprop_joint", "softhebb", "softhebb_plasticity")
+ARMS = (
+    "backprop_finetune",
+    "backprop_joint",
+    "backprop_er_200",
+    "backprop_er_500",
+    "softhebb",
+    "softhebb_plasticity",
+    "softhebb_plasticity_replay",
+)
 SinkFactory = Callable[[str], KernelStatsSink]  # arm name -> where that arm records
+_REPLAY_ARM = re.compile(r"backprop_er_([1-9][0-9]*)")
+
+
+def replay_capacity(arm: str) -> int | None:
+    """The buffer size of an experience-replay arm (backprop_er_N), None for any other arm."""
+    found = _REPLAY_ARM.fullmatch(arm)
+    return int(found.group(1)) if found else None
 
 
 @dataclass(frozen=True)
@@ -84,6 +110,7 @@ class HebbianCLConfig:
     backprop_epochs: int = 1
     backprop_batch_size: int = 64
     backprop_lr: float = 1e-3
+    latent_per_task: int = 100  # read-out inputs kept per task by the latent-replay arm
     seed: int = 0
     device: str = "cpu"
 
@@ -179,12 +206,25 @@ def _inputs(data: LabelledImages, device: torch.device) -> tuple[Tensor, Tensor]
 
 
 class BackpropLearner:
-    """Backprop on each task in turn (`joint=False`) or on all tasks so far (`joint=True`)."""
+    """Backprop on each task in turn (`joint=False`), on all tasks so far (`joint=True`), or on each
+    task with experience replay from `replay`."""
 
-    def __init__(self, config: HebbianCLConfig, *, joint: bool, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        config: HebbianCLConfig,
+        *,
+        joint: bool,
+        generator: torch.Generator,
+        replay: SampleBuffer | None = None,
+    ) -> None:
+        if joint and replay is not None:
+            raise ValueError("joint training sees every task already; it takes no replay buffer")
         self.name = "backprop_joint" if joint else "backprop_finetune"
+        if replay is not None:
+            self.name = f"backprop_er_{replay.capacity}"
         self.config = config
         self.joint = joint
+        self.replay = replay
         self.generator = generator
         self.device = torch.device(config.device)
         self.model = BackpropTwin(config.net).to(self.device)
@@ -193,16 +233,29 @@ class BackpropLearner:
         parts = [_inputs(t.train, self.device) for t in (seen if self.joint else [task])]
         images = torch.cat([p[0] for p in parts])
         labels = torch.cat([p[1] for p in parts])
+        kept: tuple[Tensor, Tensor] | None = None
+        if self.replay is not None:
+            kept_images, kept_labels = self.replay.contents()
+            if kept_labels.numel():
+                kept = (kept_images.to(self.device), kept_labels.to(self.device))
         optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.backprop_lr)
         self.model.train()
         for _ in range(self.config.backprop_epochs):
             for index in batch_indices(images.shape[0], self.config.backprop_batch_size, self.generator):
                 index = index.to(self.device)
-                loss = F.cross_entropy(self.model(images[index]), labels[index])
+                inputs, targets = images[index], labels[index]
+                if kept is not None:
+                    drawn = torch.randint(kept[1].shape[0], (index.numel(),), generator=self.generator)
+                    drawn = drawn.to(self.device)
+                    inputs = torch.cat([inputs, kept[0][drawn]])
+                    targets = torch.cat([targets, kept[1][drawn]])
+                loss = F.cross_entropy(self.model(inputs), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
         self.model.eval()
+        if self.replay is not None:  # the task's samples are offered in data set order
+            self.replay.extend(task.train.normalised(), task.train.labels)
 
     @torch.no_grad()
     def logits(self, images: Tensor) -> Tensor:
@@ -214,7 +267,8 @@ class SoftHebbLearner:
     """Hebbian blocks learn every task without labels, then the single-head read-out fine-tunes.
 
     Per task and layer it records the kernels' mean change and importance in `sink`; with
-    `neuromodulation`, later tasks set each kernel's plasticity from the earlier records.
+    `neuromodulation`, later tasks set each kernel's plasticity from the earlier records;
+    with `latent`, the read-out also replays the inputs it kept from earlier tasks.
     """
 
     def __init__(
@@ -224,11 +278,15 @@ class SoftHebbLearner:
         sink: KernelStatsSink,
         neuromodulation: Neuromodulation | None,
         generator: torch.Generator,
+        latent: LatentMemory | None = None,
     ) -> None:
         self.name = "softhebb" if neuromodulation is None else "softhebb_plasticity"
+        if latent is not None:
+            self.name += "_replay"
         self.config = config
         self.sink = sink
         self.neuromodulation = neuromodulation
+        self.latent = latent
         self.generator = generator
         self.device = torch.device(config.device)
         self.net = SoftHebbNet(config.net).to(self.device)
@@ -270,16 +328,22 @@ class SoftHebbLearner:
         with self.importance.watching() as importance:
             features_of(self.net, images)
         for name in self.layer_names:
-            self.sink.record(task.index, name, changes[name], importance.totals[name])
-        train_readout(
-            self.net,
-            images,
+            self.sink.record(task.index, name, changes[name], importance.totals[name], self.meter.looks(name))
+        features = features_of(self.net, images)
+        replay = self.latent.recall(range(task.index)) if self.latent is not None else None
+        fit_readout(
+            self.net.readout,
+            features,
             labels,
             epochs=training.readout_epochs,
             batch_size=training.readout_batch_size,
             lr=training.readout_lr,
             generator=self.generator,
+            replay=None if replay is None else (replay[0].to(self.device), replay[1].to(self.device)),
         )
+        if self.latent is not None:
+            chosen = torch.randperm(features.shape[0], generator=self.generator)[: self.config.latent_per_task]
+            self.latent.add_task(task.index, features[chosen.to(self.device)], labels[chosen.to(self.device)], chosen)
 
     @torch.no_grad()
     def logits(self, images: Tensor) -> Tensor:
@@ -287,21 +351,39 @@ class SoftHebbLearner:
         return self.net(images)
 
 
-def make_learner(arm: str, config: HebbianCLConfig, sink: KernelStatsSink | None = None) -> ContinualLearner:
-    """A fresh arm, its weights and batch order fixed by `config.seed`."""
+def make_learner(
+    arm: str,
+    config: HebbianCLConfig,
+    sink: KernelStatsSink | None = None,
+    *,
+    replay: SampleBuffer | None = None,
+    latent: LatentMemory | None = None,
+) -> ContinualLearner:
+    """A fresh arm, its weights and batch order fixed by `config.seed`; the memories it needs are
+    made in host memory unless given (store-backed ones, say)."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     if arm in ("backprop_finetune", "backprop_joint"):
         return BackpropLearner(config, joint=arm == "backprop_joint", generator=generator)
-    if arm in ("softhebb", "softhebb_plasticity"):
-        policy = Neuromodulation(config.neuromodulation) if arm == "softhebb_plasticity" else None
+    capacity = replay_capacity(arm)
+    if capacity is not None:
+        if replay is None:
+            replay = InMemoryReservoir(capacity, config.seed)
+        elif replay.capacity != capacity:
+            raise ValueError(f"{arm} needs a buffer of {capacity}, not {replay.capacity}")
+        return BackpropLearner(config, joint=False, generator=generator, replay=replay)
+    if arm in ("softhebb", "softhebb_plasticity", "softhebb_plasticity_replay"):
+        policy = Neuromodulation(config.neuromodulation) if arm != "softhebb" else None
+        if arm == "softhebb_plasticity_replay" and latent is None:
+            latent = InMemoryLatentMemory()
         return SoftHebbLearner(
             config,
             sink=sink if sink is not None else InMemoryKernelStatsSink(),
             neuromodulation=policy,
             generator=generator,
+            latent=latent if arm == "softhebb_plasticity_replay" else None,
         )
-    raise ValueError(f"unknown arm {arm!r}; the arms are {', '.join(ARMS)}")
+    raise ValueError(f"unknown arm {arm!r}; the arms are {', '.join(ARMS)} (backprop_er_N for any N)")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -356,16 +438,33 @@ class ArmResult:
         }
 
 
-def run_continual(learner: ContinualLearner, tasks: Sequence[Task], device: torch.device | str = "cpu") -> ArmResult:
-    """Learn the tasks in order, testing every task before training and after each task."""
+TaskHook = Callable[[ContinualLearner, Task], None]  # (learner, task just learnt), after each task
+
+
+def run_continual(
+    learner: ContinualLearner,
+    tasks: Sequence[Task],
+    device: torch.device | str = "cpu",
+    *,
+    before_task: TaskHook | None = None,
+    after_task: TaskHook | None = None,
+) -> ArmResult:
+    """Learn the tasks in order, testing every task before training and after each task.
+
+    The hooks see the learner around each task (progress, snapshots of weights for pictures).
+    """
     started = time.perf_counter()
     initial_ci, initial_ti = task_accuracies(learner, tasks, device)
     rows_ci, rows_ti = [], []
     for i, task in enumerate(tasks):
+        if before_task is not None:
+            before_task(learner, task)
         learner.learn(task, tasks[: i + 1])
         ci, ti = task_accuracies(learner, tasks, device)
         rows_ci.append(ci)
         rows_ti.append(ti)
+        if after_task is not None:
+            after_task(learner, task)
     return ArmResult(
         arm=learner.name,
         classes=[task.classes for task in tasks],

@@ -4,7 +4,8 @@ While a task trains, every `interval` updates of a layer the change of each kern
 the last look, ||W_t - W_{t-n}||_2, is measured; the mean of those changes over the task is
 the kernel's *change*. After the task, each kernel's summed absolute activation over the
 task's data is its *importance*. Both go to a `KernelStatsSink`, one record per (task,
-layer) holding one value per kernel: the in-memory sink here, a store-backed one later.
+layer) holding one value per kernel: the in-memory sink here, the store's in
+`model.store_kernel_stats`.
 
 On a later task, `Neuromodulation` compares each kernel's mean change so far in this task
 with the change it had in the earlier tasks whose top-k (by importance) it belongs to. Such
@@ -45,13 +46,14 @@ class KernelRecord:
 
     kernel_change: Tensor
     importance: Tensor
+    intervals: int = 0  # how many looks the mean change is over
 
 
 @runtime_checkable
 class KernelStatsSink(Protocol):
     """Where per-kernel statistics go; `read` answers None for a (task, layer) never recorded."""
 
-    def record(self, task: int, layer: str, kernel_change: Tensor, importance: Tensor) -> None: ...
+    def record(self, task: int, layer: str, kernel_change: Tensor, importance: Tensor, intervals: int = 0) -> None: ...
 
     def read(self, task: int, layer: str) -> KernelRecord | None: ...
 
@@ -62,7 +64,7 @@ class InMemoryKernelStatsSink:
     def __init__(self) -> None:
         self.records: dict[tuple[int, str], KernelRecord] = {}
 
-    def record(self, task: int, layer: str, kernel_change: Tensor, importance: Tensor) -> None:
+    def record(self, task: int, layer: str, kernel_change: Tensor, importance: Tensor, intervals: int = 0) -> None:
         if kernel_change.shape != importance.shape or kernel_change.ndim != 1:
             raise ValueError(
                 f"one value per kernel in both: kernel_change {tuple(kernel_change.shape)}, "
@@ -71,6 +73,7 @@ class InMemoryKernelStatsSink:
         self.records[(task, layer)] = KernelRecord(
             kernel_change.detach().to("cpu", torch.float32).clone(),
             importance.detach().to("cpu", torch.float32).clone(),
+            intervals,
         )
 
     def read(self, task: int, layer: str) -> KernelRecord | None:
@@ -106,6 +109,10 @@ class KernelChangeMeter:
         self._sum[layer] += torch.linalg.vector_norm((weight - self._snapshot[layer]).flatten(1), dim=1)
         self._looks[layer] += 1
         self._snapshot[layer] = weight.clone()
+
+    def looks(self, layer: str) -> int:
+        """Intervals measured so far in this task."""
+        return self._looks[layer]
 
     def mean_change(self, layer: str) -> Tensor:
         """Mean change per look so far in this task (zeros before the first look)."""

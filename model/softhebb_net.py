@@ -31,6 +31,7 @@ __all__ = [
     "SoftHebbTraining",
     "batch_indices",
     "features_of",
+    "fit_readout",
     "train_hebbian",
     "train_readout",
 ]
@@ -303,18 +304,44 @@ def train_readout(
 ) -> float:
     """Fit the read-out on frozen features (computed once); returns the last epoch's mean loss."""
     features = features_of(net, images)
-    optimizer = torch.optim.Adam(net.readout.parameters(), lr=lr)
-    net.readout.train()
+    return fit_readout(net.readout, features, labels, epochs=epochs, batch_size=batch_size, lr=lr, generator=generator)
+
+
+def fit_readout(
+    readout: nn.Module,
+    features: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    generator: torch.Generator | None = None,
+    replay: tuple[Tensor, Tensor] | None = None,
+) -> float:
+    """Fit a read-out on given features; returns the last epoch's mean loss.
+
+    With `replay` (features and labels kept from earlier tasks), every batch is joined by as
+    many replayed rows, drawn uniformly with `generator`: latent replay.
+    """
+    replayed = replay is not None and replay[0].shape[0] > 0
+    optimizer = torch.optim.Adam(readout.parameters(), lr=lr)
+    readout.train()
     loss_sum, seen = 0.0, 0
     for _ in range(epochs):
         loss_sum, seen = 0.0, 0
         for index in batch_indices(features.shape[0], batch_size, generator):
             index = index.to(features.device)
-            loss = F.cross_entropy(net.readout(features[index]), labels[index])
+            inputs, targets = features[index], labels[index]
+            if replayed:
+                assert replay is not None
+                drawn = torch.randint(replay[0].shape[0], (index.numel(),), generator=generator)
+                inputs = torch.cat([inputs, replay[0][drawn.to(replay[0].device)]])
+                targets = torch.cat([targets, replay[1][drawn.to(replay[1].device)]])
+            loss = F.cross_entropy(readout(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += float(loss.detach()) * index.numel()
             seen += index.numel()
-    net.readout.eval()
+    readout.eval()
     return loss_sum / max(seen, 1)
