@@ -61,7 +61,7 @@ def distribution(
     conn: psycopg.Connection, layer: Layer, unit: int, buckets: int, where: ActivationFilter
 ) -> list[StepBucket]:
     """Percentile bands of one unit over equal-width step buckets (rows without a step are left out)."""
-    conditions, params = where.where()
+    conditions, params = where.where(run_id=layer.run_id)
     statement = sql.SQL(
         "WITH picked AS (SELECT a.step, {unit} AS v FROM {part} a WHERE a.step IS NOT NULL AND {where}), "
         "span AS (SELECT min(step) AS lo, max(step) AS hi FROM picked) "
@@ -77,7 +77,7 @@ def distribution(
 
 def histogram(conn: psycopg.Connection, layer: Layer, unit: int, bins: int, where: ActivationFilter) -> Histogram:
     """Counts of one unit's values in equal-width bins spanning its range over the selected rows."""
-    conditions, params = where.where()
+    conditions, params = where.where(run_id=layer.run_id)
     statement = sql.SQL(
         "WITH picked AS (SELECT {unit}::float8 AS v FROM {part} a WHERE {where}), "
         "span AS (SELECT min(v) AS lo, max(v) AS hi FROM picked) "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psycopg
 
-from app import keys, migrate
+from app import distribute, keys, migrate
 from app.settings import Settings, get_settings
 
 log = logging.getLogger("eidetic")
@@ -103,6 +103,12 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
             migrate.downgrade(url, args.downgrade)
         else:
             migrate.upgrade(url, args.revision)
+        if args.distribute:
+            with psycopg.connect(url, autocommit=True) as conn:
+                if not distribute.distribute(conn):
+                    log.error("--distribute needs the citus extension in this database (CREATE EXTENSION citus)")
+                    return 2
+                print("distributed layout in place")
         with psycopg.connect(url) as conn:
             print(f"schema at {migrate.current_revision(conn) or 'base'} (head {migrate.head_revision()})")
     return 0
@@ -146,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_parser.add_argument("revision", nargs="?", default="head")
     migrate_parser.add_argument("--downgrade", nargs="?", const="-1", help="revision to go down to (default: one)")
     migrate_parser.add_argument("--data-dir")
+    migrate_parser.add_argument(
+        "--distribute", action="store_true", help="then lay the schema out over a Citus cluster (idempotent)"
+    )
     migrate_parser.set_defaults(handler=cmd_migrate)
 
     keys_parser = commands.add_parser("keys", help="create, list and revoke API keys")

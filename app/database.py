@@ -64,3 +64,13 @@ def open_pool(url: str, settings: Settings, on_connect_failed: Callable[[], None
     )
     pool.open(wait=True, timeout=30)
     return pool
+
+
+def lock_name(conn: psycopg.Connection, kind: str, project_id: int, name: str) -> None:
+    """Serialises creations of one name in a project until commit.
+
+    On Citus a unique key must include the distribution column, so (project, name) of a
+    run or a bank is no constraint there: this lock and a look before the insert keep it
+    unique (on one server the constraint stays, as a second guard).
+    """
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, %s))", (f"{kind}:{name}", project_id))

@@ -96,14 +96,15 @@ def ingest(
     with conn.transaction():
         inserted = conn.execute(
             "INSERT INTO ingest_batches (run_id, layer_id, batch_id, row_count, digest) VALUES (%s, %s, %s, %s, %s) "
-            "ON CONFLICT (layer_id, batch_id) DO NOTHING RETURNING id",
+            "ON CONFLICT DO NOTHING RETURNING id",  # the one key that can clash: (layer_id, batch_id)
             (layer.run_id, layer.id, batch_id, rows.n_rows, digest),
         ).fetchone()
         if inserted is None:
             stored_rows, stored_digest = one_row(
                 conn.execute(
-                    "SELECT row_count, digest FROM ingest_batches WHERE layer_id = %s AND batch_id = %s",
-                    (layer.id, batch_id),
+                    "SELECT row_count, digest FROM ingest_batches "
+                    "WHERE run_id = %s AND layer_id = %s AND batch_id = %s",
+                    (layer.run_id, layer.id, batch_id),
                 )
             )
             if stored_rows != rows.n_rows or (stored_digest is not None and bytes(stored_digest) != digest):

@@ -45,11 +45,14 @@ def exact_boundaries(
     conn: psycopg.Connection, layer: Layer, where: ActivationFilter, n_quantiles: int, memory_bytes: int
 ) -> tuple[np.ndarray, int]:
     """Exact boundaries over the stored rows, reading as many units per pass as memory allows."""
-    conditions, params = where.where()
+    conditions, params = where.where(run_id=layer.run_id)
     partition = layer_partition(layer.run_id, layer.id)
     if where == ActivationFilter():  # every row: the ledger knows how many, no scan needed
         n_rows = one_row(
-            conn.execute("SELECT coalesce(sum(row_count), 0) FROM ingest_batches WHERE layer_id = %s", (layer.id,))
+            conn.execute(
+                "SELECT coalesce(sum(row_count), 0) FROM ingest_batches WHERE run_id = %s AND layer_id = %s",
+                (layer.run_id, layer.id),
+            )
         )[0]
     else:
         n_rows = one_row(
@@ -138,11 +141,13 @@ _SET_COLUMNS = (
 
 def _store(conn, layer, n_quantiles, method, where, n_rows, boundaries, rank_error) -> QuantileSet:
     with conn.transaction():
-        conn.execute("SELECT 1 FROM layers WHERE id = %s FOR UPDATE", (layer.id,))  # versions in order
+        conn.execute(  # versions in order
+            "SELECT 1 FROM layers WHERE run_id = %s AND id = %s FOR UPDATE", (layer.run_id, layer.id)
+        )
         row = conn.execute(
             f"INSERT INTO quantile_sets (run_id, layer_id, version, n_quantiles, method, filter, rows_used, units, "
             f"boundaries, rank_error) SELECT %s, %s, coalesce(max(version), 0) + 1, %s, %s, %s, %s, %s, %s, %s "
-            f"FROM quantile_sets WHERE layer_id = %s RETURNING {_SET_COLUMNS}",
+            f"FROM quantile_sets WHERE run_id = %s AND layer_id = %s RETURNING {_SET_COLUMNS}",
             (
                 layer.run_id,
                 layer.id,
@@ -153,6 +158,7 @@ def _store(conn, layer, n_quantiles, method, where, n_rows, boundaries, rank_err
                 layer.dim,
                 boundaries.astype(np.float32).tobytes(),
                 rank_error,
+                layer.run_id,
                 layer.id,
             ),
         ).fetchone()
@@ -169,9 +175,9 @@ def _from_row(row: tuple) -> QuantileSet:
 
 def latest(conn: psycopg.Connection, layer: Layer, method: str | None = None) -> QuantileSet:
     row = conn.execute(
-        f"SELECT {_SET_COLUMNS} FROM quantile_sets WHERE layer_id = %s AND (%s::text IS NULL OR method = %s) "
-        f"ORDER BY version DESC LIMIT 1",
-        (layer.id, method, method),
+        f"SELECT {_SET_COLUMNS} FROM quantile_sets WHERE run_id = %s AND layer_id = %s "
+        f"AND (%s::text IS NULL OR method = %s) ORDER BY version DESC LIMIT 1",
+        (layer.run_id, layer.id, method, method),
     ).fetchone()
     if row is None:
         raise NotFound(f"layer {layer.id} has no quantile set yet", field="layer_id")

@@ -30,10 +30,16 @@ class ActivationFilter:
     step_max: int | None = None
     sample_ids: tuple[int, ...] = field(default_factory=tuple)
 
-    def where(self, alias: str = "a") -> tuple[sql.Composable, list]:
-        """The WHERE conditions (bound parameters only) and their values."""
+    def where(self, alias: str = "a", run_id: int | None = None) -> tuple[sql.Composable, list]:
+        """The WHERE conditions (bound parameters only) and their values.
+
+        `run_id` names the run outright: one server prunes nothing more with it (a layer's
+        partition holds one run), but Citus routes the statement to that run's shard alone.
+        """
         column = lambda name: sql.Identifier(alias, name)  # noqa: E731
-        conditions: list[sql.Composable] = [sql.SQL("TRUE")]
+        conditions: list[sql.Composable] = [
+            sql.SQL("TRUE") if run_id is None else sql.SQL("{} = {}").format(column("run_id"), sql.Literal(int(run_id)))
+        ]
         params: list = []
         for name in ("task", "label", "epoch"):
             value = getattr(self, name)
@@ -97,11 +103,11 @@ def iter_row_windows(
     Each window covers whole ingest batches found in the ledger, so the BRIN index on
     batch_seq finds them without a B-tree over every row; memory is bounded by a window.
     """
-    conditions, params = where.where()
+    conditions, params = where.where(run_id=layer.run_id)
     partition = layer_partition(layer.run_id, layer.id)
     statement = sql.SQL(
         "SELECT b.batch_id, a.row_no, a.sample_id, a.step, a.epoch, a.task, a.label, a.values, a.batch_seq "
-        "FROM {} a JOIN ingest_batches b ON b.id = a.batch_seq "
+        "FROM {} a JOIN ingest_batches b ON b.run_id = a.run_id AND b.id = a.batch_seq "
         "WHERE a.batch_seq BETWEEN %s AND %s AND (a.batch_seq, a.row_no) > (%s, %s) AND {} "
         "ORDER BY a.batch_seq, a.row_no LIMIT %s"
     ).format(partition, conditions)
@@ -109,8 +115,9 @@ def iter_row_windows(
     cursor = conn.cursor(binary=True)
     while remaining is None or remaining > 0:
         batches = conn.execute(
-            "SELECT id, row_count FROM ingest_batches WHERE layer_id = %s AND id >= %s ORDER BY id LIMIT 1000",
-            (layer.id, max(after.batch_seq, 0)),
+            "SELECT id, row_count FROM ingest_batches WHERE run_id = %s AND layer_id = %s AND id >= %s "
+            "ORDER BY id LIMIT 1000",
+            (layer.run_id, layer.id, max(after.batch_seq, 0)),
         ).fetchall()
         if not batches:
             return
@@ -161,7 +168,7 @@ class LayerSummary:
 
 def summarize(conn: psycopg.Connection, layer: Layer, where: ActivationFilter) -> LayerSummary:
     """Per-unit count, mean, population std, min and max, streamed chunk by chunk (Chan's merge)."""
-    conditions, params = where.where()
+    conditions, params = where.where(run_id=layer.run_id)
     select = sql.SQL("SELECT a.values FROM {} a WHERE {}").format(layer_partition(layer.run_id, layer.id), conditions)
     count = 0
     mean = np.zeros(layer.dim)

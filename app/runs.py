@@ -9,6 +9,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from app.database import lock_name, one_row
 from eidetic.errors import Conflict, NotFound
 
 
@@ -45,21 +46,33 @@ def layer_partition(run_id: int, layer_id: int) -> sql.Identifier:
     return sql.Identifier(f"activations_r{int(run_id)}_l{int(layer_id)}")
 
 
+def partitioned_by_run(conn: psycopg.Connection) -> bool:
+    """Whether activations have a partition per run (one server) or only per layer (Citus: the run is the shard)."""
+    return one_row(conn.execute("SELECT pg_get_partkeydef('activations'::regclass)"))[0] == "LIST (run_id)"
+
+
 def create_run(conn: psycopg.Connection, project_id: int, name: str, config: dict) -> Run:
     with conn.transaction():
-        row = conn.execute(
-            f"INSERT INTO runs (project_id, name, config) VALUES (%s, %s, %s) "
-            f"ON CONFLICT (project_id, name) DO NOTHING RETURNING {_RUN_COLUMNS}",
-            (project_id, name, Jsonb(config)),
-        ).fetchone()
+        lock_name(conn, "run", project_id, name)
+        taken = conn.execute("SELECT 1 FROM runs WHERE project_id = %s AND name = %s", (project_id, name)).fetchone()
+        row = (
+            None
+            if taken
+            else conn.execute(
+                f"INSERT INTO runs (project_id, name, config) VALUES (%s, %s, %s) "
+                f"ON CONFLICT DO NOTHING RETURNING {_RUN_COLUMNS}",
+                (project_id, name, Jsonb(config)),
+            ).fetchone()
+        )
         if row is None:
             raise Conflict(f"a run named {name!r} already exists in this project", field="name")
         run = Run(*row)
-        conn.execute(
-            sql.SQL("CREATE TABLE {} PARTITION OF activations FOR VALUES IN ({}) PARTITION BY LIST (layer_id)").format(
-                run_partition(run.id), sql.Literal(run.id)
+        if partitioned_by_run(conn):
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE {} PARTITION OF activations FOR VALUES IN ({}) PARTITION BY LIST (layer_id)"
+                ).format(run_partition(run.id), sql.Literal(run.id))
             )
-        )
     return run
 
 
@@ -100,7 +113,12 @@ def delete_run(conn: psycopg.Connection, project_id: int, run_id: int) -> None:
     """Drops the run's partition (all its activations at once, however many) and its rows."""
     with conn.transaction():
         get_run(conn, project_id, run_id)
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(run_partition(run_id)))
+        if partitioned_by_run(conn):
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(run_partition(run_id)))
+        else:
+            layer_ids = [row[0] for row in conn.execute("SELECT id FROM layers WHERE run_id = %s", (run_id,))]
+            for layer_id in layer_ids:
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(layer_partition(run_id, layer_id)))
         conn.execute("DELETE FROM runs WHERE id = %s", (run_id,))
 
 
@@ -118,9 +136,10 @@ def create_layer(
         if row is None:
             raise Conflict(f"run {run_id} already has a layer named {name!r}", field="name")
         layer = Layer(*row)
+        parent = run_partition(run_id) if partitioned_by_run(conn) else sql.Identifier("activations")
         conn.execute(
             sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES IN ({})").format(
-                layer_partition(run_id, layer.id), run_partition(run_id), sql.Literal(layer.id)
+                layer_partition(run_id, layer.id), parent, sql.Literal(layer.id)
             )
         )
     return layer

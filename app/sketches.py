@@ -36,14 +36,14 @@ def update_sketches(conn: psycopg.Connection, layer: Layer, rows: ActivationRows
     batch_sketches = {task: sketch_columns(values, k) for task, values in by_task.items()}  # outside any lock
     for task in sorted(by_task):
         conn.execute(
-            "INSERT INTO layer_sketches (layer_id, task, k, n, sketches) VALUES (%s, %s, %s, 0, '{}') "
-            "ON CONFLICT (layer_id, task) DO NOTHING",
-            (layer.id, task, k),
+            "INSERT INTO layer_sketches (run_id, layer_id, task, k, n, sketches) VALUES (%s, %s, %s, %s, 0, '{}') "
+            "ON CONFLICT DO NOTHING",
+            (layer.run_id, layer.id, task, k),
         )
         stored_k, blobs = one_row(
             conn.execute(  # binary: the sketches travel as bytes, not escaped text
-                "SELECT k, sketches FROM layer_sketches WHERE layer_id = %s AND task = %s FOR UPDATE",
-                (layer.id, task),
+                "SELECT k, sketches FROM layer_sketches WHERE run_id = %s AND layer_id = %s AND task = %s FOR UPDATE",
+                (layer.run_id, layer.id, task),
                 binary=True,
             )
         )
@@ -54,8 +54,9 @@ def update_sketches(conn: psycopg.Connection, layer: Layer, rows: ActivationRows
         else:
             sketches = batch_sketches[task]
         conn.execute(
-            "UPDATE layer_sketches SET n = %s, sketches = %b, updated_at = now() WHERE layer_id = %s AND task = %s",
-            (sketches[0].n, [s.serialize() for s in sketches], layer.id, task),
+            "UPDATE layer_sketches SET n = %s, sketches = %b, updated_at = now() "
+            "WHERE run_id = %s AND layer_id = %s AND task = %s",
+            (sketches[0].n, [s.serialize() for s in sketches], layer.run_id, layer.id, task),
         )
 
 
@@ -82,10 +83,13 @@ def _load(blobs: list[bytes], dim: int, k: int) -> list[kll_floats_sketch]:
 def merged_sketches(conn: psycopg.Connection, layer: Layer, task: str | None) -> tuple[list[kll_floats_sketch], int]:
     """The layer's sketches for one task (None: every task merged) and their k."""
     if task is None:
-        found = conn.execute("SELECT k, sketches FROM layer_sketches WHERE layer_id = %s", (layer.id,)).fetchall()
+        found = conn.execute(
+            "SELECT k, sketches FROM layer_sketches WHERE run_id = %s AND layer_id = %s", (layer.run_id, layer.id)
+        ).fetchall()
     else:
         found = conn.execute(
-            "SELECT k, sketches FROM layer_sketches WHERE layer_id = %s AND task = %s", (layer.id, task)
+            "SELECT k, sketches FROM layer_sketches WHERE run_id = %s AND layer_id = %s AND task = %s",
+            (layer.run_id, layer.id, task),
         ).fetchall()
     found = [(k, blobs) for k, blobs in found if blobs]
     if not found:

@@ -172,3 +172,17 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def citus_cluster():
+    """A Citus coordinator and 2 workers on loopback, children of this session (built once, cached).
+
+    Skipped where the vendored Citus sources are absent (a user's checkout without shared/).
+    """
+    from tests import citus_kit
+
+    if citus_kit.tarball() is None:
+        pytest.skip(f"Citus sources ({citus_kit.TARBALL_NAME}) not found: set EIDETIC_CITUS_TARBALL to run these")
+    with citus_kit.cluster(workers=2) as cluster:
+        yield cluster

@@ -13,6 +13,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
 
+from app.database import lock_name
 from eidetic.errors import Conflict, NotFound
 
 METRICS = ("cosine", "l2", "ip")
@@ -63,27 +64,35 @@ def create_bank(
 ) -> Bank:
     """A bank and its partition, with an HNSW index (m, ef_construction) on its keys."""
     with conn.transaction():
+        lock_name(conn, "bank", project_id, name)
+        taken = conn.execute(
+            "SELECT 1 FROM memory_banks WHERE project_id = %s AND name = %s", (project_id, name)
+        ).fetchone()
         bank = (
-            conn.cursor(row_factory=class_row(Bank))
-            .execute(
-                f"INSERT INTO memory_banks (project_id, name, dim, value_dim, metric, capacity, policy, "
-                f"similarity_threshold, hnsw_m, hnsw_ef_construction) VALUES (%(project_id)s, %(name)s, %(dim)s, "
-                f"%(value_dim)s, %(metric)s, %(capacity)s, %(policy)s, %(similarity_threshold)s, %(hnsw_m)s, "
-                f"%(hnsw_ef_construction)s) ON CONFLICT (project_id, name) DO NOTHING RETURNING {_BANK_COLUMNS}",
-                {
-                    "project_id": project_id,
-                    "name": name,
-                    "dim": dim,
-                    "value_dim": value_dim,
-                    "metric": metric,
-                    "capacity": capacity,
-                    "policy": policy,
-                    "similarity_threshold": similarity_threshold,
-                    "hnsw_m": hnsw_m,
-                    "hnsw_ef_construction": hnsw_ef_construction,
-                },
+            None
+            if taken
+            else (
+                conn.cursor(row_factory=class_row(Bank))
+                .execute(
+                    f"INSERT INTO memory_banks (project_id, name, dim, value_dim, metric, capacity, policy, "
+                    f"similarity_threshold, hnsw_m, hnsw_ef_construction) VALUES (%(project_id)s, %(name)s, %(dim)s, "
+                    f"%(value_dim)s, %(metric)s, %(capacity)s, %(policy)s, %(similarity_threshold)s, %(hnsw_m)s, "
+                    f"%(hnsw_ef_construction)s) ON CONFLICT DO NOTHING RETURNING {_BANK_COLUMNS}",
+                    {
+                        "project_id": project_id,
+                        "name": name,
+                        "dim": dim,
+                        "value_dim": value_dim,
+                        "metric": metric,
+                        "capacity": capacity,
+                        "policy": policy,
+                        "similarity_threshold": similarity_threshold,
+                        "hnsw_m": hnsw_m,
+                        "hnsw_ef_construction": hnsw_ef_construction,
+                    },
+                )
+                .fetchone()
             )
-            .fetchone()
         )
         if bank is None:
             raise Conflict(f"a memory bank named {name!r} already exists in this project", field="name")

@@ -89,7 +89,10 @@ def search(
     operator = sql.SQL(_DISTANCE[bank.metric])
     typed_key = sql.SQL("key::vector({})").format(sql.Literal(bank.dim))
     typed_query = sql.SQL("q.v::vector({})").format(sql.Literal(bank.dim))
-    label_filter = sql.SQL("WHERE label = ANY(%s)") if labels is not None else sql.SQL("")
+    # the bank's id, spelled out: Citus routes the whole statement to the bank's shard by it
+    label_filter = sql.SQL("WHERE bank_id = {}{}").format(
+        sql.Literal(int(bank.id)), sql.SQL(" AND label = ANY(%s)") if labels is not None else sql.SQL("")
+    )
     # The exact statement orders by an expression no index matches ("+ 0"), so it scans
     # every item whatever plan psycopg's prepared-statement cache holds; the HNSW one
     # orders by the indexed expression itself.
