@@ -35,6 +35,7 @@ DISTRIBUTED_TABLES = (
     ("ingest_batches", "run_id", "runs"),
     ("quantile_sets", "run_id", "runs"),
     ("layer_sketches", "run_id", "runs"),
+    ("kernel_records", "run_id", "runs"),
     ("activations", "run_id", "runs"),
     ("memory_banks", "id", None),
     ("memory_items", "bank_id", "memory_banks"),

@@ -4,14 +4,14 @@ On a distributed database every table of a run is placed by `run_id`; the sketch
 were keyed by layer alone. On a single server the column is only redundant.
 
 Revision ID: citus01
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-09
 """
 
 from alembic import op
 
 revision = "citus01"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
