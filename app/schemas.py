@@ -261,6 +261,56 @@ class ChangesOut(BaseModel):
     next_since: int | None
 
 
+class IslandBankOut(BaseModel):
+    island_set: str
+    level: int
+    bank_id: int
+    size: int = Field(description="Islands stored at this level.")
+
+
+class IslandBankList(BaseModel):
+    banks: list[IslandBankOut]
+
+
+class IslandOut(BaseModel):
+    id: int = Field(description="The island's item id.")
+    bank_id: int
+    level: int
+    label: int | None = Field(description="The class of the island's image, when known.")
+    meta: dict[str, Any] = Field(description="The island's row: sample, size, bbox, mask, grid, parent, ...")
+
+
+class IslandNodeOut(IslandOut):
+    children: list[IslandNodeOut] = Field(description="The islands one level down whose parent this is.")
+
+
+class IslandTreeOut(BaseModel):
+    run_id: int
+    island_set: str
+    sample: int
+    roots: list[IslandNodeOut] = Field(description="The top islands, largest first; children likewise.")
+
+
+class IslandNeighbourOut(BaseModel):
+    id: int
+    score: float = Field(description="Similarity to the island (cosine for cosine banks).")
+    label: int | None
+    meta: dict[str, Any] | None
+
+
+class IslandNeighboursOut(BaseModel):
+    island: IslandOut
+    neighbours: list[IslandNeighbourOut] = Field(description="Islands of other images, most similar first.")
+
+
+class IslandSearchOut(BaseModel):
+    run_id: int
+    island_set: str
+    sample: int
+    level: int
+    results: list[IslandNeighboursOut]
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "unavailable"]
     revision: str | None = Field(default=None, description="Readiness: the schema's migration revision.")

@@ -115,8 +115,8 @@ def snapshot_batches(conn: psycopg.Connection, bank: Bank, *, chunk_rows: int = 
     schema = snapshot_schema(bank)
     statement = sql.SQL(
         "SELECT m.id, m.key, m.label, m.value, m.confidence, coalesce(h.hits, 0) AS hits, m.version, "
-        "m.inserted_rank AS rank, m.meta FROM {} m LEFT JOIN memory_hits h ON h.bank_id = m.bank_id AND h.item_id = m.id "
-        "ORDER BY m.id"
+        "m.inserted_rank AS rank, m.meta FROM {} m "
+        "LEFT JOIN memory_hits h ON h.bank_id = m.bank_id AND h.item_id = m.id ORDER BY m.id"
     ).format(items_partition(bank.id))
     with conn.cursor(name="eidetic_snapshot", row_factory=dict_row) as cursor:
         cursor.itersize = chunk_rows

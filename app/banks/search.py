@@ -16,7 +16,7 @@ from eidetic.errors import DimensionMismatch
 from eidetic.wire.vectors import require_comparable
 
 MAX_EF_SEARCH = 1000  # pgvector's limit
-_DISTANCE = {"cosine": "<=>", "l2": "<->", "ip": "<#>"}
+DISTANCE_OPERATORS = {"cosine": "<=>", "l2": "<->", "ip": "<#>"}  # pgvector's, by metric
 
 
 def similarity_from_distance(metric: str, distance: np.ndarray) -> np.ndarray:
@@ -92,7 +92,7 @@ def search(
         raise DimensionMismatch(f"bank {bank.name!r} has dimension {bank.dim}", field="queries")
     require_comparable(queries, bank.metric, "queries[{}]")
     partition = items_partition(bank.id)
-    operator = sql.SQL(_DISTANCE[bank.metric])
+    operator = sql.SQL(DISTANCE_OPERATORS[bank.metric])
     typed_key = sql.SQL("key::vector({})").format(sql.Literal(bank.dim))
     typed_query = sql.SQL("q.v::vector({})").format(sql.Literal(bank.dim))
     label_filter = sql.SQL("WHERE label = ANY(%s)") if labels is not None else sql.SQL("")
