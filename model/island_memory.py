@@ -8,11 +8,20 @@ service can walk parse trees). `LocalIslands` keeps the same rows in numpy. Both
 nearest stored islands (exact cosine; the store's exact search), so an experiment gets
 the same class votes with USE_DB on or off. `island_vote` turns the top-level islands'
 votes into one class per image.
+
+Equal votes need equal scores, ties included: islands of one class often have centroids
+equal to the last float bit, where pgvector's float32 sums and numpy's would round apart
+and pick different neighbours. So keys and queries are put on a grid (`grid_keys`:
+multiples of 2^-b, b chosen from the dimension) on which every dot product and norm is
+exact in float32: pgvector's cosine distance, 1 - dot / sqrt(|a|^2 |b|^2) in float64,
+then equals numpy's bit for bit, and both break ties by item order. The grid moves a
+unit vector by at most sqrt(D) 2^-(b+1) (0.0015 at D = 10).
 """
 
 from __future__ import annotations
 
 import base64
+import math
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -21,7 +30,7 @@ import numpy as np
 import torch
 
 from eidetic.client import EideticClient
-from eidetic.torch.memory_cache import MemoryCache, vote
+from eidetic.torch.memory_cache import MemoryCache
 from eidetic.wire.islands import IslandMeta, island_bank_name
 from eidetic.wire.meta import encode_meta
 from model.islands import NO_LABEL, NO_PARENT, IslandTable
@@ -30,6 +39,7 @@ __all__ = [
     "IslandMemory",
     "LocalIslands",
     "StoredIslands",
+    "grid_keys",
     "island_meta",
     "island_vote",
     "storage_per_image",
@@ -37,6 +47,16 @@ __all__ = [
 
 WRITE_CHUNK = 2000  # items per write request
 SEARCH_CHUNK = 1024  # queries per search request
+
+
+def grid_keys(vectors: np.ndarray) -> np.ndarray:
+    """Unit vectors rounded to multiples of 2^-b (float32), with b the largest for which D products of two
+    components sum exactly in float32 (D * 2^2b <= 2^24), so every cosine of two of them is computed exactly."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    bits = (24 - math.ceil(math.log2(max(vectors.shape[-1], 2)))) // 2
+    scale = float(2**bits)
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+    return (np.round(unit * scale) / scale).astype(np.float32)
 
 
 def island_meta(table: IslandTable, island: int, parent: int | None) -> IslandMeta:
@@ -74,20 +94,29 @@ class LocalIslands:
     def add(self, table: IslandTable) -> None:
         for level in np.unique(table.level).tolist():
             ids = table.of(level=level)
-            keys = _unit(table.centroid[ids])
+            keys = grid_keys(table.centroid[ids])
             self.keys[level] = np.concatenate([self.keys.get(level, keys[:0]), keys])
             self.labels[level] = np.concatenate([self.labels.get(level, table.label[:0]), table.label[ids]])
 
     def predictions(self, level: int, queries: np.ndarray, k: int) -> np.ndarray:
-        """The store's exact search and vote, here: top k by cosine (ties: the earlier stored), weighted vote."""
-        keys, labels = self.keys[level], self.labels[level]
-        scores = _unit(np.asarray(queries, dtype=np.float32)) @ keys.T  # (Q, N) float32, as pgvector computes
-        k = min(k, len(keys))
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        prediction, _ = vote(
-            torch.from_numpy(np.take_along_axis(scores, top, axis=1)), torch.from_numpy(labels[top]), k
-        )
-        return prediction.numpy()
+        """The store's exact search and vote, computed here as the service does: the k smallest cosine distances
+        (ties: the earlier stored), then each label's sum of max(similarity, 0) in neighbour order, the largest
+        winning (ties: the lower label); -1 where no neighbour has a label."""
+        keys, labels = self.keys[level].astype(np.float64), self.labels[level]
+        asked = grid_keys(queries).astype(np.float64)
+        norms = np.sqrt((asked**2).sum(axis=1)[:, None] * (keys**2).sum(axis=1)[None, :])
+        distance = 1.0 - np.clip((asked @ keys.T) / norms, -1.0, 1.0)  # exact on the grid, as pgvector's
+        top = np.argsort(distance, axis=1, kind="stable")[:, : min(k, len(keys))]
+        scores, neighbour_labels = 1.0 - np.take_along_axis(distance, top, axis=1), labels[top]
+        n_classes = max(int(labels.max(initial=0)) + 1, 1)
+        weights = np.zeros((len(asked), n_classes))
+        present = np.zeros((len(asked), n_classes), dtype=bool)
+        for j in range(top.shape[1]):  # neighbour by neighbour, so each label's sum adds up as the service's does
+            rows = np.flatnonzero(neighbour_labels[:, j] != NO_LABEL)
+            weights[rows, neighbour_labels[rows, j]] += np.maximum(scores[rows, j], 0.0)
+            present[rows, neighbour_labels[rows, j]] = True
+        prediction = np.where(present, weights, -np.inf).argmax(axis=1)
+        return np.where(present.any(axis=1), prediction, -1)
 
     def latencies(self, level: int, queries: np.ndarray, k: int) -> dict[str, float]:
         return {"memory_exact": _ms_per_query(lambda: self.predictions(level, queries, k), len(queries))}
@@ -126,7 +155,7 @@ class StoredIslands:
         parent = int(table.parent[island])
         label = int(table.label[island])
         return {
-            "key": table.centroid[island].tolist(),
+            "key": grid_keys(table.centroid[island][None])[0].tolist(),
             "label": None if label == NO_LABEL else label,
             "meta": dict(island_meta(table, island, None if parent == NO_PARENT else int(item_of[parent]))),
         }
@@ -134,8 +163,9 @@ class StoredIslands:
     def predictions(self, level: int, queries: np.ndarray, k: int, *, exact: bool = True) -> np.ndarray:
         """The service's search (exact by default) and vote of each query, -1 where no neighbour had a label."""
         found: list[int] = []
-        for start in range(0, len(queries), SEARCH_CHUNK):
-            results = self.client.search(self.bank_ids[level], queries[start : start + SEARCH_CHUNK], k, exact=exact)
+        asked = grid_keys(queries)
+        for start in range(0, len(asked), SEARCH_CHUNK):
+            results = self.client.search(self.bank_ids[level], asked[start : start + SEARCH_CHUNK], k, exact=exact)
             found.extend(-1 if r["prediction"] is None else int(r["prediction"]) for r in results)
         return np.asarray(found, dtype=np.int64)
 
@@ -143,7 +173,7 @@ class StoredIslands:
         """Milliseconds per query island: the service's exact and HNSW search, and the device cache
         (`eidetic.torch.MemoryCache`, warmed from the bank's snapshot)."""
         cache = MemoryCache.from_service(self.client, self.bank_ids[level])
-        tensor = torch.from_numpy(np.asarray(queries, dtype=np.float32))
+        tensor = torch.from_numpy(grid_keys(queries))
         return {
             "service_exact": _ms_per_query(lambda: self.predictions(level, queries, k), len(queries)),
             "service_hnsw": _ms_per_query(lambda: self.predictions(level, queries, k, exact=False), len(queries)),
@@ -185,11 +215,6 @@ def storage_per_image(table: IslandTable, n_images: int, dim: int) -> dict[str, 
         "column_vectors_per_image": columns,
         "column_bytes_per_image": columns * dim * 4,
     }
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
 
 
 def _ms_per_query(search: Callable[[], object], n: int) -> float:
