@@ -21,7 +21,7 @@ from app.deadline import RequestDeadline, RetryAfter
 from app.deps import refuse_unknown_query
 from app.metrics import install_metrics
 from app.openapi import install_openapi
-from app.routers import activations, aggregates, dashboard, health, memory, plasticity, quantiles, runs
+from app.routers import activations, aggregates, dashboard, health, islands, memory, plasticity, quantiles, runs
 from app.settings import Settings
 from eidetic.errors import EideticError
 
@@ -72,7 +72,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
     app.add_middleware(RequestDeadline, seconds=settings.request_timeout_s, cancel_grace_s=settings.cancel_grace_s)
     app.add_middleware(RetryAfter, seconds=settings.retry_after_s)
     install_metrics(app)
-    for router in (health, runs, activations, quantiles, memory, plasticity, aggregates, dashboard):
+    for router in (health, runs, activations, quantiles, memory, plasticity, islands, aggregates, dashboard):
         app.include_router(router.router)
     _install_error_handlers(app)
     install_openapi(app)

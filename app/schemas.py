@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from eidetic.wire.meta import MAX_META_BYTES, meta_problem
 from eidetic.wire.text import text_problem
 
 
@@ -18,6 +19,20 @@ def _storable(value: str) -> str:
 
 
 Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_storable)]
+
+
+def _bounded_meta(value: dict[str, Any]) -> dict[str, Any]:
+    problem = meta_problem(value)
+    if problem is not None:
+        raise ValueError(f"meta {problem}")
+    return value
+
+
+ItemMeta = Annotated[
+    dict[str, Any],
+    AfterValidator(_bounded_meta),
+    Field(description=f"A JSON object stored with the item (at most {MAX_META_BYTES} bytes as compact JSON)."),
+]
 
 
 class RequestBody(BaseModel):
@@ -196,6 +211,7 @@ class ItemIn(RequestBody):
     label: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
     value: list[float] | None = None
     confidence: float | None = None
+    meta: ItemMeta | None = None
 
 
 class ItemsIn(RequestBody):
@@ -220,6 +236,7 @@ class SearchIn(RequestBody):
     exact: bool = False
     ef_search: int = Field(default=100, ge=1, le=1000)
     labels: list[int] | None = Field(default=None, max_length=10_000)
+    with_meta: bool = Field(default=False, description="Answer each neighbour's meta too (`metas`).")
 
 
 class NeighboursOut(BaseModel):
@@ -228,6 +245,9 @@ class NeighboursOut(BaseModel):
     labels: list[int | None]
     prediction: int | None
     confidence: float
+    metas: list[dict[str, Any] | None] | None = Field(
+        default=None, description="Per neighbour: its meta, or null; present only when asked (`with_meta`)."
+    )
 
 
 class SearchOut(BaseModel):
@@ -239,6 +259,56 @@ class ChangesOut(BaseModel):
     tombstones: list[dict[str, int]]
     version: int
     next_since: int | None
+
+
+class IslandBankOut(BaseModel):
+    island_set: str
+    level: int
+    bank_id: int
+    size: int = Field(description="Islands stored at this level.")
+
+
+class IslandBankList(BaseModel):
+    banks: list[IslandBankOut]
+
+
+class IslandOut(BaseModel):
+    id: int = Field(description="The island's item id.")
+    bank_id: int
+    level: int
+    label: int | None = Field(description="The class of the island's image, when known.")
+    meta: dict[str, Any] = Field(description="The island's row: sample, size, bbox, mask, grid, parent, ...")
+
+
+class IslandNodeOut(IslandOut):
+    children: list[IslandNodeOut] = Field(description="The islands one level down whose parent this is.")
+
+
+class IslandTreeOut(BaseModel):
+    run_id: int
+    island_set: str
+    sample: int
+    roots: list[IslandNodeOut] = Field(description="The top islands, largest first; children likewise.")
+
+
+class IslandNeighbourOut(BaseModel):
+    id: int
+    score: float = Field(description="Similarity to the island (cosine for cosine banks).")
+    label: int | None
+    meta: dict[str, Any] | None
+
+
+class IslandNeighboursOut(BaseModel):
+    island: IslandOut
+    neighbours: list[IslandNeighbourOut] = Field(description="Islands of other images, most similar first.")
+
+
+class IslandSearchOut(BaseModel):
+    run_id: int
+    island_set: str
+    sample: int
+    level: int
+    results: list[IslandNeighboursOut]
 
 
 class HealthOut(BaseModel):

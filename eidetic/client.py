@@ -233,7 +233,7 @@ class EideticClient:
         self.request("DELETE", f"/v1/memory-banks/{bank_id}")
 
     def write_items(self, bank_id: int, items: list[dict]) -> dict:
-        """Writes items ({"key", "label", "value", "confidence"}) under the bank's policy."""
+        """Writes items ({"key", "label", "value", "confidence", "meta"}) under the bank's policy."""
         return self.request("POST", f"/v1/memory-banks/{bank_id}/items", json={"items": items}).json()
 
     def search(
@@ -245,7 +245,9 @@ class EideticClient:
         exact: bool = False,
         ef_search: int = 100,
         labels: list[int] | None = None,
+        with_meta: bool = False,
     ) -> list[dict]:
+        """Per query: ids, scores, labels, prediction, confidence (and `metas` with `with_meta`)."""
         body = {
             "queries": np.asarray(queries, dtype=np.float32).tolist(),
             "k": k,
@@ -254,6 +256,8 @@ class EideticClient:
         }
         if labels is not None:
             body["labels"] = labels
+        if with_meta:
+            body["with_meta"] = True
         return self.request("POST", f"/v1/memory-banks/{bank_id}/search", json=body).json()["results"]
 
     def changes(self, bank_id: int, since: int, limit: int = 1000) -> dict:
@@ -325,6 +329,22 @@ class EideticClient:
         params = {"task": task, "layer": layer, "by": by, "k": k, "ratio": ratio}
         params = {name: value for name, value in params.items() if value is not None}
         return self.request("GET", f"/v1/runs/{run_id}/kernel-records/top", params=params).json()
+
+    # ---------------------------------------------------------------- GLOM's islands
+
+    def island_banks(self, run_id: int) -> list[dict]:
+        """The run's island banks ({"island_set", "level", "bank_id", "size"}), by island set then level."""
+        return self.request("GET", f"/v1/runs/{run_id}/islands").json()["banks"]
+
+    def island_tree(self, run_id: int, island_set: str, sample: int) -> list[dict]:
+        """The parse tree of one stored image: its top islands, largest first, each with its "children"."""
+        return self.request("GET", f"/v1/runs/{run_id}/islands/{island_set}/{sample}/tree").json()["roots"]
+
+    def nearest_islands(self, run_id: int, island_set: str, sample: int, level: int, k: int = 5) -> list[dict]:
+        """For each island of the image at `level`: {"island", "neighbours"}, the k most alike of other images."""
+        params = {"level": level, "k": k}
+        path = f"/v1/runs/{run_id}/islands/{island_set}/{sample}/neighbours"
+        return self.request("GET", path, params=params).json()["results"]
 
     # ---------------------------------------------------------------- Arrow streams
 

@@ -13,8 +13,9 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from app.banks.schema import Bank, get_bank, items_partition
+from eidetic.wire.meta import encode_meta
 
-_ITEM_COLUMNS = "id, key, label, value, confidence, version, inserted_rank AS rank"
+_ITEM_COLUMNS = "id, key, label, value, confidence, version, inserted_rank AS rank, meta"
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ def _as_array(value: Any) -> np.ndarray:
 
 
 def snapshot_schema(bank: Bank) -> pa.Schema:
-    """The snapshot's Arrow schema; its metadata carries the bank version the snapshot shows, and the metric."""
+    """The snapshot's Arrow schema; its metadata carries the bank version the snapshot shows, and the metric.
+    `meta` is each item's meta as compact JSON text (null where it has none)."""
     value_type = pa.list_(pa.float32(), bank.value_dim) if bank.value_dim else pa.list_(pa.float32())
     return pa.schema(
         [
@@ -102,6 +104,7 @@ def snapshot_schema(bank: Bank) -> pa.Schema:
             pa.field("hits", pa.int64()),
             pa.field("version", pa.int64()),
             pa.field("rank", pa.int32()),
+            pa.field("meta", pa.string(), metadata={b"encoding": b"json"}),
         ],
         metadata={b"bank_version": str(bank.version).encode(), b"metric": bank.metric.encode()},
     )
@@ -112,8 +115,8 @@ def snapshot_batches(conn: psycopg.Connection, bank: Bank, *, chunk_rows: int = 
     schema = snapshot_schema(bank)
     statement = sql.SQL(
         "SELECT m.id, m.key, m.label, m.value, m.confidence, coalesce(h.hits, 0) AS hits, m.version, "
-        "m.inserted_rank AS rank FROM {} m LEFT JOIN memory_hits h ON h.bank_id = m.bank_id AND h.item_id = m.id "
-        "ORDER BY m.id"
+        "m.inserted_rank AS rank, m.meta FROM {} m "
+        "LEFT JOIN memory_hits h ON h.bank_id = m.bank_id AND h.item_id = m.id ORDER BY m.id"
     ).format(items_partition(bank.id))
     with conn.cursor(name="eidetic_snapshot", row_factory=dict_row) as cursor:
         cursor.itersize = chunk_rows
@@ -140,5 +143,6 @@ def _snapshot_batch(rows: list[dict], schema: pa.Schema, dim: int) -> pa.RecordB
         pa.array(column("hits"), pa.int64()),
         pa.array(column("version"), pa.int64()),
         pa.array(column("rank"), pa.int32()),
+        pa.array([None if meta is None else encode_meta(meta) for meta in column("meta")], pa.string()),
     ]
     return pa.record_batch(arrays, schema=schema)

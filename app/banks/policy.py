@@ -9,12 +9,14 @@ by `eidetic.wire.bank_policy`, the planner the device memories use too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import psycopg
 from pgvector import Vector
 from psycopg import sql
 from psycopg.rows import dict_row, scalar_row
+from psycopg.types.json import Jsonb
 
 from app.banks.schema import Bank, get_bank, items_partition
 from app.copy_binary import iter_vectors
@@ -36,12 +38,18 @@ from eidetic.wire.vectors import as_float32, require_comparable, require_finite
 
 @dataclass
 class NewItems:
-    """A batch of items to write: keys (n x dim), labels, optional values and confidences."""
+    """A batch of items to write: keys (n x dim), labels, optional values, confidences and metas (checked JSON
+    objects; None: no item has one)."""
 
     keys: np.ndarray
     labels: list[int | None]
     values: list[np.ndarray | None]
     confidences: list[float | None]
+    metas: list[dict[str, Any] | None] | None = None
+
+    def meta(self, position: int) -> Jsonb | None:
+        meta = None if self.metas is None else self.metas[position]
+        return None if meta is None else Jsonb(meta)
 
     def check(self, bank: Bank) -> None:
         if self.keys.ndim != 2 or len(self.keys) == 0:
@@ -186,11 +194,13 @@ def _insert(conn: psycopg.Connection, bank: Bank, items: NewItems, positions: li
         .fetchall()
     )
     statement = sql.SQL(
-        "COPY {} (bank_id, id, key, label, value, confidence, version, inserted_version, inserted_rank) "
+        "COPY {} (bank_id, id, key, label, value, confidence, version, inserted_version, inserted_rank, meta) "
         "FROM STDIN (FORMAT BINARY)"
     ).format(partition)
     with conn.cursor().copy(statement) as copy:
-        copy.set_types(["bigint", "bigint", "vector", "integer", "vector", "real", "bigint", "bigint", "integer"])
+        copy.set_types(
+            ["bigint", "bigint", "vector", "integer", "vector", "real", "bigint", "bigint", "integer", "jsonb"]
+        )
         for item_id, position in zip(ids, positions):
             copy.write_row(
                 (
@@ -203,6 +213,7 @@ def _insert(conn: psycopg.Connection, bank: Bank, items: NewItems, positions: li
                     version,
                     version,
                     position,
+                    items.meta(position),
                 )
             )
     return ids
@@ -214,7 +225,7 @@ def _replace(conn: psycopg.Connection, bank: Bank, items: NewItems, replacements
         return
     statement = sql.SQL(
         "UPDATE {} SET key = %s, label = %s, value = %s, confidence = %s, version = %s, "
-        "inserted_version = %s, inserted_rank = %s WHERE id = %s"
+        "inserted_version = %s, inserted_rank = %s, meta = %s WHERE id = %s"
     ).format(items_partition(bank.id))
     conn.execute("DELETE FROM memory_hits WHERE bank_id = %s AND item_id = ANY(%s)", (bank.id, list(replacements)))
     with conn.cursor() as cursor:
@@ -229,6 +240,7 @@ def _replace(conn: psycopg.Connection, bank: Bank, items: NewItems, replacements
                     version,
                     version,
                     p,
+                    items.meta(p),
                     item_id,
                 )
                 for item_id, p in replacements.items()

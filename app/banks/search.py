@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -15,7 +16,7 @@ from eidetic.errors import DimensionMismatch
 from eidetic.wire.vectors import require_comparable
 
 MAX_EF_SEARCH = 1000  # pgvector's limit
-_DISTANCE = {"cosine": "<=>", "l2": "<->", "ip": "<#>"}
+DISTANCE_OPERATORS = {"cosine": "<=>", "l2": "<->", "ip": "<#>"}  # pgvector's, by metric
 
 
 def similarity_from_distance(metric: str, distance: np.ndarray) -> np.ndarray:
@@ -33,13 +34,15 @@ def similarity_from_distance(metric: str, distance: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Neighbours:
-    """The k nearest items of one query, most similar first, and their similarity-weighted vote."""
+    """The k nearest items of one query, most similar first, and their similarity-weighted vote
+    (with their metas when asked for)."""
 
     ids: list[int]
     scores: list[float]
     labels: list[int | None]
     prediction: int | None
     confidence: float
+    metas: list[dict[str, Any] | None] | None = None
 
 
 def vote(scores: list[float], labels: list[int | None], k: int) -> tuple[int | None, float]:
@@ -64,6 +67,7 @@ class _Hit:
     id: int
     label: int | None
     distance: float
+    meta: dict[str, Any] | None = None
 
 
 def search(
@@ -75,18 +79,20 @@ def search(
     exact: bool,
     ef_search: int,
     labels: list[int] | None,
+    with_meta: bool = False,
 ) -> list[Neighbours]:
     """Batched k-nearest-neighbour search: one statement for the whole batch of queries.
 
     The HNSW path raises ef_search to at least k (HNSW returns at most ef_search rows),
     uses iterative index scans under a label filter, and falls back to an exact scan for
     any query that still came back short, so every answer has min(k, matching items) rows.
+    `with_meta` also reads each neighbour's meta.
     """
     if queries.ndim != 2 or queries.shape[1] != bank.dim:
         raise DimensionMismatch(f"bank {bank.name!r} has dimension {bank.dim}", field="queries")
     require_comparable(queries, bank.metric, "queries[{}]")
     partition = items_partition(bank.id)
-    operator = sql.SQL(_DISTANCE[bank.metric])
+    operator = sql.SQL(DISTANCE_OPERATORS[bank.metric])
     typed_key = sql.SQL("key::vector({})").format(sql.Literal(bank.dim))
     typed_query = sql.SQL("q.v::vector({})").format(sql.Literal(bank.dim))
     # the bank's id, spelled out: Citus routes the whole statement to the bank's shard by it
@@ -97,13 +103,20 @@ def search(
     # every item whatever plan psycopg's prepared-statement cache holds; the HNSW one
     # orders by the indexed expression itself.
     template = (
-        "SELECT q.ord, m.id, m.label, m.distance FROM unnest(%b::vector[]) WITH ORDINALITY q(v, ord) "
-        "CROSS JOIN LATERAL (SELECT id, label, {key} {op} {query} AS distance FROM {items} {filter} "
+        "SELECT q.ord, m.id, m.label, m.distance, m.meta FROM unnest(%b::vector[]) WITH ORDINALITY q(v, ord) "
+        "CROSS JOIN LATERAL (SELECT id, label, {meta} AS meta, {key} {op} {query} AS distance FROM {items} {filter} "
         "ORDER BY {order} LIMIT %s) m ORDER BY q.ord, m.distance, m.id"
     )
     index_order = sql.SQL("{} {} {}").format(typed_key, operator, typed_query)
     scan_order = sql.SQL("({} {} {}) + 0, id").format(typed_key, operator, typed_query)
-    parts = {"key": typed_key, "op": operator, "query": typed_query, "items": partition, "filter": label_filter}
+    parts = {
+        "key": typed_key,
+        "op": operator,
+        "query": typed_query,
+        "items": partition,
+        "filter": label_filter,
+        "meta": sql.SQL("meta" if with_meta else "NULL::jsonb"),
+    }
     statement = sql.SQL(template).format(order=scan_order if exact else index_order, **parts)
     exact_statement = sql.SQL(template).format(order=scan_order, **parts)
     vectors = [Vector(query) for query in queries]
@@ -133,7 +146,8 @@ def search(
         scores = similarity_from_distance(bank.metric, np.array([h.distance for h in hits], dtype=np.float64)).tolist()
         item_labels = [h.label for h in hits]
         prediction, confidence = vote(scores, item_labels, k)
-        answers.append(Neighbours([h.id for h in hits], scores, item_labels, prediction, confidence))
+        metas = [h.meta for h in hits] if with_meta else None
+        answers.append(Neighbours([h.id for h in hits], scores, item_labels, prediction, confidence, metas))
     return answers
 
 
@@ -141,7 +155,7 @@ def _group(rows: list[dict], n_queries: int) -> list[list[_Hit]]:
     """The hits of each query (rows carry the query's 1-based ordinal), in the statement's order."""
     grouped: list[list[_Hit]] = [[] for _ in range(n_queries)]
     for row in rows:
-        grouped[row["ord"] - 1].append(_Hit(row["id"], row["label"], float(row["distance"])))
+        grouped[row["ord"] - 1].append(_Hit(row["id"], row["label"], float(row["distance"]), row["meta"]))
     return grouped
 
 

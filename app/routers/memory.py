@@ -62,7 +62,7 @@ def delete_bank(bank_id: Id, principal: Writer, conn: Conn) -> Response:
 
 @router.post("/{bank_id}/items", response_model=WriteOut)
 def write_items(body: ItemsIn, request: Request, bank_id: Id, principal: Writer, conn: Conn) -> WriteOut:
-    """Writes a batch atomically under the bank's replacement policy."""
+    """Writes a batch atomically under the bank's replacement policy; each item may carry a JSON `meta`."""
     settings: Settings = request.app.state.settings
     if len(body.items) > settings.max_items_per_write:
         raise InvalidInput(f"at most {settings.max_items_per_write} items per write", field="items")
@@ -77,6 +77,7 @@ def write_items(body: ItemsIn, request: Request, bank_id: Id, principal: Writer,
         labels=[item.label for item in body.items],
         values=[None if item.value is None else as_float32(item.value) for item in body.items],
         confidences=[item.confidence for item in body.items],
+        metas=[item.meta for item in body.items] if any(item.meta is not None for item in body.items) else None,
     )
     result = banks.write_items(conn, principal.project_id, bank_id, items, timeout_ms=settings.scan_timeout_ms)
     return WriteOut(**asdict(result))
@@ -88,9 +89,10 @@ def delete_item(bank_id: Id, item_id: Id, principal: Writer, conn: Conn) -> Bank
     return BankVersionOut(version=banks.delete_item(conn, principal.project_id, bank_id, item_id))
 
 
-@router.post("/{bank_id}/search", response_model=SearchOut)
+@router.post("/{bank_id}/search", response_model=SearchOut, response_model_exclude_unset=True)
 def search(body: SearchIn, request: Request, bank_id: Id, principal: Reader, conn: Conn) -> SearchOut:
-    """k nearest items of each query, with a similarity-weighted prediction and its confidence."""
+    """k nearest items of each query, with a similarity-weighted prediction and its confidence
+    (and each neighbour's meta, `metas`, with `with_meta`)."""
     settings: Settings = request.app.state.settings
     if body.k > settings.max_search_k:
         raise InvalidInput(f"k is at most {settings.max_search_k}", field="k")
@@ -103,9 +105,26 @@ def search(body: SearchIn, request: Request, bank_id: Id, principal: Reader, con
                 f"query {i} has {len(query)} values; the bank's keys have {bank.dim}", field=f"queries[{i}]"
             )
     queries = as_float32(body.queries)
-    answers = banks.search(conn, bank, queries, body.k, exact=body.exact, ef_search=body.ef_search, labels=body.labels)
+    answers = banks.search(
+        conn,
+        bank,
+        queries,
+        body.k,
+        exact=body.exact,
+        ef_search=body.ef_search,
+        labels=body.labels,
+        with_meta=body.with_meta,
+    )
     banks.record_hits(conn, bank, answers)
-    return SearchOut(results=[NeighboursOut(**asdict(answer)) for answer in answers])
+    return SearchOut(results=[_neighbours_out(answer) for answer in answers])
+
+
+def _neighbours_out(answer: banks.Neighbours) -> NeighboursOut:
+    """The answer of one query; `metas` is left unset (so left out of the JSON) unless they were asked for."""
+    fields = asdict(answer)
+    if fields["metas"] is None:
+        del fields["metas"]
+    return NeighboursOut(**fields)
 
 
 @router.get("/{bank_id}/changes", response_model=ChangesOut)
