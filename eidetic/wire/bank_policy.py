@@ -15,6 +15,7 @@ a missing confidence is -inf (the least confident of all).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -108,15 +109,15 @@ class Similarities:
 # ---------------------------------------------------------------- policies
 
 
-class BankPolicy:
+class BankPolicy(ABC):
     """Which stored item a novel candidate replaces once the bank is full."""
 
     name: ClassVar[str]
     replaces: ClassVar[bool] = True  # False: a full bank stores nothing more
 
+    @abstractmethod
     def victim(self, bank: BankState, similarity: np.ndarray, label: int) -> int:
         """The slot the candidate replaces; `similarity` is its similarity to each slot."""
-        raise NotImplementedError
 
 
 class NoReplacement(BankPolicy):
