@@ -166,6 +166,7 @@ def test_a_query_past_the_statement_timeout_answers_503(database_url, settings, 
             locker.rollback()
         assert response.status_code == 503
         assert error_of(response)["code"] == "timeout"
+        assert response.headers["retry-after"] == "1"  # every 503 says when to come back
     finally:
         stop_service(server, thread)
 
