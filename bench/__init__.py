@@ -74,5 +74,10 @@ BENCHMARKS: dict[str, Benchmark] = {
             "## Reliability (bench/reliability.py)",
             "crashes and freezes mid-ingest against an earlier revision's API, then a bounded mixed load",
         ),
+        Benchmark(
+            "scale_out",
+            "## Scale-out on Citus (bench/scale_out.py)",
+            "a single server against a 3-node Citus cluster: ingest, search, routing, cross-run queries, projection",
+        ),
     )
 }

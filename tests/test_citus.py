@@ -43,7 +43,12 @@ from tests.test_memory import (  # noqa: F401
     test_the_change_feed_follows_every_change_in_version_order,
     test_the_change_feed_pages_at_version_boundaries,
 )
+from tests.test_processes import test_two_service_processes_hold_every_invariant  # noqa: F401
 from tests.test_quantiles import test_quantile_routes  # noqa: F401
+from tests.test_query import (  # noqa: F401
+    filled,
+    test_keyset_pages_return_every_row_once_in_order,
+)
 from tests.test_streams import (  # noqa: F401
     WINDOW_ROWS,
     big_bank,
@@ -56,10 +61,6 @@ from tests.test_streams import (  # noqa: F401
     test_a_stream_its_reader_stalls_past_the_deadline_is_broken_off_not_resumed,
     test_a_stream_whose_backend_is_killed_midway_breaks_off_instead_of_ending,
     test_the_client_refuses_a_stream_without_a_true_end,
-)
-from tests.test_query import (  # noqa: F401
-    filled,
-    test_keyset_pages_return_every_row_once_in_order,
 )
 
 DATABASE = "eidetic_citus"
@@ -224,9 +225,7 @@ def test_a_bank_search_goes_to_its_shard_and_uses_its_hnsw_index(api, service):
 def _temp_bytes(url: str) -> int:
     """Bytes the coordinator's backends spilled to temporary files in this database so far."""
     with psycopg.connect(url, autocommit=True) as conn:
-        return one_row(
-            conn.execute("SELECT temp_bytes FROM pg_stat_database WHERE datname = current_database()")
-        )[0]
+        return one_row(conn.execute("SELECT temp_bytes FROM pg_stat_database WHERE datname = current_database()"))[0]
 
 
 def test_a_snapshot_streams_through_the_coordinator_without_materialising_the_bank(api, service):
