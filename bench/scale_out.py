@@ -370,10 +370,12 @@ class SideFigures:
 @dataclass
 class Projection:
     workers: int
-    ingest_rows_per_s: float
+    ingest_rows_per_s: float  # every request routed by the one coordinator
     ingest_bound: str
     search_qps: float
     search_bound: str
+    ingest_any_node_rows_per_s: float  # API processes spread over the workers, each routing (no coordinator tier)
+    search_any_node_qps: float
 
 
 def median_cpu(timings: list[Timing], units: int) -> dict[str, float]:
@@ -389,20 +391,22 @@ def project(cluster: SideFigures, cores: int) -> list[Projection]:
     """Throughput with N workers on machines like this one: each tier's CPU ceiling, the lowest wins.
 
     Worker tier: N x cores / (workers' CPU per unit of work), the work spread evenly over the workers
-    (many runs and banks, hashed to shards); coordinator: cores / its CPU per unit, independent of N;
-    the API tier is left out (it is stateless: more processes on more machines).
+    (many runs and banks, hashed to shards); coordinator: cores / its CPU per unit, independent of N.
+    Any node routing (Citus syncs its metadata to the workers, so API processes may point at any of
+    them): the routing CPU spreads over the N workers too, N x cores / (every node's CPU per unit).
+    The API tier is left out: it is stateless, more processes on more machines.
     """
     projections = []
     for workers in PROJECTED_WORKERS:
-        figures = []
+        routed = []
         for per_unit in (cluster.ingest_cpu_us_per_row, cluster.search_cpu_us_per_query):
             worker_cap = workers * cores * 1e6 / workers_us(per_unit)
             coordinator_cap = cores * 1e6 / per_unit["coordinator"]
-            figures.append(
-                (worker_cap, "workers") if worker_cap < coordinator_cap else (coordinator_cap, "coordinator")
-            )
-        (ingest, ingest_bound), (search, search_bound) = figures
-        projections.append(Projection(workers, ingest, ingest_bound, search, search_bound))
+            routed.append((worker_cap, "workers") if worker_cap < coordinator_cap else (coordinator_cap, "coordinator"))
+        (ingest, ingest_bound), (search, search_bound) = routed
+        any_ingest = workers * cores * 1e6 / servers_us(cluster.ingest_cpu_us_per_row)
+        any_search = workers * cores * 1e6 / servers_us(cluster.search_cpu_us_per_query)
+        projections.append(Projection(workers, ingest, ingest_bound, search, search_bound, any_ingest, any_search))
     return projections
 
 
@@ -468,7 +472,7 @@ def report(
     rows = args.runs * args.batches * args.rows
 
     def cpu_cells(per_unit: dict[str, float]) -> str:
-        return ", ".join(f"{name} {us:,.0f}" for name, us in per_unit.items())
+        return ", ".join(f"{name} {us:,.1f}" if us < 100 else f"{name} {us:,.0f}" for name, us in per_unit.items())
 
     lines = [
         f"- Date: {machine['date']}; {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory']}; "
@@ -512,12 +516,16 @@ def report(
         "**A query across every run** (percentile_disc of one unit over all runs: no run filter, so no push-down; "
         "Citus ships every row to the coordinator) against the same query filtered to one run:",
         "",
-        "| | rows | single server, ms | Citus, ms | Citus / single |",
-        "|---|---:|---:|---:|---:|",
+        "| | rows | single server, ms | Citus, ms | Citus / single | Citus, us/row |",
+        "|---|---:|---:|---:|---:|---:|",
         f"| one run | {cluster.one_run_rows:,} | {single.one_run_s * 1e3:,.1f} | {cluster.one_run_s * 1e3:,.1f} "
-        f"| {cluster.one_run_s / single.one_run_s:.2f} |",
+        f"| {cluster.one_run_s / single.one_run_s:.2f} | {cluster.one_run_s * 1e6 / cluster.one_run_rows:.2f} |",
         f"| every run | {cluster.cross_run_rows:,} | {single.cross_run_s * 1e3:,.1f} | {cluster.cross_run_s * 1e3:,.1f} "
-        f"| {cluster.cross_run_s / single.cross_run_s:.2f} |",
+        f"| {cluster.cross_run_s / single.cross_run_s:.2f} | {cluster.cross_run_s * 1e6 / cluster.cross_run_rows:.2f} |",
+        "",
+        "A run-filtered query runs on the run's worker and grows with the run; the query across every run runs on "
+        "the coordinator over rows shipped from every shard, so it grows with the whole store and more workers do "
+        "not speed it up (the same holds for a single server, which scans every run too).",
         "",
         f"**Projection** for N workers, each a machine like this one ({cores} cores), from the CPU per row and per "
         "query measured above. Assumptions: the work spreads evenly over the workers (many runs and banks hashed "
@@ -527,12 +535,19 @@ def report(
         "stays as measured under this machine's contention. A tier's ceiling is cores / its CPU per unit; "
         "the lower one wins.",
         "",
-        "| workers | ingest rows/s | bound by | search queries/s | bound by |",
-        "|---:|---:|---|---:|---|",
+        "| workers | ingest rows/s, one coordinator | bound by | search queries/s, one coordinator | bound by "
+        "| ingest rows/s, any node routes | search queries/s, any node routes |",
+        "|---:|---:|---|---:|---|---:|---:|",
         *(
-            f"| {p.workers} | {p.ingest_rows_per_s:,.0f} | {p.ingest_bound} | {p.search_qps:,.0f} | {p.search_bound} |"
+            f"| {p.workers} | {p.ingest_rows_per_s:,.0f} | {p.ingest_bound} | {p.search_qps:,.0f} | {p.search_bound} "
+            f"| {p.ingest_any_node_rows_per_s:,.0f} | {p.search_any_node_qps:,.0f} |"
             for p in projections
         ),
+        "",
+        "With one coordinator, every request's routing runs there: once it is the busier tier, more workers add "
+        "nothing. 'Any node routes' is the other layout Citus offers (its metadata is synced to the workers, so "
+        "API processes may point at any worker): the routing CPU then spreads over the workers with the rest. "
+        "The service itself (the api column above, more CPU than the servers' here) scales apart, by processes.",
         "",
         f"Per worker (a {cores}-core worker's share of the work, from its CPU per unit): "
         f"{cores * 1e6 / workers_us(cluster.ingest_cpu_us_per_row):,.0f} rows/s and "

@@ -113,7 +113,11 @@ def write_and_read_across(children: list[ApiChild], name: str) -> None:
         while writing.is_set():
             child = children[turn % len(children)]
             before = set(acknowledged)
-            table = EideticClient(child.base_url, child.key).read_activations(run_id, layer_id)
+            try:
+                table = EideticClient(child.base_url, child.key).read_activations(run_id, layer_id)
+            except Exception as error:  # reported by the test's thread
+                failures.append(f"a read through {child.base_url} failed: {error!r}")
+                return
             seen = batches_in(table)
             if not before <= set(seen):
                 failures.append(f"a read missed acknowledged batches {sorted(before - set(seen))}")
