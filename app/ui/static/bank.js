@@ -22,13 +22,13 @@
       card.append(element("dt", name), element("dd", value));
       cards.append(card);
     }
-    await Promise.all([items(true), projection(), fill()]);
+    await Promise.all([items(true), projection(), loadFill()]);
   }
 
   // Fill over the bank's versions, from its change feed: items held now by the write that stored
   // them, deletions, and the capacity (the store keeps no size history, so the caption says what is counted).
   let filled = null;
-  async function fill() {
+  async function loadFill() {
     filled = await api(`${base}/fill?points=200`);
     drawFill();
   }
