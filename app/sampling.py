@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -35,7 +35,7 @@ class Sample:
     def sampled(self) -> bool:
         return self.percent is not None
 
-    def fields(self) -> dict[str, object]:
+    def fields(self) -> dict[str, Any]:
         """What an answer says about what it read (the fields of `app.schemas.SampleOut`)."""
         return {"sampled": self.sampled, "sample_percent": self.percent, "layer_rows": self.layer_rows}
 

@@ -180,7 +180,9 @@ class QuantileSetInfoOut(BaseModel):
 
 
 class QuantileSetList(BaseModel):
-    sets: list[QuantileSetInfoOut] = Field(description="Newest version first; GET /v1/quantile-sets/{id} for boundaries.")
+    sets: list[QuantileSetInfoOut] = Field(
+        description="Newest version first; GET /v1/quantile-sets/{id} for boundaries."
+    )
 
 
 class BucketizeRequest(RequestBody):

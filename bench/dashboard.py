@@ -265,7 +265,8 @@ def run_benchmark(args: argparse.Namespace) -> Figures:
             figures.load_s = load_layer(database.url, layer, args.rows, args.batch_rows)
             with psycopg.connect(database.url) as conn:
                 size = conn.execute(
-                    "SELECT pg_total_relation_size(%s::regclass)", (runs.layer_partition(run_id, layer_id).as_string(conn),)
+                    "SELECT pg_total_relation_size(%s::regclass)",
+                    (runs.layer_partition(run_id, layer_id).as_string(conn),),
                 ).fetchone()
                 figures.layer_mb = (size[0] if size else 0) / 1e6
             print(f"   {figures.load_s:.1f} s ({args.rows / figures.load_s:,.0f} rows/s), {figures.layer_mb:,.0f} MB")
@@ -295,7 +296,10 @@ def run_benchmark(args: argparse.Namespace) -> Figures:
                     print(f"   {timing.name}: best {timing.best:.3f} s, median {timing.median:.3f} s", flush=True)
                 figures.accuracy = accuracy(client, default, unit=min(3, args.dim - 1))  # a gaussian unit
                 others = {
-                    "runs": [{"HTML": ("/", None)}, {"runs": ("/v1/runs", {"limit": 1000}), "stats": ("/v1/stats", None)}],
+                    "runs": [
+                        {"HTML": ("/", None)},
+                        {"runs": ("/v1/runs", {"limit": 1000}), "stats": ("/v1/stats", None)},
+                    ],
                     "health": [
                         {"HTML": ("/ui/health", None)},
                         {"readiness": ("/readyz", None), "metrics": ("/metrics", None), "stats": ("/v1/stats", None)},

@@ -124,7 +124,9 @@ def large(api):
     values = []
     for step in range(12):
         ids = np.arange(step * 1000, (step + 1) * 1000)
-        rows = random_rows(1000, 4, seed=step, sample_id=ids, step=step, epoch=step // 6, label=rng.integers(0, 4, 1000))
+        rows = random_rows(
+            1000, 4, seed=step, sample_id=ids, step=step, epoch=step // 6, label=rng.integers(0, 4, 1000)
+        )
         rows.values[:, 1] += step  # unit 1 drifts with the step
         assert post_arrow(api, run_id, layer_id, rows).status_code == 201
         values.append(rows.values)
@@ -159,7 +161,7 @@ def test_a_large_layer_is_read_through_a_block_sample_and_the_answer_says_so(api
 
 
 def test_a_sample_that_matches_no_row_falls_back_to_every_row(api, large):
-    run_id, layer_id, values = large
+    run_id, layer_id, _ = large
     path = f"/v1/runs/{run_id}/layers/{layer_id}/histogram"
     answers = [api.get(path, params={"unit": 0, "sample_id": i}).json() for i in range(0, 12_000, 1000)]
     assert all(answer["rows"] == 1 for answer in answers)  # in the sample, or read from every row

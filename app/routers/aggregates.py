@@ -11,7 +11,6 @@ from fastapi import APIRouter, Query, Request
 from app import aggregates, banks, runs, sampling
 from app.deps import Conn, Id, Reader
 from app.routers.activations import Where
-from app.settings import Settings
 from app.schemas import (
     BankFillOut,
     BankItemOut,
@@ -25,6 +24,7 @@ from app.schemas import (
     StatsOut,
     StepBucketOut,
 )
+from app.settings import Settings
 
 router = APIRouter(tags=["aggregates"])
 
@@ -135,7 +135,9 @@ def bank_fill(
     bank_id: Id,
     principal: Reader,
     conn: Conn,
-    points: Annotated[int, Query(ge=1, le=2000, description="Equal-width version buckets (at most one per version).")] = 200,
+    points: Annotated[
+        int, Query(ge=1, le=2000, description="Equal-width version buckets (at most one per version).")
+    ] = 200,
 ) -> BankFillOut:
     """The bank's fill over its versions, counted from its change feed (items and tombstones by version)."""
     bank = banks.get_bank(conn, principal.project_id, bank_id)

@@ -67,7 +67,9 @@ def list_quantile_sets(
 ) -> QuantileSetList:
     """The layer's quantile sets (version, method, Q, filter, rows), newest first, without their boundaries."""
     layer = runs.get_layer(conn, principal.project_id, run_id, layer_id)
-    return QuantileSetList(sets=[QuantileSetInfoOut(**asdict(info)) for info in quantiles.list_sets(conn, layer, limit)])
+    return QuantileSetList(
+        sets=[QuantileSetInfoOut(**asdict(info)) for info in quantiles.list_sets(conn, layer, limit)]
+    )
 
 
 @router.get("/v1/runs/{run_id}/layers/{layer_id}/quantiles/latest", response_model=QuantileSetOut)
