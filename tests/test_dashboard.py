@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import httpx
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from app import migrate
@@ -119,6 +120,14 @@ def test_runs_page_lists_the_runs_with_rows_and_metrics(service, api, open_page,
     tab = page.open("/")
     expect_text(tab, "#run-count", "3 of 3 runs")
     expect_text(tab, f"#runs-table tr[data-run-id='{run_id}']", "300")
+    tab.click("#runs-table th button[data-sort='rows']")  # most rows first
+    expect_text(tab, "#runs-table tbody tr:first-child", "mnist-a")
+    sync_api.expect(tab.locator("#runs-table th:has(button[data-sort='rows'])")).to_have_attribute(
+        "aria-sort", "descending"
+    )
+    tab.click("#runs-table th button[data-sort='name']")
+    tab.click("#runs-table th button[data-sort='name']")  # again: ascending
+    expect_text(tab, "#runs-table tbody tr:first-child", "cifar")
     tab.fill("#run-filter", "mnist")
     expect_text(tab, "#run-count", "2 of 3 runs")
     tab.locator(f"#runs-table tr[data-run-id='{run_id}'] button").click()
@@ -185,6 +194,23 @@ def test_layer_page_draws_bands_histogram_boundaries_and_heat_map(service, api, 
     tab.press("input[name=step_max]", "Enter")
     expect_text(tab, "#histogram-caption", "Unit 5: 250 rows")
     assert "step_max=40" in tab.locator("#arrow-link").get_attribute("href")
+    with tab.expect_download() as download:  # fetched with the key in a header, never in the URL
+        tab.click("#arrow-link")
+    table = pa.ipc.open_stream(download.value.path().read_bytes()).read_all()
+    assert table.num_rows == 250 and set(table.column("step").to_pylist()) == {0, 10, 20, 30, 40}
+    assert service.write_key not in tab.locator("#arrow-link").get_attribute("href")
+    tab.fill("input[name=label]", "1")  # steps 10 and 40 of those
+    tab.press("input[name=label]", "Enter")
+    expect_text(tab, "#histogram-caption", "Unit 5: 100 rows")
+    tab.fill("input[name=label]", "")
+    tab.fill("input[name=step_max]", "")
+    tab.fill("input[name=task]", "B")  # no such task: an empty histogram, not an error
+    tab.press("input[name=task]", "Enter")
+    expect_text(tab, "#histogram-caption", "Unit 5: 0 rows")
+    tab.fill("input[name=task]", "A")
+    tab.fill("input[name=epoch]", "0")
+    tab.press("input[name=epoch]", "Enter")
+    expect_text(tab, "#histogram-caption", "Unit 5: 500 rows")
     page.shoot(screenshots, "layer")
     assert page.errors == []
 
