@@ -273,9 +273,12 @@ def test_banks_pages_show_fill_items_neighbours_and_projection(service, api, ope
     centres = np.eye(8)[:3] * 4
     noise = np.random.default_rng(1).standard_normal((120, 8)) * 0.5
     items = [{"key": (centres[i % 3] + noise[i]).tolist(), "label": i % 3, "confidence": 0.9} for i in range(120)]
-    written = api.post(f"/v1/memory-banks/{bank['id']}/items", json={"items": items})
-    assert written.status_code == 200, written.text
-    item = written.json()["ids"][4]
+    ids = []
+    for start in range(0, 120, 30):  # four writes: four versions on the fill chart
+        written = api.post(f"/v1/memory-banks/{bank['id']}/items", json={"items": items[start : start + 30]})
+        assert written.status_code == 200, written.text
+        ids += written.json()["ids"]
+    item = ids[4]
     expected = api.get(f"/v1/memory-banks/{bank['id']}/items/{item}/neighbours", params={"k": 10}).json()["ids"]
 
     page = open_page()
@@ -286,6 +289,7 @@ def test_banks_pages_show_fill_items_neighbours_and_projection(service, api, ope
     tab.click("#banks-table a")
     expect_text(tab, "#bank-title", "episodic")
     sync_api.expect(tab.locator("#chart-fill")).to_have_attribute("data-series", "3")
+    expect_text(tab, "#fill-caption", "versions 1–4")
     expect_text(tab, "#fill-caption", "capacity 400")
     sync_api.expect(tab.locator("#projection")).to_have_attribute("data-points", "120")
     sync_api.expect(tab.locator("#projection-legend span")).to_have_count(3)
