@@ -74,5 +74,10 @@ BENCHMARKS: dict[str, Benchmark] = {
             "## Reliability (bench/reliability.py)",
             "crashes and freezes mid-ingest against an earlier revision's API, then a bounded mixed load",
         ),
+        Benchmark(
+            "dashboard",
+            "## Dashboard (bench/dashboard.py)",
+            "every page of a 1,000,000 x 128 layer as the browser loads it, sampled aggregates against exact",
+        ),
     )
 }
