@@ -16,7 +16,8 @@ from psycopg.rows import class_row, dict_row
 
 from app import banks
 from app.query import ActivationFilter
-from app.runs import Layer, layer_partition
+from app.runs import Layer
+from app.sampling import Sample, rows_of
 from eidetic.errors import InvalidInput, NotFound
 
 # TensorBoard's distribution bands: min, -2σ, -1.5σ, -1σ, median, +1σ, +1.5σ, +2σ, max of a normal.
@@ -33,7 +34,7 @@ class StepBucket:
 
 @dataclass(frozen=True)
 class Histogram:
-    rows: int
+    rows: int  # rows counted: those of the sample, when one was read
     edges: list[float]
     counts: list[int]
 
@@ -51,39 +52,42 @@ class RunStats:
 
 
 def _unit_column(layer: Layer, unit: int) -> sql.Composable:
-    """One unit of the vector as a real (pgvector has no subscript: through real[], 1-based)."""
+    """One unit of the vector as a real (pgvector has no subscript: 1-based, through a one-element
+    subvector, which is about 4x cheaper than casting the whole vector to real[] on 128 units)."""
     if unit >= layer.dim:
         raise InvalidInput(f"unit {unit} is past the layer's {layer.dim} units (0-based)", field="unit")
-    return sql.SQL("(a.values::real[])[{}]").format(sql.Literal(unit + 1))
+    return sql.SQL("(subvector(a.values, {}, 1)::real[])[1]").format(sql.Literal(unit + 1))
 
 
 def distribution(
-    conn: psycopg.Connection, layer: Layer, unit: int, buckets: int, where: ActivationFilter
+    conn: psycopg.Connection, layer: Layer, unit: int, buckets: int, where: ActivationFilter, sample: Sample
 ) -> list[StepBucket]:
     """Percentile bands of one unit over equal-width step buckets (rows without a step are left out)."""
     conditions, params = where.where(run_id=layer.run_id)
     statement = sql.SQL(
-        "WITH picked AS (SELECT a.step, {unit} AS v FROM {part} a WHERE a.step IS NOT NULL AND {where}), "
+        "WITH picked AS (SELECT a.step, {unit} AS v FROM {rows} WHERE a.step IS NOT NULL AND {where}), "
         "span AS (SELECT min(step) AS lo, max(step) AS hi FROM picked) "
         "SELECT least(floor((p.step - s.lo)::numeric * %s / (s.hi - s.lo + 1)), %s - 1)::int AS bucket, "
         "min(p.step) AS step_min, max(p.step) AS step_max, count(*) AS rows, "
         "percentile_cont(%s::float8[]) WITHIN GROUP (ORDER BY p.v) AS values "
         "FROM picked p CROSS JOIN span s GROUP BY 1 ORDER BY 1"
-    ).format(unit=_unit_column(layer, unit), part=layer_partition(layer.run_id, layer.id), where=conditions)
+    ).format(unit=_unit_column(layer, unit), rows=rows_of(layer, sample), where=conditions)
     fractions = [p / 100 for p in BAND_PERCENTILES]
     rows = conn.execute(statement, [*params, buckets, buckets, fractions]).fetchall()
     return [StepBucket(step_min=r[1], step_max=r[2], rows=r[3], values=[float(v) for v in r[4]]) for r in rows]
 
 
-def histogram(conn: psycopg.Connection, layer: Layer, unit: int, bins: int, where: ActivationFilter) -> Histogram:
+def histogram(
+    conn: psycopg.Connection, layer: Layer, unit: int, bins: int, where: ActivationFilter, sample: Sample
+) -> Histogram:
     """Counts of one unit's values in equal-width bins spanning its range over the selected rows."""
     conditions, params = where.where(run_id=layer.run_id)
     statement = sql.SQL(
-        "WITH picked AS (SELECT {unit}::float8 AS v FROM {part} a WHERE {where}), "
+        "WITH picked AS (SELECT {unit}::float8 AS v FROM {rows} WHERE {where}), "
         "span AS (SELECT min(v) AS lo, max(v) AS hi FROM picked) "
         "SELECT s.lo, s.hi, CASE WHEN s.hi > s.lo THEN least(width_bucket(p.v, s.lo, s.hi, %s), %s) ELSE 1 END, "
         "count(*) FROM picked p CROSS JOIN span s GROUP BY 1, 2, 3 ORDER BY 3"
-    ).format(unit=_unit_column(layer, unit), part=layer_partition(layer.run_id, layer.id), where=conditions)
+    ).format(unit=_unit_column(layer, unit), rows=rows_of(layer, sample), where=conditions)
     found = conn.execute(statement, [*params, bins, bins]).fetchall()
     if not found:
         return Histogram(rows=0, edges=[], counts=[])
@@ -213,4 +217,54 @@ def projection(conn: psycopg.Connection, bank: banks.Bank, sample: int) -> Proje
         y=coordinates[:, 1].tolist(),
         explained_variance=explained,
         size=int(size[0]) if size else 0,
+    )
+
+
+@dataclass(frozen=True)
+class BankFill:
+    version: int  # the bank's version now
+    size: int
+    capacity: int
+    versions: list[int]  # the last version of each of equal-width version buckets, ascending
+    held: list[int]  # items held now whose last write was at or before that version (cumulative)
+    deleted: list[int]  # items deleted at or before that version (tombstones, cumulative)
+
+
+def bank_fill(conn: psycopg.Connection, bank: banks.Bank, points: int) -> BankFill:
+    """The bank's fill over its versions, from its change feed (items by version, tombstones by version).
+
+    The store keeps no size history: an item replaced in place takes the replacing write's
+    version, so `held` at a version counts the items held now that were written by then, and
+    `deleted` the deletions by then. Counted in the database, bucket by bucket; the index on
+    (bank_id, version) serves both counts.
+    """
+    latest = int(bank.version)
+    if latest == 0:
+        return BankFill(version=0, size=bank.size, capacity=bank.capacity, versions=[], held=[], deleted=[])
+    points = min(points, latest)
+    found = conn.execute(
+        sql.SQL(
+            "SELECT b, sum(sum(h)) OVER w, sum(sum(d)) OVER w FROM ("
+            " SELECT ceil(version * %(p)s::numeric / %(v)s)::int AS b, 1 AS h, 0 AS d FROM {items}"
+            " UNION ALL SELECT ceil(version * %(p)s::numeric / %(v)s)::int, 0, 1 FROM memory_tombstones"
+            " WHERE bank_id = %(bank)s"
+            ") changes GROUP BY b WINDOW w AS (ORDER BY b) ORDER BY b"
+        ).format(items=banks.items_partition(bank.id)),
+        {"p": points, "v": latest, "bank": bank.id},
+    ).fetchall()
+    held = np.zeros(points + 1, dtype=np.int64)
+    deleted = np.zeros(points + 1, dtype=np.int64)
+    for bucket, items, tombstones in found:  # buckets without a change carry the count before them
+        held[bucket] = items
+        deleted[bucket] = tombstones
+    held = np.maximum.accumulate(held)[1:]
+    deleted = np.maximum.accumulate(deleted)[1:]
+    versions = [b * latest // points for b in range(1, points + 1)]
+    return BankFill(
+        version=latest,
+        size=bank.size,
+        capacity=bank.capacity,
+        versions=versions,
+        held=held.tolist(),
+        deleted=deleted.tolist(),
     )

@@ -14,6 +14,7 @@ from datetime import datetime
 import numpy as np
 import psycopg
 from psycopg import sql
+from psycopg.rows import class_row
 
 from app import sketches
 from app.copy_binary import iter_vectors
@@ -182,6 +183,30 @@ def latest(conn: psycopg.Connection, layer: Layer, method: str | None = None) ->
     if row is None:
         raise NotFound(f"layer {layer.id} has no quantile set yet", field="layer_id")
     return _from_row(row)
+
+
+@dataclass(frozen=True)
+class QuantileSetInfo:
+    """A quantile set without its boundaries: what a list shows."""
+
+    id: int
+    version: int
+    method: str
+    n_quantiles: int
+    filter: dict
+    rows: int
+    rank_error: float | None
+    created_at: datetime
+
+
+def list_sets(conn: psycopg.Connection, layer: Layer, limit: int) -> list[QuantileSetInfo]:
+    """The layer's quantile sets, newest version first (boundaries left out: GET a set for them)."""
+    cursor = conn.cursor(row_factory=class_row(QuantileSetInfo))
+    return cursor.execute(
+        "SELECT id, version, method, n_quantiles, filter, rows_used AS rows, rank_error, created_at "
+        "FROM quantile_sets WHERE run_id = %s AND layer_id = %s ORDER BY version DESC LIMIT %s",
+        (layer.run_id, layer.id, limit),
+    ).fetchall()
 
 
 def get(conn: psycopg.Connection, project_id: int, set_id: int) -> QuantileSet:

@@ -13,6 +13,7 @@ from psycopg import sql
 
 from app.copy_binary import iter_vectors
 from app.runs import Layer, layer_partition
+from app.sampling import Sample, rows_of
 from eidetic.errors import InvalidInput
 
 ROW_FIELDS = ("batch_id", "row", "sample_id", "step", "epoch", "task", "label", "values")
@@ -166,10 +167,15 @@ class LayerSummary:
     max: np.ndarray
 
 
-def summarize(conn: psycopg.Connection, layer: Layer, where: ActivationFilter) -> LayerSummary:
-    """Per-unit count, mean, population std, min and max, streamed chunk by chunk (Chan's merge)."""
+def summarize(
+    conn: psycopg.Connection, layer: Layer, where: ActivationFilter, sample: Sample | None = None
+) -> LayerSummary:
+    """Per-unit count, mean, population std, min and max, streamed chunk by chunk (Chan's merge).
+
+    Over every selected row, or over those of a block sample (`app.sampling`) when one is given.
+    """
     conditions, params = where.where(run_id=layer.run_id)
-    select = sql.SQL("SELECT a.values FROM {} a WHERE {}").format(layer_partition(layer.run_id, layer.id), conditions)
+    select = sql.SQL("SELECT a.values FROM {} WHERE {}").format(rows_of(layer, sample), conditions)
     count = 0
     mean = np.zeros(layer.dim)
     m2 = np.zeros(layer.dim)

@@ -126,7 +126,17 @@ class ActivationPage(BaseModel):
     next_cursor: str | None
 
 
-class SummaryOut(BaseModel):
+class SampleOut(BaseModel):
+    """What an aggregate read: every selected row, or a block sample of the layer (then `rows` counts the sample's)."""
+
+    sampled: bool = Field(default=False, description="True when a block sample was read instead of every row.")
+    sample_percent: float | None = Field(
+        default=None, description="The percent of the layer's pages read (TABLESAMPLE SYSTEM), when sampled."
+    )
+    layer_rows: int | None = Field(default=None, description="Rows stored in the layer (all filters aside).")
+
+
+class SummaryOut(SampleOut):
     rows: int
     mean: list[float | None]
     std: list[float | None]
@@ -156,6 +166,23 @@ class QuantileSetOut(BaseModel):
     boundaries: list[list[float]] = Field(description="units x (n_quantiles - 1), ascending per unit")
     rank_error: float | None = Field(description="Sketches: normalized rank error bound (99% confidence).")
     created_at: datetime
+
+
+class QuantileSetInfoOut(BaseModel):
+    id: int
+    version: int
+    method: str
+    n_quantiles: int
+    rows: int
+    filter: dict[str, Any]
+    rank_error: float | None
+    created_at: datetime
+
+
+class QuantileSetList(BaseModel):
+    sets: list[QuantileSetInfoOut] = Field(
+        description="Newest version first; GET /v1/quantile-sets/{id} for boundaries."
+    )
 
 
 class BucketizeRequest(RequestBody):
@@ -377,15 +404,15 @@ class StepBucketOut(BaseModel):
     values: list[float] = Field(description="The unit's value at each of the response's percentiles.")
 
 
-class DistributionOut(BaseModel):
+class DistributionOut(SampleOut):
     unit: int
     percentiles: list[float] = Field(description="The percentiles of every bucket's values, 0 to 100.")
     buckets: list[StepBucketOut] = Field(description="Equal-width step buckets that hold rows, in step order.")
 
 
-class HistogramOut(BaseModel):
+class HistogramOut(SampleOut):
     unit: int
-    rows: int
+    rows: int = Field(description="Rows counted (of the sample, when sampled).")
     edges: list[float] = Field(description="bins + 1 ascending bin edges (empty when no row matched).")
     counts: list[int]
 
@@ -422,6 +449,18 @@ class BankItemsOut(BaseModel):
     items: list[BankItemOut]
     labels: list[LabelCountOut] = Field(description="Items per label over the whole bank.")
     next_after_id: int | None
+
+
+class BankFillOut(BaseModel):
+    version: int = Field(description="The bank's version now.")
+    size: int
+    capacity: int
+    versions: list[int] = Field(description="The last version of each equal-width version bucket, ascending.")
+    held: list[int] = Field(
+        description="Items held now whose last write came at or before that version (cumulative); an item "
+        "replaced in place counts at its replacing write: the store keeps no size history."
+    )
+    deleted: list[int] = Field(description="Items deleted at or before that version (cumulative tombstones).")
 
 
 class ProjectionOut(BaseModel):

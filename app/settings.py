@@ -41,6 +41,17 @@ class Settings(BaseSettings):
     sketch_k: int = Field(default=400, ge=8, le=65535, description="KLL k of the quantile sketches.")
     max_quantile_memory_bytes: int = 1024 * MIB
     max_bucketize_rows: int = 100_000
+    aggregate_sample_rows: int = Field(
+        default=100_000,
+        ge=1,
+        description="A unit's distribution and histogram read a block sample of about this many rows when the "
+        "layer holds more; the answer says it is sampled.",
+    )
+    summary_sample_rows: int = Field(
+        default=20_000,
+        ge=1,
+        description="The same for a summary with sample=true: fewer rows, as every unit of each row is read.",
+    )
 
     max_search_k: int = 1000
     max_search_queries: int = 4096

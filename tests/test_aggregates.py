@@ -5,7 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from app.settings import Settings
 from tests.helpers import error_of, make_layer, post_arrow, random_rows
+
+SAMPLE_ROWS = 2000  # layers above this many rows are read through a block sample here
+
+
+@pytest.fixture
+def settings() -> Settings:
+    """The suite's settings, with a small sampling budget so a test layer can be "large"."""
+    return Settings(
+        database_url=None,
+        no_auth=False,
+        max_body_bytes=8 * 1024 * 1024,
+        max_rows_per_batch=50_000,
+        aggregate_sample_rows=SAMPLE_ROWS,
+        summary_sample_rows=SAMPLE_ROWS,
+    )
 
 
 @pytest.fixture
@@ -46,6 +62,9 @@ def test_histogram_counts_every_selected_row_once(api, stored):
         "rows": 0,
         "edges": [],
         "counts": [],
+        "sampled": False,
+        "sample_percent": None,
+        "layer_rows": 400,
     }
     assert error_of(api.get(path, params={"unit": 6}))["field"] == "unit"
 
@@ -95,3 +114,96 @@ def test_projection_is_the_first_two_principal_components_of_a_sample(api, bank)
     centred = keys - keys.mean(axis=0)
     variance = np.linalg.svd(centred, compute_uv=False) ** 2
     np.testing.assert_allclose(whole["explained_variance"], variance[:2] / variance.sum(), rtol=1e-4)
+
+
+@pytest.fixture
+def large(api):
+    """A layer of 12,000 rows x 4 units (steps 0..11, 1,000 rows each, labels 0..3), above the sampling budget."""
+    run_id, layer_id = make_layer(api, dim=4, run="large")
+    rng = np.random.default_rng(3)
+    values = []
+    for step in range(12):
+        ids = np.arange(step * 1000, (step + 1) * 1000)
+        rows = random_rows(
+            1000, 4, seed=step, sample_id=ids, step=step, epoch=step // 6, label=rng.integers(0, 4, 1000)
+        )
+        rows.values[:, 1] += step  # unit 1 drifts with the step
+        assert post_arrow(api, run_id, layer_id, rows).status_code == 201
+        values.append(rows.values)
+    return run_id, layer_id, np.concatenate(values)
+
+
+def test_a_large_layer_is_read_through_a_block_sample_and_the_answer_says_so(api, large):
+    run_id, layer_id, values = large
+    base = f"/v1/runs/{run_id}/layers/{layer_id}"
+    body = api.get(f"{base}/histogram", params={"unit": 1, "bins": 10}).json()
+    assert body["sampled"] is True and body["layer_rows"] == 12_000
+    assert body["sample_percent"] == pytest.approx(100 * SAMPLE_ROWS / 12_000, rel=1e-4)
+    assert 0 < body["rows"] < 12_000 and sum(body["counts"]) == body["rows"]
+    again = api.get(f"{base}/histogram", params={"unit": 1, "bins": 10}).json()
+    assert again == body  # the same pages on every call: a refresh does not jitter
+
+    exact = api.get(f"{base}/histogram", params={"unit": 1, "bins": 10, "sample": "false"}).json()
+    counts, edges = np.histogram(values[:, 1], bins=10)
+    assert exact["sampled"] is False and exact["rows"] == 12_000 and exact["counts"] == counts.tolist()
+    np.testing.assert_allclose(exact["edges"], edges, rtol=1e-5)
+
+    bands = api.get(f"{base}/distribution", params={"unit": 1, "buckets": 12}).json()
+    assert bands["sampled"] is True and sum(b["rows"] for b in bands["buckets"]) < 12_000
+    medians = [b["values"][4] for b in bands["buckets"]]
+    assert medians == sorted(medians)  # the drift survives the sample
+
+    summary = api.get(f"{base}/summary", params={"sample": "true"}).json()
+    assert summary["sampled"] is True and summary["rows"] < 12_000 and summary["layer_rows"] == 12_000
+    whole = api.get(f"{base}/summary").json()
+    assert whole["rows"] == 12_000 and "sampled" not in whole  # the default reads every row, as before
+    np.testing.assert_allclose(summary["mean"], whole["mean"], atol=0.5)
+
+
+def test_a_sample_that_matches_no_row_falls_back_to_every_row(api, large):
+    run_id, layer_id, _ = large
+    path = f"/v1/runs/{run_id}/layers/{layer_id}/histogram"
+    answers = [api.get(path, params={"unit": 0, "sample_id": i}).json() for i in range(0, 12_000, 1000)]
+    assert all(answer["rows"] == 1 for answer in answers)  # in the sample, or read from every row
+    assert any(answer["sampled"] is False for answer in answers)  # a sample without the row was not the answer
+    assert any(answer["sampled"] is True for answer in answers)
+    assert error_of(api.get(path, params={"unit": 0, "sample": "maybe"}))["field"] == "sample"
+
+
+def test_quantile_sets_are_listed_newest_first_without_boundaries(service, api, stored):
+    run_id, layer_id, _ = stored
+    base = f"/v1/runs/{run_id}/layers/{layer_id}"
+    assert api.get(f"{base}/quantiles").json() == {"sets": []}
+    first = api.post(f"{base}/quantiles", json={"n_quantiles": 4, "task": "A"}).json()
+    second = api.post(f"{base}/quantiles", json={"n_quantiles": 10}).json()
+    listed = api.get(f"{base}/quantiles").json()["sets"]
+    assert [s["id"] for s in listed] == [second["id"], first["id"]]
+    assert [(s["version"], s["n_quantiles"], s["rows"], s["filter"]) for s in listed] == [
+        (2, 10, 400, {}),
+        (1, 4, 200, {"task": "A"}),
+    ]
+    assert "boundaries" not in listed[0]
+    assert [s["id"] for s in api.get(f"{base}/quantiles", params={"limit": 1}).json()["sets"]] == [second["id"]]
+    with service.client(service.new_key(project="beta", scope="read")) as other:
+        assert other.get(f"{base}/quantiles").status_code == 404
+
+
+def test_bank_fill_counts_items_by_the_version_that_wrote_them_and_deletions(api):
+    bank = api.post("/v1/memory-banks", json={"name": "f", "dim": 2, "capacity": 10, "policy": "fifo"}).json()
+    path = f"/v1/memory-banks/{bank['id']}"
+    assert api.get(f"{path}/fill").json()["versions"] == []
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        items = [{"key": key, "label": 0} for key in rng.standard_normal((6, 2)).tolist()]
+        assert api.post(f"{path}/items", json={"items": items}).status_code == 200
+    held = api.get(f"{path}/items", params={"limit": 100}).json()["items"]
+    assert api.delete(f"{path}/items/{held[0]['id']}").status_code == 200
+    versions = sorted(item["version"] for item in held[1:])
+
+    fill = api.get(f"{path}/fill").json()
+    assert (fill["version"], fill["size"], fill["capacity"]) == (4, 9, 10)
+    assert fill["versions"] == [1, 2, 3, 4]
+    assert fill["held"] == [sum(v <= version for v in versions) for version in (1, 2, 3, 4)]
+    assert fill["deleted"] == [0, 0, 0, 1]
+    assert api.get(f"{path}/fill", params={"points": 2}).json()["versions"] == [2, 4]
+    assert error_of(api.get(f"{path}/fill", params={"points": 0}))["field"] == "points"

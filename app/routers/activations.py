@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from psycopg_pool import ConnectionPool
 
-from app import ingest, query, runs
+from app import ingest, query, runs, sampling
 from app.deadline import request_deadline, within_deadline
 from app.deps import Conn, Id, Reader, Writer, read_body
 from app.openapi import error_responses
@@ -181,12 +181,39 @@ def _window_batch(window: list[tuple], schema: pa.Schema, dim: int) -> pa.Record
     return pa.record_batch([arrays[name] for name in schema.names], schema=schema)
 
 
-@router.get("/summary", response_model=SummaryOut)
-def summary(run_id: Id, layer_id: Id, where: Where, principal: Reader, conn: Conn) -> SummaryOut:
+@router.get("/summary", response_model=SummaryOut, response_model_exclude_unset=True)
+def summary(
+    run_id: Id,
+    layer_id: Id,
+    where: Where,
+    principal: Reader,
+    conn: Conn,
+    request: Request,
+    sample: Annotated[
+        bool,
+        Query(
+            description="Read a block sample of about `summary_sample_rows` rows (a setting) when the layer "
+            "holds more (the answer says so); the default reads every selected row."
+        ),
+    ] = False,
+) -> SummaryOut:
+    """Per-unit count, mean, std, min and max of the selected rows."""
     layer = runs.get_layer(conn, principal.project_id, run_id, layer_id)
-    stats = query.summarize(conn, layer, where)
+    settings: Settings = request.app.state.settings
+    chosen = None
+    if sample:
+        stats, chosen = sampling.answer(
+            sampling.choose(conn, layer, settings.summary_sample_rows),
+            lambda read: query.summarize(conn, layer, where, read),
+            lambda found: found.rows,
+        )
+    else:
+        stats = query.summarize(conn, layer, where)
 
     def finite(name: str) -> list[float | None]:
         return [formats.json_safe(v) for v in getattr(stats, name).tolist()]
 
-    return SummaryOut(rows=stats.rows, mean=finite("mean"), std=finite("std"), min=finite("min"), max=finite("max"))
+    read = {} if chosen is None else chosen.fields()  # unset, so left out of an unsampled answer
+    return SummaryOut(
+        rows=stats.rows, mean=finite("mean"), std=finite("std"), min=finite("min"), max=finite("max"), **read
+    )

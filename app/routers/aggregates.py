@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
-from app import aggregates, banks, runs
+from app import aggregates, banks, runs, sampling
 from app.deps import Conn, Id, Reader
 from app.routers.activations import Where
 from app.schemas import (
+    BankFillOut,
     BankItemOut,
     BankItemsOut,
     DistributionOut,
@@ -23,6 +24,7 @@ from app.schemas import (
     StatsOut,
     StepBucketOut,
 )
+from app.settings import Settings
 
 router = APIRouter(tags=["aggregates"])
 
@@ -31,8 +33,23 @@ LAYER = "/v1/runs/{run_id}/layers/{layer_id}"
 BANK = "/v1/memory-banks/{bank_id}"
 
 
+Sampled = Annotated[
+    bool,
+    Query(
+        description="Read a block sample of about `aggregate_sample_rows` rows (a setting) when the layer holds "
+        "more, and say so in the answer; false reads every selected row."
+    ),
+]
+
+
+def chosen_sample(request: Request, conn: Conn, layer: runs.Layer, sample: bool) -> sampling.Sample:
+    settings: Settings = request.app.state.settings
+    return sampling.choose(conn, layer, settings.aggregate_sample_rows if sample else None)
+
+
 @router.get(f"{LAYER}/distribution", response_model=DistributionOut)
 def distribution(
+    request: Request,
     run_id: Id,
     layer_id: Id,
     unit: Unit,
@@ -40,19 +57,26 @@ def distribution(
     principal: Reader,
     conn: Conn,
     buckets: Annotated[int, Query(ge=1, le=1000, description="Equal-width step buckets.")] = 50,
+    sample: Sampled = True,
 ) -> DistributionOut:
     """Percentile bands of one unit over step buckets (like TensorBoard's distributions)."""
     layer = runs.get_layer(conn, principal.project_id, run_id, layer_id)
-    found = aggregates.distribution(conn, layer, unit, buckets, where)
+    found, read = sampling.answer(
+        chosen_sample(request, conn, layer, sample),
+        lambda chosen: aggregates.distribution(conn, layer, unit, buckets, where, chosen),
+        lambda found: sum(bucket.rows for bucket in found),
+    )
     return DistributionOut(
         unit=unit,
         percentiles=list(aggregates.BAND_PERCENTILES),
         buckets=[StepBucketOut(**asdict(bucket)) for bucket in found],
+        **read.fields(),
     )
 
 
 @router.get(f"{LAYER}/histogram", response_model=HistogramOut)
 def histogram(
+    request: Request,
     run_id: Id,
     layer_id: Id,
     unit: Unit,
@@ -60,10 +84,16 @@ def histogram(
     principal: Reader,
     conn: Conn,
     bins: Annotated[int, Query(ge=1, le=1000)] = 50,
+    sample: Sampled = True,
 ) -> HistogramOut:
     """A histogram of one unit over the selected rows (step range, task, label, epoch)."""
     layer = runs.get_layer(conn, principal.project_id, run_id, layer_id)
-    return HistogramOut(unit=unit, **asdict(aggregates.histogram(conn, layer, unit, bins, where)))
+    found, read = sampling.answer(
+        chosen_sample(request, conn, layer, sample),
+        lambda chosen: aggregates.histogram(conn, layer, unit, bins, where, chosen),
+        lambda found: found.rows,
+    )
+    return HistogramOut(unit=unit, **asdict(found), **read.fields())
 
 
 @router.get("/v1/stats", response_model=StatsOut)
@@ -98,6 +128,20 @@ def item_neighbours(
     """The k items nearest to a stored item (exact, itself left out); reading them counts no hits."""
     bank = banks.get_bank(conn, principal.project_id, bank_id)
     return NeighboursOut(**asdict(aggregates.item_neighbours(conn, bank, item_id, k)))
+
+
+@router.get(f"{BANK}/fill", response_model=BankFillOut)
+def bank_fill(
+    bank_id: Id,
+    principal: Reader,
+    conn: Conn,
+    points: Annotated[
+        int, Query(ge=1, le=2000, description="Equal-width version buckets (at most one per version).")
+    ] = 200,
+) -> BankFillOut:
+    """The bank's fill over its versions, counted from its change feed (items and tombstones by version)."""
+    bank = banks.get_bank(conn, principal.project_id, bank_id)
+    return BankFillOut(**asdict(aggregates.bank_fill(conn, bank, points)))
 
 
 @router.get(f"{BANK}/projection", response_model=ProjectionOut)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -9,7 +10,14 @@ from fastapi import APIRouter, Query, Request
 from app import quantiles, runs
 from app.deps import Conn, Id, Reader, Writer
 from app.query import ActivationFilter
-from app.schemas import BucketizeOut, BucketizeRequest, QuantileSetOut, QuantilesRequest
+from app.schemas import (
+    BucketizeOut,
+    BucketizeRequest,
+    QuantileSetInfoOut,
+    QuantileSetList,
+    QuantileSetOut,
+    QuantilesRequest,
+)
 from app.settings import Settings
 from eidetic.errors import InvalidInput
 from eidetic.wire.vectors import as_float32, require_finite
@@ -47,6 +55,21 @@ def compute_quantiles(
         conn, layer, body.n_quantiles, body.method, where, settings.max_quantile_memory_bytes, settings.scan_timeout_ms
     )
     return quantile_set_out(found)
+
+
+@router.get("/v1/runs/{run_id}/layers/{layer_id}/quantiles", response_model=QuantileSetList)
+def list_quantile_sets(
+    run_id: Id,
+    layer_id: Id,
+    principal: Reader,
+    conn: Conn,
+    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many sets, newest first.")] = 100,
+) -> QuantileSetList:
+    """The layer's quantile sets (version, method, Q, filter, rows), newest first, without their boundaries."""
+    layer = runs.get_layer(conn, principal.project_id, run_id, layer_id)
+    return QuantileSetList(
+        sets=[QuantileSetInfoOut(**asdict(info)) for info in quantiles.list_sets(conn, layer, limit)]
+    )
 
 
 @router.get("/v1/runs/{run_id}/layers/{layer_id}/quantiles/latest", response_model=QuantileSetOut)

@@ -22,8 +22,30 @@
       card.append(element("dt", name), element("dd", value));
       cards.append(card);
     }
-    await Promise.all([items(true), projection()]);
+    await Promise.all([items(true), projection(), loadFill()]);
   }
+
+  // Fill over the bank's versions, from its change feed: items held now by the write that stored
+  // them, deletions, and the capacity (the store keeps no size history, so the caption says what is counted).
+  let filled = null;
+  async function loadFill() {
+    filled = await api(`${base}/fill?points=200`);
+    drawFill();
+  }
+
+  function drawFill() {
+    const found = filled;
+    document.getElementById("fill-caption").textContent = found.versions.length
+      ? `Fill over versions 1–${number(found.version)}: items held now by the version that wrote them, ` +
+        `deletions, capacity ${number(found.capacity)}`
+      : "Fill over versions: nothing written yet";
+    const line = (label, colour, dash) => ({ label, stroke: colour, width: 1.5, dash });
+    Eidetic.chart(document.getElementById("chart-fill"), {
+      scales: { x: { time: false } },
+      series: [{ label: "version" }, line("held", palette[0]), line("deleted", palette[3]), line("capacity", palette[7], [4, 3])],
+    }, [found.versions, found.held, found.deleted, found.versions.map(() => found.capacity)]);
+  }
+  window.addEventListener("themechange", () => { if (filled) drawFill(); });
 
   async function items(first) {
     if (first) { after = 0; itemsBody.replaceChildren(); }

@@ -28,13 +28,31 @@ const Eidetic = (() => {
   const forget = document.getElementById("forget-key");
   forget.hidden = !key();
   forget.addEventListener("click", () => { sessionStorage.removeItem(KEY); location.reload(); });
-  document.getElementById("theme-toggle").addEventListener("click", () => {
-    const dark = getComputedStyle(document.documentElement).colorScheme === "dark";
-    const theme = dark ? "light" : "dark";
-    localStorage.setItem("eidetic.theme", theme);
-    document.documentElement.dataset.theme = theme;
+  // Light or dark: the system's choice (prefers-color-scheme) until the toggle picks one, which is
+  // remembered in localStorage. Pages redraw their charts on "themechange".
+  const THEME = "eidetic.theme";
+  const themeButton = document.getElementById("theme-toggle");
+  const theme = () => (getComputedStyle(document.documentElement).colorScheme === "dark" ? "dark" : "light");
+  function showTheme() {
+    const dark = theme() === "dark";
+    themeButton.textContent = dark ? "☾ Dark" : "☀ Light";
+    themeButton.setAttribute("aria-pressed", String(dark));
+    themeButton.title = `Dark theme ${dark ? "on" : "off"}: switch to ${dark ? "light" : "dark"}`;
+    document.body.dataset.theme = theme();
+  }
+  themeButton.addEventListener("click", () => {
+    const next = theme() === "dark" ? "light" : "dark";
+    localStorage.setItem(THEME, next);
+    document.documentElement.dataset.theme = next;
+    showTheme();
     window.dispatchEvent(new Event("themechange"));
   });
+  matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () => {
+    if (localStorage.getItem(THEME)) return; // a remembered choice wins over the system's
+    showTheme();
+    window.dispatchEvent(new Event("themechange"));
+  });
+  showTheme();
 
   async function api(path, options = {}) {
     const headers = new Headers(options.headers || {});

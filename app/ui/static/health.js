@@ -74,6 +74,8 @@
       { text: time(run.last_ingest_at) }])));
   }
 
+  window.addEventListener("themechange", () => { charts = null; draw(); });
+
   function tick() {
     readiness().catch(failed);
     sample().catch(failed);

@@ -1,14 +1,17 @@
 "use strict";
-// Layer: one unit's percentile bands over steps, its histogram with the latest quantile boundaries,
-// and a units x statistics heat map. Every chart is drawn from an aggregate route.
+// Layer: one unit's percentile bands over steps, its histogram with a quantile set's boundaries,
+// and a units x statistics heat map. Every chart is drawn from an aggregate route; on a large
+// layer those read a block sample, and the page says so.
 (() => {
   const { api, query, element, number, failed, say } = Eidetic;
   const runId = document.body.dataset.runId;
   const layerId = document.body.dataset.layerId;
   const base = `/v1/runs/${runId}/layers/${layerId}`;
   const form = document.getElementById("layer-form");
+  const setSelect = document.getElementById("quantile-set");
   let layer = null;
-  let boundaries = null; // the latest quantile set's boundaries, units x (Q - 1)
+  let boundaries = null; // the chosen quantile set's boundaries, units x (Q - 1)
+  let shown = null; // the answers drawn last: redrawn as they are when the theme changes
 
   function filters() {
     const data = new FormData(form);
@@ -22,12 +25,25 @@
     document.getElementById("layer-title").textContent = `${run.name} / ${layer.name} · ${layer.dim} units`;
     document.title = `${layer.name} · Eidetic`;
     form.elements.unit.max = layer.dim - 1;
-    try {
-      boundaries = (await api(`${base}/quantiles/latest`)).boundaries;
-    } catch (error) {
-      if (!(error instanceof Eidetic.ApiError && error.status === 404)) throw error;
+    const { sets } = await api(`${base}/quantiles?limit=100`);
+    for (const set of sets) {
+      const rows = `${number(set.rows)} rows`;
+      setSelect.append(element("option", `v${set.version} · Q=${set.n_quantiles} · ${set.method} · ${rows}`, { value: set.id }));
     }
-    await refresh();
+    if (sets.length) setSelect.value = String(sets[0].id); // the newest
+    await Promise.all([refresh(), pickSet()]);
+  }
+
+  async function pickSet() {
+    boundaries = setSelect.value ? (await api(`/v1/quantile-sets/${setSelect.value}`)).boundaries : null;
+    if (shown) drawHistogram(shown.histogram, shown.unit);
+  }
+
+  // What an aggregate read: every selected row, or a block sample of a large layer.
+  function readNote(answer) {
+    return answer.sampled
+      ? `a block sample (${number(answer.sample_percent)}% of the pages of ${number(answer.layer_rows)} rows)`
+      : "every row";
   }
 
   async function refresh() {
@@ -38,18 +54,28 @@
     const [distribution, histogram, summary] = await Promise.all([
       api(`${base}/distribution${query({ unit, buckets: data.get("buckets"), ...where })}`),
       api(`${base}/histogram${query({ unit, bins: data.get("bins"), ...where })}`),
-      api(`${base}/summary${query(where)}`),
+      api(`${base}/summary${query({ ...where, sample: true })}`),
     ]);
     say("");
-    drawDistribution(distribution);
-    drawHistogram(histogram, unit);
-    drawHeatmap(summary, unit);
+    shown = { distribution, histogram, summary, unit };
+    draw();
+  }
+
+  function draw() {
+    drawDistribution(shown.distribution);
+    drawHistogram(shown.histogram, shown.unit);
+    drawHeatmap(shown.summary, shown.unit);
+    const note = document.getElementById("sample-note");
+    note.textContent = shown.histogram.sampled
+      ? `Large layer: these charts read ${readNote(shown.histogram)}; the row counts below are of the sample.`
+      : "";
+    note.dataset.sampled = String(Boolean(shown.histogram.sampled));
   }
 
   function drawDistribution(found) {
     const box = document.getElementById("chart-distribution");
     document.getElementById("distribution-caption").textContent =
-      `Unit ${found.unit} over steps: percentiles ${found.percentiles.join(", ")} (${found.buckets.length} step buckets)`;
+      `Unit ${found.unit} over steps: percentiles ${found.percentiles.join(", ")} (${found.buckets.length} step buckets, ${readNote(found)})`;
     const x = found.buckets.map((b) => (b.step_min + b.step_max) / 2);
     const series = found.percentiles.map((_, i) => found.buckets.map((b) => b.values[i]));
     const middle = (found.percentiles.length - 1) / 2;
@@ -71,8 +97,8 @@
     const box = document.getElementById("chart-histogram");
     const lines = boundaries && boundaries[unit] ? boundaries[unit] : [];
     document.getElementById("histogram-caption").textContent =
-      `Unit ${unit}: ${number(found.rows)} rows in ${found.counts.length} bins` +
-      (lines.length ? `; ${lines.length} quantile boundaries (latest set)` : "; no quantile set yet");
+      `Unit ${unit}: ${number(found.rows)} rows in ${found.counts.length} bins` + (found.sampled ? " (sampled)" : "") +
+      (lines.length ? `; ${lines.length} quantile boundaries (dashed)` : setSelect.options.length > 1 ? "" : "; no quantile set yet");
     const centres = found.counts.map((_, i) => (found.edges[i] + found.edges[i + 1]) / 2);
     const accent = Eidetic.css("--bad") || "#c62828";
     Eidetic.chart(box, {
@@ -127,7 +153,7 @@
     context.strokeRect(label + unit * cell, 1, Math.max(cell, 2), rowHeight * STATS.length);
     canvas.dataset.units = String(units);
     document.getElementById("heatmap-note").textContent =
-      `${number(summary.rows)} rows · unit ${unit}: mean ${number(summary.mean[unit])}, std ${number(summary.std[unit])}, ` +
+      `${number(summary.rows)} rows${summary.sampled ? " (sampled)" : ""} · unit ${unit}: mean ${number(summary.mean[unit])}, std ${number(summary.std[unit])}, ` +
       `min ${number(summary.min[unit])}, max ${number(summary.max[unit])}`;
     canvas.onclick = (event) => {
       const picked = Math.floor((event.offsetX * (canvas.width / canvas.clientWidth) - label) / cell);
@@ -146,5 +172,7 @@
     URL.revokeObjectURL(link.href);
   });
   form.addEventListener("submit", (event) => { event.preventDefault(); refresh().catch(failed); });
+  setSelect.addEventListener("change", () => pickSet().catch(failed));
+  window.addEventListener("themechange", () => { if (shown) draw(); });
   start().catch(failed);
 })();

@@ -144,6 +144,10 @@
       draw();
     });
   }
+  window.addEventListener("themechange", () => {
+    const run = runs.find((r) => r.id === selected);
+    if (run) drawMetrics(run.metrics || {});
+  });
   document.getElementById("run-filter").addEventListener("input", draw);
   document.getElementById("run-status").addEventListener("change", draw);
   load().catch(failed);
