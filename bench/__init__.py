@@ -79,5 +79,10 @@ BENCHMARKS: dict[str, Benchmark] = {
             "## Dashboard (bench/dashboard.py)",
             "every page of a 1,000,000 x 128 layer as the browser loads it, sampled aggregates against exact",
         ),
+        Benchmark(
+            "scale_out",
+            "## Scale-out on Citus (bench/scale_out.py)",
+            "a single server against a 3-node Citus cluster: ingest, search, routing, cross-run queries, projection",
+        ),
     )
 }

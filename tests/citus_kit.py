@@ -29,6 +29,9 @@ from tests.fault_kit import ChildProcess, _postgres_user, _wait_until, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TARBALL_NAME = "citus-14.0.1-slim.tar.gz"
+# Shards per distributed table (Citus's default is 32). Every new layer and bank is a partition,
+# which Citus creates once per shard: 4 (2 a worker) keeps the tests' many small partitions cheap.
+SHARD_COUNT = 4
 
 
 def tarball() -> Path | None:
@@ -122,8 +125,9 @@ def _let_run(home: Path) -> None:
 class CitusNode(ChildProcess):
     """One PostgreSQL server of the cluster, on its own data directory and loopback port."""
 
-    def __init__(self, tree: Path, workdir: Path, user: str | None) -> None:
+    def __init__(self, tree: Path, workdir: Path, user: str | None, shard_count: int = SHARD_COUNT) -> None:
         workdir.mkdir(parents=True)
+        self.shard_count = shard_count
         super().__init__(workdir / "postgres.log")
         self.bin = tree / "bin"
         self.pgdata = workdir / "pgdata"
@@ -158,6 +162,7 @@ class CitusNode(ChildProcess):
             "fsync": "off",
             "synchronous_commit": "off",
             "full_page_writes": "off",
+            "citus.shard_count": str(self.shard_count),
         }
         argv = [str(self.bin / "postgres"), "-D", str(self.pgdata), "-p", str(self.port)]
         for name, value in settings.items():
@@ -215,8 +220,8 @@ class CitusCluster:
 
 
 @contextmanager
-def cluster(workers: int = 2) -> Iterator[CitusCluster]:
-    """A running cluster (building Citus first if needed); every node stopped and deleted afterwards."""
+def _nodes(names: list[str], shard_count: int) -> Iterator[list[CitusNode]]:
+    """Started nodes of the Citus tree, one per name (building Citus first if needed); stopped and deleted after."""
     source = tarball()
     if source is None:
         raise FileNotFoundError(TARBALL_NAME)
@@ -228,15 +233,30 @@ def cluster(workers: int = 2) -> Iterator[CitusCluster]:
     workdir.chmod(0o755)
     nodes: list[CitusNode] = []
     try:
-        for name in ["coordinator", *(f"worker{i}" for i in range(workers))]:
-            nodes.append(CitusNode(tree, workdir / name, user))
+        for name in names:
+            nodes.append(CitusNode(tree, workdir / name, user, shard_count))
         for node in nodes:
             node.start()
-        yield CitusCluster(nodes[0], nodes[1:])
+        yield nodes
     finally:
         for node in nodes:
             node.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def cluster(workers: int = 2, shard_count: int = SHARD_COUNT) -> Iterator[CitusCluster]:
+    """A running cluster (building Citus first if needed); every node stopped and deleted afterwards."""
+    with _nodes(["coordinator", *(f"worker{i}" for i in range(workers))], shard_count) as nodes:
+        yield CitusCluster(nodes[0], nodes[1:])
+
+
+@contextmanager
+def plain_server() -> Iterator[CitusNode]:
+    """One server of the same build and settings as a cluster's nodes, for databases without Citus:
+    the single-server side of a comparison, differing from the cluster in nothing else."""
+    with _nodes(["single"], SHARD_COUNT) as (node,):
+        yield node
 
 
 if __name__ == "__main__":  # python -m tests.citus_kit: build (or find) the tree and time one cluster start

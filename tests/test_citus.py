@@ -6,6 +6,7 @@ store's own API tests (imported below and run here unchanged) see a store of the
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -15,6 +16,7 @@ import psycopg
 import pytest
 
 from app import distribute, keys, migrate
+from app.database import one_row
 from app.ingest import ingest
 from app.runs import find_layer
 from app.settings import Settings
@@ -41,10 +43,24 @@ from tests.test_memory import (  # noqa: F401
     test_the_change_feed_follows_every_change_in_version_order,
     test_the_change_feed_pages_at_version_boundaries,
 )
+from tests.test_processes import test_two_service_processes_hold_every_invariant  # noqa: F401
 from tests.test_quantiles import test_quantile_routes  # noqa: F401
 from tests.test_query import (  # noqa: F401
     filled,
     test_keyset_pages_return_every_row_once_in_order,
+)
+from tests.test_streams import (  # noqa: F401
+    WINDOW_ROWS,
+    big_bank,
+    rest_client,
+    test_a_complete_snapshot_ends_with_its_row_count_and_the_client_accepts_it,
+    test_a_complete_stream_ends_with_its_row_count_and_the_client_accepts_it,
+    test_a_snapshot_whose_backend_is_killed_midway_breaks_off_instead_of_ending,
+    test_a_statement_timeout_after_the_200_breaks_the_stream_off,
+    test_a_stream_blocked_in_the_database_aborts_at_the_deadline_and_its_statement_stops,
+    test_a_stream_its_reader_stalls_past_the_deadline_is_broken_off_not_resumed,
+    test_a_stream_whose_backend_is_killed_midway_breaks_off_instead_of_ending,
+    test_the_client_refuses_a_stream_without_a_true_end,
 )
 
 DATABASE = "eidetic_citus"
@@ -69,7 +85,14 @@ def database_url(citus_database: str) -> str:
 
 @pytest.fixture(scope="module")
 def citus_service_url(citus_database: str) -> Iterator[str]:
-    settings = Settings(database_url=None, no_auth=False, max_body_bytes=8 * 1024 * 1024, max_rows_per_batch=50_000)
+    # the stream tests' window (tests.test_streams.settings): streams of many record batches
+    settings = Settings(
+        database_url=None,
+        no_auth=False,
+        max_body_bytes=8 * 1024 * 1024,
+        max_rows_per_batch=50_000,
+        stream_window_rows=WINDOW_ROWS,
+    )
     server, thread, base_url = start_service(settings, citus_database)
     yield base_url
     stop_service(server, thread)
@@ -197,3 +220,21 @@ def test_a_bank_search_goes_to_its_shard_and_uses_its_hnsw_index(api, service):
         )
     assert "Task Count: 1" in plan, plan
     assert f"memory_items_b{bank['id']}_hnsw" in plan, plan
+
+
+def _temp_bytes(url: str) -> int:
+    """Bytes the coordinator's backends spilled to temporary files in this database so far."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return one_row(conn.execute("SELECT temp_bytes FROM pg_stat_database WHERE datname = current_database()"))[0]
+
+
+def test_a_snapshot_streams_through_the_coordinator_without_materialising_the_bank(api, service):
+    """A coordinator materialises a server-side cursor's whole result before its first fetch; the
+    snapshot reads keyset chunks instead, so the coordinator holds a chunk, never the bank."""
+    bank_id = big_bank(api)  # 24 MB of items: six times the coordinator's work_mem
+    time.sleep(1.1)  # backends report to the statistics at most once a second
+    before = _temp_bytes(service.database_url)
+    with rest_client(service) as client:
+        assert client.snapshot_table(bank_id).num_rows == 1500
+    time.sleep(1.1)
+    assert _temp_bytes(service.database_url) - before < 1 << 20

@@ -212,6 +212,65 @@ def test_trainer_runs_the_job_of_make_run(services: dict) -> None:
     assert f"-m {DEFAULT_JOB}" in command
 
 
+CITUS_NODES = ("citus-coordinator", "citus-worker-1", "citus-worker-2")
+CITUS_SERVICES = (*CITUS_NODES, "citus-register", "citus-migrate", "api-citus")
+CITUS_DOCKERFILE = ROOT / "docker" / "citus.Dockerfile"
+
+
+def test_the_citus_profile_is_opt_in(services: dict) -> None:
+    assert set(CITUS_SERVICES) <= set(services)
+    for name in CITUS_SERVICES:
+        assert services[name]["profiles"] == ["citus"], name
+
+
+def test_citus_nodes_are_the_citus_image_with_pgvector(compose: dict, services: dict) -> None:
+    text = CITUS_DOCKERFILE.read_text()
+    assert re.search(r"^ARG CITUS_IMAGE=citusdata/citus:\d+\.\d+", text, re.MULTILINE)
+    assert re.search(r"^FROM \$\{CITUS_IMAGE\}", text, re.MULTILINE)
+    assert "postgresql-${PG_MAJOR}-pgvector" in text
+    assert "CREATE EXTENSION IF NOT EXISTS vector" in text and "/docker-entrypoint-initdb.d/" in text
+    named = set(compose.get("volumes") or {})
+    for name in CITUS_NODES:
+        node = services[name]
+        assert (ROOT / node["build"]["context"] / node["build"]["dockerfile"]).resolve() == CITUS_DOCKERFILE
+        assert "max_prepared_transactions=100" in node["command"], "Citus commits across workers in two phases"
+        assert any(source in named and target == "/var/lib/postgresql/data" for source, target in volume_mounts(node))
+        assert re.search(r"\bpg_isready\b.*-h 127\.0\.0\.1", healthcheck_command(node))
+        assert environment(node) == environment(services["citus-coordinator"]), "one set of credentials"
+
+
+def test_citus_register_adds_every_worker_to_the_coordinator(services: dict) -> None:
+    register = services["citus-register"]
+    assert depends_on(register) == dict.fromkeys(
+        ("citus-coordinator", "citus-worker-1", "citus-worker-2"), "service_healthy"
+    )
+    assert environment(register)["PGHOST"] == "citus-coordinator"
+    ((source, target),) = volume_mounts(register)
+    script = (ROOT / source).read_text()
+    assert target in " ".join(register["command"])
+    assert "citus_set_coordinator_host('citus-coordinator', 5432)" in script
+    for worker in ("citus-worker-1", "citus-worker-2"):
+        assert f"citus_add_node('{worker}', 5432)" in script
+    assert "pg_dist_authinfo" in script, "the nodes must be able to log in to each other"
+
+
+def test_api_citus_serves_the_distributed_layout_from_the_coordinator(services: dict) -> None:
+    migrate, api = services["citus-migrate"], services["api-citus"]
+    arguments = build_parser().parse_args(migrate["command"])
+    assert (arguments.command, arguments.distribute) == ("migrate", True)
+    assert depends_on(migrate) == {"citus-register": "service_completed_successfully"}
+    assert depends_on(api) == {"citus-migrate": "service_completed_successfully"}
+    coordinator = environment(services["citus-coordinator"])
+    for service in (migrate, api):
+        url = urlsplit(environment(service)["DATABASE_URL"])
+        assert (url.hostname, url.port) == ("citus-coordinator", 5432)
+        assert (url.username, url.password) == (coordinator["POSTGRES_USER"], coordinator["POSTGRES_PASSWORD"])
+        assert url.path == "/" + coordinator["POSTGRES_DB"]
+        assert service["image"] == services["api"]["image"]
+    assert ("8001", "8000") in published_ports(api)
+    assert re.search(r"http://127\.0\.0\.1:8000/readyz", healthcheck_command(api))
+
+
 @pytest.mark.skipif(
     shutil.which("docker-compose") is None and shutil.which("docker") is None, reason="no docker client here"
 )
@@ -223,7 +282,7 @@ def test_compose_client_accepts_the_file() -> None:
         if subprocess.run([*command, "version"], capture_output=True, timeout=60).returncode != 0:
             continue
         checked = subprocess.run(
-            [*command, "-f", str(COMPOSE_FILE), "--profile", "trainer", "config", "-q"],
+            [*command, "-f", str(COMPOSE_FILE), "--profile", "trainer", "--profile", "citus", "config", "-q"],
             capture_output=True,
             text=True,
             timeout=60,

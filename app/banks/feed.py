@@ -111,21 +111,30 @@ def snapshot_schema(bank: Bank) -> pa.Schema:
 
 
 def snapshot_batches(conn: psycopg.Connection, bank: Bank, *, chunk_rows: int = 8192) -> Iterator[pa.RecordBatch]:
-    """The bank's items in id order, a record batch per chunk (call inside a repeatable-read transaction)."""
+    """The bank's items in id order, a record batch per chunk (call inside a repeatable-read transaction).
+
+    A chunk is a statement of its own, keyset by id, rather than a fetch from one server-side
+    cursor: a Citus coordinator materialises a cursor's whole result before its first fetch
+    (the whole bank, spilled to its disk), whereas a statement with a LIMIT costs a chunk on
+    every server. The transaction's snapshot keeps the chunks consistent with each other.
+    """
     schema = snapshot_schema(bank)
     statement = sql.SQL(
         "SELECT m.id, m.key, m.label, m.value, m.confidence, coalesce(h.hits, 0) AS hits, m.version, "
         "m.inserted_rank AS rank, m.meta FROM {} m "
-        "LEFT JOIN memory_hits h ON h.bank_id = m.bank_id AND h.item_id = m.id ORDER BY m.id"
+        "LEFT JOIN memory_hits h ON h.bank_id = m.bank_id AND h.item_id = m.id "
+        "WHERE m.bank_id = %s AND m.id > %s ORDER BY m.id LIMIT %s"
     ).format(items_partition(bank.id))
-    with conn.cursor(name="eidetic_snapshot", row_factory=dict_row) as cursor:
-        cursor.itersize = chunk_rows
-        cursor.execute(statement)
-        while True:
-            rows = cursor.fetchmany(chunk_rows)
-            if not rows:
-                return
-            yield _snapshot_batch(rows, schema, bank.dim)
+    cursor = conn.cursor(row_factory=dict_row)
+    after = -1
+    while True:
+        rows = cursor.execute(statement, (bank.id, after, chunk_rows)).fetchall()
+        if not rows:
+            return
+        yield _snapshot_batch(rows, schema, bank.dim)
+        if len(rows) < chunk_rows:
+            return
+        after = rows[-1]["id"]
 
 
 def _snapshot_batch(rows: list[dict], schema: pa.Schema, dim: int) -> pa.RecordBatch:
