@@ -12,6 +12,7 @@ from psycopg import sql
 from psycopg.rows import dict_row, scalar_row
 
 from app.banks.schema import Bank, items_partition
+from app.banks.segments import sealed_segments, unsealed, version_range
 from eidetic.errors import DimensionMismatch
 from eidetic.wire.vectors import require_comparable
 
@@ -91,36 +92,50 @@ def search(
     if queries.ndim != 2 or queries.shape[1] != bank.dim:
         raise DimensionMismatch(f"bank {bank.name!r} has dimension {bank.dim}", field="queries")
     require_comparable(queries, bank.metric, "queries[{}]")
-    partition = items_partition(bank.id)
     operator = sql.SQL(DISTANCE_OPERATORS[bank.metric])
     typed_key = sql.SQL("key::vector({})").format(sql.Literal(bank.dim))
     typed_query = sql.SQL("q.v::vector({})").format(sql.Literal(bank.dim))
-    # the bank's id, spelled out: Citus routes the whole statement to the bank's shard by it
-    label_filter = sql.SQL("WHERE bank_id = {}{}").format(
-        sql.Literal(int(bank.id)), sql.SQL(" AND label = ANY(%s)") if labels is not None else sql.SQL("")
-    )
     # The exact statement orders by an expression no index matches ("+ 0"), so it scans
     # every item whatever plan psycopg's prepared-statement cache holds; the HNSW one
     # orders by the indexed expression itself.
-    template = (
-        "SELECT q.ord, m.id, m.label, m.distance, m.meta FROM unnest(%b::vector[]) WITH ORDINALITY q(v, ord) "
-        "CROSS JOIN LATERAL (SELECT id, label, {meta} AS meta, {key} {op} {query} AS distance FROM {items} {filter} "
-        "ORDER BY {order} LIMIT %s) m ORDER BY q.ord, m.distance, m.id"
-    )
     index_order = sql.SQL("{} {} {}").format(typed_key, operator, typed_query)
     scan_order = sql.SQL("({} {} {}) + 0, id").format(typed_key, operator, typed_query)
-    parts = {
-        "key": typed_key,
-        "op": operator,
-        "query": typed_query,
-        "items": partition,
-        "filter": label_filter,
-        "meta": sql.SQL("meta" if with_meta else "NULL::jsonb"),
-    }
-    statement = sql.SQL(template).format(order=scan_order if exact else index_order, **parts)
-    exact_statement = sql.SQL(template).format(order=scan_order, **parts)
+    columns = sql.SQL("id, label, {meta} AS meta, {key} {op} {query} AS distance").format(
+        meta=sql.SQL("meta" if with_meta else "NULL::jsonb"), key=typed_key, op=operator, query=typed_query
+    )
+
+    def nearest(order: sql.Composable, where: sql.Composable | None = None) -> sql.Composed:
+        """The k nearest of one query among the bank's items (those matching `where`), labels filtered."""
+        # the bank's id, spelled out: Citus routes the whole statement to the bank's shard by it
+        conditions = [sql.SQL("bank_id = {}").format(sql.Literal(int(bank.id)))]
+        conditions += [where] if where is not None else []
+        conditions += [sql.SQL("label = ANY(%(labels)s)")] if labels is not None else []
+        return sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {} LIMIT %(k)s").format(
+            columns, items_partition(bank.id), sql.SQL(" AND ").join(conditions), order
+        )
+
+    template = sql.SQL(
+        "SELECT q.ord, m.id, m.label, m.distance, m.meta FROM unnest(%(queries)b::vector[]) WITH ORDINALITY q(v, ord) "
+        "CROSS JOIN LATERAL ({}) m ORDER BY q.ord, m.distance, m.id"
+    )
+    exact_statement = template.format(nearest(scan_order))
+    if exact:
+        statement = exact_statement
+    elif bank.segmented:
+        # each sealed segment through its own partial index, the growing items exactly, merged by distance
+        # (a merge that changes the segments meanwhile changes no answer: each branch is a WHERE clause)
+        segments = sealed_segments(conn, bank.id)
+        branches = [nearest(index_order, version_range(s.lo, s.hi)) for s in segments]
+        branches.append(nearest(scan_order, unsealed(segments)))
+        statement = template.format(
+            sql.SQL("SELECT * FROM ({}) s ORDER BY distance, id LIMIT %(k)s").format(
+                sql.SQL(" UNION ALL ").join(sql.SQL("({})").format(b) for b in branches)
+            )
+        )
+    else:
+        statement = template.format(nearest(index_order))
     vectors = [Vector(query) for query in queries]
-    params = [vectors, *([labels] if labels is not None else []), k]
+    params: dict[str, Any] = {"queries": vectors, "labels": labels, "k": k}
     with conn.transaction():
         if not exact:
             conn.execute(
@@ -136,7 +151,7 @@ def search(
             if short:  # the index came back short (filters, tiny ef_search): answer these exactly
                 retry = (
                     conn.cursor(row_factory=dict_row)
-                    .execute(exact_statement, [[vectors[i] for i in short], *params[1:]])
+                    .execute(exact_statement, {**params, "queries": [vectors[i] for i in short]})
                     .fetchall()
                 )
                 for i, hits in zip(short, _group(retry, len(short))):
