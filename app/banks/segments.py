@@ -24,6 +24,7 @@ does not name, dropped by the next merge.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import psycopg
@@ -130,11 +131,7 @@ def merge_bank(
     bank = bank_by_id(conn, bank_id)
     if bank is None or not bank.segmented:
         return MergeReport(merged=False)
-    lock = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
-    taken = conn.execute(
-        sql.SQL("SELECT {}(hashtextextended('eidetic:bank-merge', %s))").format(sql.Identifier(lock)), (bank.id,)
-    ).fetchone()
-    if not wait and not (taken and taken[0]):
+    if not _lock(conn, bank.id, wait_s=statement_timeout_ms / 1000 if wait else 0.0):
         return MergeReport(merged=False)
     try:
         conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(f"{int(maintenance_work_mem_mb)}MB")))
@@ -149,6 +146,22 @@ def merge_bank(
             conn.execute("SELECT pg_advisory_unlock(hashtextextended('eidetic:bank-merge', %s))", (bank.id,))
             conn.execute("RESET statement_timeout")
             conn.execute("RESET maintenance_work_mem")
+
+
+def _lock(conn: psycopg.Connection, bank_id: int, *, wait_s: float) -> bool:
+    """The bank's merge lock (session-level: a merger that dies lets it go), tried until `wait_s` has passed.
+
+    Never a blocking pg_advisory_lock: a statement waiting on it is a transaction in progress, which
+    the holder's CREATE INDEX CONCURRENTLY waits for in turn (a deadlock).
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        taken = one_row(
+            conn.execute("SELECT pg_try_advisory_lock(hashtextextended('eidetic:bank-merge', %s))", (bank_id,))
+        )
+        if taken[0] or time.monotonic() >= deadline:
+            return bool(taken[0])
+        time.sleep(0.05)
 
 
 def _index_validity(conn: psycopg.Connection, bank: Bank) -> dict[str, bool]:
@@ -181,8 +194,14 @@ def _repair(conn: psycopg.Connection, bank: Bank) -> None:
 def _build(conn: psycopg.Connection, bank: Bank, lo: int, hi: int) -> None:
     """The segment's HNSW index, built in bulk over its items while writers and searches go on."""
     name = index_name(bank.id, (lo, hi))
-    _drop_index(conn, name)  # an invalid one of the same name, left by a build that died
-    conn.execute(hnsw_index(bank, sql.Identifier(name), where=version_range(lo, hi), concurrently=True))
+    for attempt in range(3):
+        _drop_index(conn, name)  # an invalid one of the same name, left by a build that died
+        try:
+            conn.execute(hnsw_index(bank, sql.Identifier(name), where=version_range(lo, hi), concurrently=True))
+            return
+        except psycopg.errors.DeadlockDetected:  # two concurrent builds (other banks) can wait on each other
+            if attempt == 2:
+                raise
 
 
 def _count(conn: psycopg.Connection, bank: Bank, lo: int, hi: int) -> int:
@@ -200,6 +219,9 @@ def _seal(conn: psycopg.Connection, bank: Bank, *, force: bool) -> int:
         return 0
     _build(conn, bank, lo, hi)
     conn.execute("INSERT INTO memory_segments (bank_id, lo, hi, rows) VALUES (%s, %s, %s, %s)", (bank.id, lo, hi, rows))
+    # fresh statistics: with the versions of a new segment unknown to the planner, it would read the
+    # segment through the version btree and sort it instead of walking the segment's graph
+    conn.execute(sql.SQL("ANALYZE {}").format(items_partition(bank.id)))
     return rows
 
 
