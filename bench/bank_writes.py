@@ -86,6 +86,7 @@ class Figures:
     bulk_copy_s: float = 0.0
     bulk_index_s: float = 0.0
     live_qps: float = 0.0
+    live_qps_during_writes: float = 0.0
     live_recall: float = 0.0
     # the segmented bank
     segmented_write_s: float = 0.0
@@ -137,6 +138,17 @@ def search_pass(client, bank_id: int, bodies: list[bytes], stop: threading.Event
     return done
 
 
+def searcher(service: Service, bank_id: int, queries: list[bytes], stop: threading.Event, into: list) -> None:
+    """Searches without pause on a client of its own until `stop`."""
+    with httpx.Client(base_url=service.base_url, headers=dict(service.client.headers), timeout=600) as client:
+        while not stop.is_set():
+            into.append(search_pass(client, bank_id, queries, stop))
+
+
+def total(searches: list[Searches]) -> Searches:
+    return Searches(sum(s.queries for s in searches), sum(s.seconds for s in searches))
+
+
 def best_pass(client, bank_id: int, bodies: list[bytes], passes: int) -> Searches:
     search_pass(client, bank_id, bodies[:1])  # warm-up
     return max((search_pass(client, bank_id, bodies) for _ in range(passes)), key=lambda s: s.per_second)
@@ -174,17 +186,28 @@ def measure_live(service: Service, figures: Figures, keys_: np.ndarray, labels: 
         conn.execute("VACUUM ANALYZE memory_items")
     row_of = {int(item_id): row for row, item_id in enumerate(ids)}
     bodies = item_bodies(keys_[bulk:], labels[bulk:], args.batch)
+    stop = threading.Event()
+    during: list[Searches] = []
+    thread = threading.Thread(target=searcher, args=(service, bank_id, queries, stop, during))
+    thread.start()
     began = time.perf_counter()
     for body in bodies:
         written = _expect(service.client.post(f"/v1/memory-banks/{bank_id}/items", content=body, headers=JSON), 200)
         for item_id in written["ids"]:
             row_of[int(item_id)] = len(row_of)  # the rows in written order
     figures.live_write_s = time.perf_counter() - began
+    stop.set()
+    thread.join()
+    figures.live_qps_during_writes = total(during).per_second
     figures.live_keys = len(keys_) - bulk
     print(f"today: {figures.live_keys:,} keys into the live index at {figures.live_keys_per_s:,.0f} keys/s", flush=True)
     searched = best_pass(service.client, bank_id, queries, args.passes)
     figures.live_qps, figures.live_recall = searched.per_second, recall(truth, row_of, searched.found)
-    print(f"today: search {figures.live_qps:,.0f} queries/s, recall@10 {figures.live_recall:.4f}", flush=True)
+    print(
+        f"today: search {figures.live_qps_during_writes:,.0f} queries/s during the writes, {figures.live_qps:,.0f} "
+        f"after them, recall@10 {figures.live_recall:.4f}",
+        flush=True,
+    )
     _expect_deleted(service, bank_id)
 
 
@@ -201,15 +224,10 @@ def measure_segmented(service: Service, figures: Figures, keys_: np.ndarray, lab
     stop = threading.Event()
     during: list[Searches] = []
 
-    def searcher() -> None:
-        with httpx.Client(base_url=service.base_url, headers=dict(service.client.headers), timeout=600) as client:
-            while not stop.is_set():
-                during.append(search_pass(client, bank_id, queries, stop))
-
     # the first batch before the searcher starts (so that it finds something), untimed
     written = _expect(service.client.post(f"/v1/memory-banks/{bank_id}/items", content=bodies[0], headers=JSON), 200)
     row_of.update((int(item_id), row) for row, item_id in enumerate(written["ids"]))
-    thread = threading.Thread(target=searcher)
+    thread = threading.Thread(target=searcher, args=(service, bank_id, queries, stop, during))
     thread.start()
     began = time.perf_counter()
     for number, body in enumerate(bodies[1:], start=1):
@@ -220,27 +238,25 @@ def measure_segmented(service: Service, figures: Figures, keys_: np.ndarray, lab
     figures.segmented_timed_keys = wrote = len(keys_) - len(written["ids"])
     stop.set()
     thread.join()
-    writes = Searches(sum(s.queries for s in during), sum(s.seconds for s in during))
-    figures.qps_during_writes = writes.per_second
+    figures.qps_during_writes = total(during).per_second
     state = segments_of(service, bank_id)
     figures.growing_after_writes = state["growing_rows"]
-    after_writes = search_pass(service.client, bank_id, queries)
-    figures.recall_after_writes = recall(truth, row_of, after_writes.found)
     print(
         f"segmented: {wrote:,} keys at {wrote / figures.segmented_write_s:,.0f} keys/s, search "
         f"{figures.qps_during_writes:,.0f} queries/s meanwhile; {state['growing_rows']:,} growing after the writes",
         flush=True,
     )
-    caught_up = Searches()
+    # search on while the merges catch up: the first pass's answers give the recall of the bank as the
+    # writes left it (growing and sealed segments; nothing is written meanwhile)
+    passes: list[Searches] = []
     began = time.perf_counter()
-    while segments_of(service, bank_id)["growing_rows"] >= max(figures.merge_threshold, 1):
-        done = search_pass(service.client, bank_id, queries)
-        caught_up.queries += done.queries
-        caught_up.seconds += done.seconds
+    while not passes or segments_of(service, bank_id)["growing_rows"] >= max(figures.merge_threshold, 1):
+        passes.append(search_pass(service.client, bank_id, queries))
         if time.perf_counter() - began > args.catch_up_limit_s:
             break
     figures.catch_up_s = time.perf_counter() - began
-    figures.qps_during_merges = caught_up.per_second
+    figures.qps_during_merges = total(passes).per_second
+    figures.recall_after_writes = recall(truth, row_of, passes[0].found)
     _expect(service.client.post(f"/v1/memory-banks/{bank_id}/merge"), 200)  # the rest, for the merged figures
     figures.segments = segments_of(service, bank_id)["segments"]
     merged = best_pass(service.client, bank_id, queries, args.passes)
@@ -307,7 +323,7 @@ def verdict(f: Figures) -> str:
             f"search during writes {f.qps_during_writes / f.live_qps:.2f}x today's (target 0.7x)",
         ),
         (
-            f.qps_during_merges >= 0.7 * f.live_qps or f.catch_up_s == 0,
+            f.qps_during_merges >= 0.7 * f.live_qps,
             f"search while merges caught up {f.qps_during_merges / f.live_qps:.2f}x today's",
         ),
     ]
@@ -343,10 +359,12 @@ def report(f: Figures, args: argparse.Namespace, machine: dict[str, str], load: 
         "| search | queries/s | vs today | recall@10 |",
         "|---|---|---|---|",
         f"| today: one live HNSW index, {f.keys:,} keys, no writes | {f.live_qps:,.0f} | 1.00x | {f.live_recall:.4f} |",
+        f"| today: the same while its last {f.live_keys:,} keys were written | {f.live_qps_during_writes:,.0f} | "
+        f"{f.live_qps_during_writes / f.live_qps:.2f}x | |",
         f"| segmented, while the writes ran | {f.qps_during_writes:,.0f} | {f.qps_during_writes / f.live_qps:.2f}x | |",
-        f"| segmented, after the writes while merges caught up ({f.catch_up_s:.1f} s; {f.growing_after_writes:,} "
-        f"growing at the start) | {f.qps_during_merges:,.0f} | {f.qps_during_merges / f.live_qps:.2f}x | "
-        f"{f.recall_after_writes:.4f} (at the end of the writes) |",
+        f"| segmented, after the writes while merges caught up ({f.catch_up_s:.1f} s, from {f.growing_after_writes:,} "
+        f"growing items) | {f.qps_during_merges:,.0f} | {f.qps_during_merges / f.live_qps:.2f}x | "
+        f"{f.recall_after_writes:.4f} (the bank as the writes left it) |",
         f"| segmented, merged ({len(f.segments)} sealed segments: {sizes} items) | {f.merged_qps:,.0f} | "
         f"{f.merged_qps / f.live_qps:.2f}x | {f.recall_merged:.4f} |",
         "",

@@ -107,7 +107,7 @@ def search(
     def nearest(order: sql.Composable, where: sql.Composable | None = None) -> sql.Composed:
         """The k nearest of one query among the bank's items (those matching `where`), labels filtered."""
         # the bank's id, spelled out: Citus routes the whole statement to the bank's shard by it
-        conditions = [sql.SQL("bank_id = {}").format(sql.Literal(int(bank.id)))]
+        conditions: list[sql.Composable] = [sql.SQL("bank_id = {}").format(sql.Literal(int(bank.id)))]
         conditions += [where] if where is not None else []
         conditions += [sql.SQL("label = ANY(%(labels)s)")] if labels is not None else []
         return sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {} LIMIT %(k)s").format(

@@ -89,8 +89,9 @@ def sealed_segments(conn: psycopg.Connection, bank_id: int) -> list[Segment]:
 
 def growing_rows(conn: psycopg.Connection, bank_id: int, segments: list[Segment], limit: int | None = None) -> int:
     """How many items the growing segment holds (counted up to `limit` when given)."""
-    inner = sql.SQL("SELECT 1 FROM {} WHERE {}{}").format(
+    inner = sql.SQL("SELECT 1 FROM {} WHERE bank_id = {} AND {}{}").format(
         items_partition(bank_id),
+        sql.Literal(int(bank_id)),
         unsealed(segments),
         sql.SQL("") if limit is None else sql.SQL(" LIMIT {}").format(sql.Literal(int(limit))),
     )
@@ -99,17 +100,15 @@ def growing_rows(conn: psycopg.Connection, bank_id: int, segments: list[Segment]
 
 
 def banks_due(conn: psycopg.Connection) -> list[int]:
-    """The segmented banks whose growing segment has reached their merge threshold."""
-    return list(
-        conn.cursor(row_factory=scalar_row)
-        .execute(
-            "SELECT b.id FROM memory_banks b WHERE b.merge_threshold > 0 AND (SELECT count(*) FROM "
-            "(SELECT 1 FROM memory_items i WHERE i.bank_id = b.id AND i.version > coalesce("
-            "(SELECT max(s.hi) FROM memory_segments s WHERE s.bank_id = b.id), 0) LIMIT b.merge_threshold) g) "
-            ">= b.merge_threshold ORDER BY b.id"
-        )
-        .fetchall()
-    )
+    """The segmented banks whose growing segment has reached their merge threshold (a statement per bank,
+    each on one bank's rows: on Citus each goes to one shard)."""
+    due = []
+    for bank_id, threshold in conn.execute(
+        "SELECT id, merge_threshold FROM memory_banks WHERE merge_threshold > 0 ORDER BY id"
+    ).fetchall():
+        if growing_rows(conn, bank_id, sealed_segments(conn, bank_id), limit=threshold) >= threshold:
+            due.append(int(bank_id))
+    return due
 
 
 def merge_bank(
@@ -205,7 +204,9 @@ def _build(conn: psycopg.Connection, bank: Bank, lo: int, hi: int) -> None:
 
 
 def _count(conn: psycopg.Connection, bank: Bank, lo: int, hi: int) -> int:
-    statement = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(items_partition(bank.id), version_range(lo, hi))
+    statement = sql.SQL("SELECT count(*) FROM {} WHERE bank_id = {} AND {}").format(
+        items_partition(bank.id), sql.Literal(int(bank.id)), version_range(lo, hi)
+    )
     return int(one_row(conn.cursor(row_factory=scalar_row).execute(statement)))
 
 
