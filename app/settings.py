@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     merge_interval_s: float = Field(
         default=1.0, ge=0, description="How often the service looks for segmented banks due a merge (0: never)."
     )
+    merge_idle_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="A segmented bank unwritten this long is sealed and compacted into one segment (0: never).",
+    )
     merge_maintenance_work_mem_mb: int = Field(
         default=256,
         ge=1,

@@ -7,14 +7,17 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx
 import numpy as np
 import psycopg
 import pyarrow as pa
 import pytest
 
+from app import keys
 from app.settings import Settings
 from eidetic.wire.bank_policy import similarity_matrix
 from tests import fault_kit
+from tests.conftest import start_service, stop_service
 from tests.helpers import error_of
 
 
@@ -160,6 +163,43 @@ def test_sealed_segments_of_one_tier_are_compacted_into_one(service, api):
     assert merged["segments"] == [{"lo": 0, "hi": 3, "rows": 150}]
     assert segment_indexes(service.database_url, bank["id"]) == {f"memory_items_b{bank['id']}_v0_3": True}
     assert_search_is_right(api, bank["id"])
+
+
+def test_a_full_merge_compacts_every_sealed_segment_into_one(service, api):
+    rng = np.random.default_rng(6)
+    bank = make_bank(api, merge_threshold=100_000)
+    for _ in range(3):
+        write(api, bank["id"], rng.standard_normal((40, 8)).astype(np.float32))
+        api.post(f"/v1/memory-banks/{bank['id']}/merge")
+    write(api, bank["id"], rng.standard_normal((40, 8)).astype(np.float32))
+    merged = api.post(f"/v1/memory-banks/{bank['id']}/merge", params={"full": "true"}).json()
+    assert merged["segments"] == [{"lo": 0, "hi": 4, "rows": 160}] and merged["compacted_segments"] == 4
+    assert segment_indexes(service.database_url, bank["id"]) == {f"memory_items_b{bank['id']}_v0_4": True}
+    assert_search_is_right(api, bank["id"])
+
+
+def test_the_background_merger_compacts_a_bank_left_idle_into_one_segment(database_url):
+    settings = Settings(database_url=None, no_auth=False, merge_interval_s=0.2, merge_idle_s=1.0)
+    server, thread, base_url = start_service(settings, database_url)
+    try:
+        with psycopg.connect(database_url) as conn:
+            key = keys.create_key(conn, "alpha", "write")
+        with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
+            bank = make_bank(client, merge_threshold=50)
+            rng = np.random.default_rng(7)
+            for _ in range(3):  # each write is due a merge of its own: three segments, or fewer
+                write(client, bank["id"], rng.standard_normal((60, 8)).astype(np.float32))
+            write(client, bank["id"], rng.standard_normal((10, 8)).astype(np.float32))  # under the threshold
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                state = segments(client, bank["id"])
+                if state["segments"] == [{"lo": 0, "hi": 4, "rows": 190}] and state["growing_rows"] == 0:
+                    break
+                time.sleep(0.2)
+            assert state["segments"] == [{"lo": 0, "hi": 4, "rows": 190}] and state["growing_rows"] == 0
+            assert_search_is_right(client, bank["id"])
+    finally:
+        stop_service(server, thread)
 
 
 def test_a_replaced_or_deleted_item_leaves_its_sealed_segment(api):

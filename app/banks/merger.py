@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 
 import psycopg
 
@@ -21,13 +22,16 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def merge_now(database_url: str, settings: Settings, bank_id: int, *, force: bool, wait: bool) -> MergeReport:
+def merge_now(
+    database_url: str, settings: Settings, bank_id: int, *, force: bool, full: bool = False, wait: bool
+) -> MergeReport:
     """One merge of one bank on a connection opened for it (the merge route's, and the tests')."""
     with connect(database_url, settings) as conn:
         return merge_bank(
             conn,
             bank_id,
             force=force,
+            full=full,
             wait=wait,
             maintenance_work_mem_mb=settings.merge_maintenance_work_mem_mb,
             statement_timeout_ms=settings.scan_timeout_ms,
@@ -35,14 +39,17 @@ def merge_now(database_url: str, settings: Settings, bank_id: int, *, force: boo
 
 
 class BackgroundMerger:
-    """Every `merge_interval_s`, merges the banks due; stopping cancels a build in progress (the next
-    merge drops what it left)."""
+    """Every `merge_interval_s`, merges the banks due; a bank written to by nobody for `merge_idle_s` has its
+    growing items sealed and its segments compacted into one (a search then walks one graph, as on a bank
+    with one live index). Stopping cancels a build in progress (the next merge drops what it left)."""
 
     def __init__(self, database_url: str, settings: Settings) -> None:
         self.database_url = database_url
         self.settings = settings
         self._stop = threading.Event()
         self._conn: psycopg.Connection | None = None
+        self._idle: dict[int, tuple[int, float]] = {}  # bank -> (version last seen, when it was first seen)
+        self._settled: dict[int, int] = {}  # bank -> the version it was compacted into one segment at
         self._thread = threading.Thread(target=self._run, name="eidetic-bank-merger", daemon=True)
 
     def start(self) -> None:
@@ -75,18 +82,42 @@ class BackgroundMerger:
         if self._conn is None or self._conn.closed:
             self._conn = connect(self.database_url, self.settings)
         reports = []
-        for bank_id in banks_due(self._conn):
+        due = banks_due(self._conn)
+        for bank_id in [*due, *self._idle_banks(self._conn, set(due))]:
             if self._stop.is_set():
                 break
-            reports.append(
-                merge_bank(
-                    self._conn,
-                    bank_id,
-                    maintenance_work_mem_mb=self.settings.merge_maintenance_work_mem_mb,
-                    statement_timeout_ms=self.settings.scan_timeout_ms,
-                )
+            idle = bank_id not in due
+            report = merge_bank(
+                self._conn,
+                bank_id,
+                force=idle,
+                full=idle,
+                maintenance_work_mem_mb=self.settings.merge_maintenance_work_mem_mb,
+                statement_timeout_ms=self.settings.scan_timeout_ms,
             )
+            if idle and report.merged:
+                self._settled[bank_id] = self._idle[bank_id][0]
+            reports.append(report)
         return reports
+
+    def _idle_banks(self, conn: psycopg.Connection, due: set[int]) -> list[int]:
+        """The segmented banks whose version has not moved for `merge_idle_s` and that are not compacted yet."""
+        if self.settings.merge_idle_s <= 0:
+            return []
+        now = time.monotonic()
+        idle = []
+        rows = conn.execute("SELECT id, version FROM memory_banks WHERE merge_threshold > 0").fetchall()
+        for bank_id, version in rows:
+            seen, since = self._idle.get(bank_id, (None, now))
+            if seen != version:
+                self._idle[bank_id] = (version, now)
+            elif (
+                now - since >= self.settings.merge_idle_s
+                and self._settled.get(bank_id) != version
+                and bank_id not in due
+            ):
+                idle.append(int(bank_id))
+        return idle
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None

@@ -116,11 +116,13 @@ def merge_bank(
     bank_id: int,
     *,
     force: bool = False,
+    full: bool = False,
     wait: bool = False,
     maintenance_work_mem_mb: int = 256,
     statement_timeout_ms: int = 600_000,
 ) -> MergeReport:
-    """Seals the growing segment (when it holds `merge_threshold` items, or any with `force`), then compacts.
+    """Seals the growing segment (when it holds `merge_threshold` items, or any with `force`), then compacts
+    (`full`: every sealed segment into one, as once writes have stopped: a search then walks one graph).
 
     `conn` must be in autocommit mode (CREATE INDEX CONCURRENTLY runs outside a transaction) and is
     this merge's alone. `wait`: wait for another merger of the bank to finish instead of giving up.
@@ -137,7 +139,7 @@ def merge_bank(
         conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(int(statement_timeout_ms))))
         _repair(conn, bank)
         sealed = _seal(conn, bank, force=force)
-        compacted = _compact(conn, bank)
+        compacted = _compact(conn, bank, full=full)
         segments = sealed_segments(conn, bank.id)
         return MergeReport(True, sealed, compacted, segments, growing_rows(conn, bank.id, segments))
     finally:
@@ -245,10 +247,18 @@ def compaction_group(segments: list[Segment], merge_threshold: int, merge_factor
     return []
 
 
-def _compact(conn: psycopg.Connection, bank: Bank) -> int:
-    """Compacts while a tier holds `merge_factor` segments; returns how many segments were compacted away."""
+def _compact(conn: psycopg.Connection, bank: Bank, *, full: bool = False) -> int:
+    """Compacts while a tier holds `merge_factor` segments (`full`: all into one); returns how many segments
+    were compacted away."""
     compacted = 0
-    while group := compaction_group(sealed_segments(conn, bank.id), bank.merge_threshold, bank.merge_factor):
+
+    def next_group() -> list[Segment]:
+        segments = sealed_segments(conn, bank.id)
+        if full:
+            return segments if len(segments) > 1 else []
+        return compaction_group(segments, bank.merge_threshold, bank.merge_factor)
+
+    while group := next_group():
         lo, hi = group[0].lo, group[-1].hi
         _build(conn, bank, lo, hi)
         rows = _count(conn, bank, lo, hi)  # items replaced or deleted since left their segments

@@ -130,14 +130,23 @@ def _neighbours_out(answer: banks.Neighbours) -> NeighboursOut:
 
 
 @router.post("/{bank_id}/merge", response_model=SegmentsOut, responses=error_responses(409))
-def merge(request: Request, bank_id: Id, principal: Writer, conn: Conn) -> SegmentsOut:
+def merge(
+    request: Request,
+    bank_id: Id,
+    principal: Writer,
+    conn: Conn,
+    full: Annotated[bool, Query(description="Compact every sealed segment into one.")] = False,
+) -> SegmentsOut:
     """Seals the bank's growing segment now, whatever its size, into an HNSW segment built in bulk, then
-    compacts sealed segments as the background merger would (it waits for a merge in progress).
-    Writes and searches go on meanwhile; 409 for a bank without segments (`merge_threshold` 0)."""
+    compacts sealed segments as the background merger would, or all of them into one with `full` (it
+    waits for a merge in progress). Writes and searches go on meanwhile; 409 for a bank without segments
+    (`merge_threshold` 0)."""
     bank = banks.get_bank(conn, principal.project_id, bank_id)
     if not bank.segmented:
         raise Conflict(f"bank {bank.name!r} has no segments (merge_threshold 0)", field="bank_id")
-    report = banks.merge_now(request.app.state.database_url, request.app.state.settings, bank.id, force=True, wait=True)
+    report = banks.merge_now(
+        request.app.state.database_url, request.app.state.settings, bank.id, force=True, full=full, wait=True
+    )
     return _segments_out(report)
 
 
