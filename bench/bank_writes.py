@@ -97,6 +97,9 @@ class Figures:
     recall_after_writes: float = 0.0
     recall_merged: float = 0.0
     merged_qps: float = 0.0
+    compact_s: float = 0.0
+    compacted_qps: float = 0.0
+    recall_compacted: float = 0.0
     segments: list[dict] = field(default_factory=list)
     growing_after_writes: int = 0
     checks: dict[str, bool] = field(default_factory=dict)
@@ -261,9 +264,16 @@ def measure_segmented(service: Service, figures: Figures, keys_: np.ndarray, lab
     figures.segments = segments_of(service, bank_id)["segments"]
     merged = best_pass(service.client, bank_id, queries, args.passes)
     figures.merged_qps, figures.recall_merged = merged.per_second, recall(truth, row_of, merged.found)
+    began = time.perf_counter()
+    _expect(service.client.post(f"/v1/memory-banks/{bank_id}/merge", params={"full": "true"}), 200)
+    figures.compact_s = time.perf_counter() - began
+    compacted = best_pass(service.client, bank_id, queries, args.passes)
+    figures.compacted_qps, figures.recall_compacted = compacted.per_second, recall(truth, row_of, compacted.found)
     print(
         f"segmented: caught up in {figures.catch_up_s:.1f} s ({figures.qps_during_merges:,.0f} queries/s); merged: "
-        f"{len(figures.segments)} segments, {figures.merged_qps:,.0f} queries/s, recall@10 {figures.recall_merged:.4f}",
+        f"{len(figures.segments)} segments, {figures.merged_qps:,.0f} queries/s, recall@10 {figures.recall_merged:.4f}; "
+        f"compacted into one in {figures.compact_s:.1f} s: {figures.compacted_qps:,.0f} queries/s, "
+        f"recall@10 {figures.recall_compacted:.4f}",
         flush=True,
     )
     exact = _expect(
@@ -317,6 +327,7 @@ def verdict(f: Figures) -> str:
     wants = [
         (f.segmented_keys_per_s >= 20_000, f"writes {f.segmented_keys_per_s:,.0f} keys/s (target 20,000)"),
         (f.recall_merged >= 0.95, f"recall@10 merged {f.recall_merged:.3f} (target 0.95)"),
+        (f.recall_compacted >= 0.95, f"recall@10 compacted {f.recall_compacted:.3f}"),
         (f.recall_after_writes >= 0.95, f"recall@10 right after the writes {f.recall_after_writes:.3f}"),
         (
             f.qps_during_writes >= 0.7 * f.live_qps,
@@ -367,6 +378,9 @@ def report(f: Figures, args: argparse.Namespace, machine: dict[str, str], load: 
         f"{f.recall_after_writes:.4f} (the bank as the writes left it) |",
         f"| segmented, merged ({len(f.segments)} sealed segments: {sizes} items) | {f.merged_qps:,.0f} | "
         f"{f.merged_qps / f.live_qps:.2f}x | {f.recall_merged:.4f} |",
+        f"| segmented, compacted into one segment (POST merge?full=true, {f.compact_s:.1f} s; what the background "
+        f"merger does to a bank left idle) | {f.compacted_qps:,.0f} | {f.compacted_qps / f.live_qps:.2f}x | "
+        f"{f.recall_compacted:.4f} |",
         "",
         "Checks: " + "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in f.checks.items()) + ".",
     ]
