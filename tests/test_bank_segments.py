@@ -327,6 +327,26 @@ def test_segment_settings_default_and_an_unsegmented_bank_keeps_one_live_index(s
     assert_search_is_right(api, live["id"])
 
 
+def test_deleting_a_bank_cancels_its_merge(service, api):
+    rng = np.random.default_rng(8)
+    bank = make_bank(api, dim=32, capacity=10_000, merge_threshold=100_000, hnsw_ef_construction=400)
+    write(api, bank["id"], rng.standard_normal((4000, 32)).astype(np.float32))
+    answers: list[int] = []
+    merging = threading.Thread(
+        target=lambda: answers.append(api.post(f"/v1/memory-banks/{bank['id']}/merge").status_code)
+    )
+    with service.client() as other:
+        merging.start()
+        _wait_for_build(service.database_url)
+        assert other.delete(f"/v1/memory-banks/{bank['id']}").status_code == 204
+    merging.join()
+    assert answers[0] in (200, 503)  # cancelled (or done just before)
+    assert api.get(f"/v1/memory-banks/{bank['id']}").status_code == 404
+    with psycopg.connect(service.database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM memory_segments").fetchone() == (0,)
+        assert conn.execute("SELECT to_regclass(%s)", (f"memory_items_b{bank['id']}",)).fetchone() == (None,)
+
+
 # ------------------------------------------------------------------ a merge killed half-way
 
 

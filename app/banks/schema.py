@@ -8,6 +8,7 @@ the whole partition (`merge_threshold` 0), or one per sealed segment, built by
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -167,9 +168,44 @@ def list_banks(conn: psycopg.Connection, project_id: int) -> list[Bank]:
     return conn.cursor(row_factory=class_row(Bank)).execute(statement, (project_id,)).fetchall()
 
 
+MERGE_LOCK = "SELECT {}(hashtextextended('eidetic:bank-merge', %s))"  # a bank's merge lock (session-level)
+
+
+def try_merge_lock(conn: psycopg.Connection, bank_id: int) -> bool:
+    """Takes the bank's merge lock if no merge holds it; a merger that dies lets it go."""
+    row = conn.execute(sql.SQL(MERGE_LOCK).format(sql.Identifier("pg_try_advisory_lock")), (bank_id,)).fetchone()
+    return bool(row and row[0])
+
+
+def merge_unlock(conn: psycopg.Connection, bank_id: int) -> None:
+    conn.execute(sql.SQL(MERGE_LOCK).format(sql.Identifier("pg_advisory_unlock")), (bank_id,))
+
+
+def _cancel_merges(conn: psycopg.Connection, bank_id: int) -> None:
+    """Takes the bank's merge lock, cancelling the merge that holds it (the deletion drops what it built).
+
+    A merge's CREATE INDEX CONCURRENTLY waits for every older transaction, and a transaction that
+    drops the partition waits for the build: the merge has to be out of the way first.
+    """
+    while not try_merge_lock(conn, bank_id):
+        conn.execute(
+            "SELECT pg_cancel_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND ((classid::bigint << 32) | objid::bigint) = hashtextextended('eidetic:bank-merge', %s)",
+            (bank_id,),
+        )
+        time.sleep(0.05)
+
+
 def delete_bank(conn: psycopg.Connection, project_id: int, bank_id: int) -> None:
-    """Drops the bank's partition (its items) and its row, under the row lock so no write is half done."""
-    with conn.transaction():
-        get_bank(conn, project_id, bank_id, lock=True)
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(items_partition(bank_id)))
-        conn.execute("DELETE FROM memory_banks WHERE id = %s", (bank_id,))
+    """Drops the bank's partition (its items) and its row, under the row lock so no write is half done,
+    and with no merge of it running."""
+    get_bank(conn, project_id, bank_id)
+    _cancel_merges(conn, bank_id)
+    try:
+        with conn.transaction():
+            get_bank(conn, project_id, bank_id, lock=True)
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(items_partition(bank_id)))
+            conn.execute("DELETE FROM memory_banks WHERE id = %s", (bank_id,))
+    finally:
+        merge_unlock(conn, bank_id)

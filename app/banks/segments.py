@@ -31,7 +31,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row, scalar_row
 
-from app.banks.schema import Bank, bank_by_id, hnsw_index, items_partition
+from app.banks.schema import Bank, bank_by_id, hnsw_index, items_partition, merge_unlock, try_merge_lock
 from app.database import one_row
 
 
@@ -144,7 +144,7 @@ def merge_bank(
         return MergeReport(True, sealed, compacted, segments, growing_rows(conn, bank.id, segments))
     finally:
         if not conn.closed and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-            conn.execute("SELECT pg_advisory_unlock(hashtextextended('eidetic:bank-merge', %s))", (bank.id,))
+            merge_unlock(conn, bank.id)
             conn.execute("RESET statement_timeout")
             conn.execute("RESET maintenance_work_mem")
 
@@ -157,11 +157,9 @@ def _lock(conn: psycopg.Connection, bank_id: int, *, wait_s: float) -> bool:
     """
     deadline = time.monotonic() + wait_s
     while True:
-        taken = one_row(
-            conn.execute("SELECT pg_try_advisory_lock(hashtextextended('eidetic:bank-merge', %s))", (bank_id,))
-        )
-        if taken[0] or time.monotonic() >= deadline:
-            return bool(taken[0])
+        taken = try_merge_lock(conn, bank_id)
+        if taken or time.monotonic() >= deadline:
+            return taken
         time.sleep(0.05)
 
 
