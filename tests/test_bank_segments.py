@@ -153,6 +153,29 @@ def test_a_merge_seals_the_growing_items_into_an_indexed_segment_and_search_answ
     assert f"memory_items_b{bank['id']}_v0_1" in plan, plan
 
 
+@pytest.mark.parametrize("metric", ["cosine", "l2", "ip"])
+def test_growing_and_sealed_items_are_ranked_as_the_exact_scan_ranks_them(api, metric):
+    """The growing items are compared with the queries in the service, the sealed ones in PostgreSQL:
+    one ranking, the same scores as the exact scan's, labels filtered, metas read."""
+    rng = np.random.default_rng(10)
+    bank = make_bank(api, dim=12, metric=metric, merge_threshold=100_000)
+    keys = rng.standard_normal((400, 12)).astype(np.float32)
+    items = [{"key": k.tolist(), "label": i % 4, "meta": {"i": i}} for i, k in enumerate(keys)]
+    for start in (0, 200):
+        assert api.post(f"/v1/memory-banks/{bank['id']}/items", json={"items": items[start : start + 200]}).is_success
+        if start == 0:
+            api.post(f"/v1/memory-banks/{bank['id']}/merge")
+    queries = rng.standard_normal((16, 12)).tolist()
+    url = f"/v1/memory-banks/{bank['id']}/search"
+    for labels in (None, [2]):
+        body = {"queries": queries, "k": 8, "labels": labels, "with_meta": True}
+        exact = api.post(url, json={**body, "exact": True}).json()["results"]
+        mixed = api.post(url, json={**body, "ef_search": 400}).json()["results"]
+        for e, m in zip(exact, mixed):
+            assert m["ids"] == e["ids"] and m["labels"] == e["labels"] and m["metas"] == e["metas"]
+            np.testing.assert_allclose(m["scores"], e["scores"], rtol=1e-5, atol=1e-5)
+
+
 def test_sealed_segments_of_one_tier_are_compacted_into_one(service, api):
     rng = np.random.default_rng(2)
     bank = make_bank(api, merge_threshold=100_000, merge_factor=3)

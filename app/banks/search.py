@@ -13,6 +13,7 @@ from psycopg.rows import dict_row, scalar_row
 
 from app.banks.schema import Bank, items_partition
 from app.banks.segments import sealed_segments, unsealed, version_range
+from app.copy_binary import iter_vectors
 from eidetic.errors import DimensionMismatch
 from eidetic.wire.vectors import require_comparable
 
@@ -119,31 +120,39 @@ def search(
         "CROSS JOIN LATERAL ({}) m ORDER BY q.ord, m.distance, m.id"
     )
     exact_statement = template.format(nearest(scan_order))
-    if exact:
-        statement = exact_statement
-    elif bank.segmented:
-        # each sealed segment through its own partial index, the growing items exactly, merged by distance
-        # (a merge that changes the segments meanwhile changes no answer: each branch is a WHERE clause)
-        segments = sealed_segments(conn, bank.id)
-        branches = [nearest(index_order, version_range(s.lo, s.hi)) for s in segments]
-        branches.append(nearest(scan_order, unsealed(segments)))
-        statement = template.format(
-            sql.SQL("SELECT * FROM ({}) s ORDER BY distance, id LIMIT %(k)s").format(
-                sql.SQL(" UNION ALL ").join(sql.SQL("({})").format(b) for b in branches)
-            )
-        )
-    else:
-        statement = template.format(nearest(index_order))
+    segmented = bank.segmented and not exact
     vectors = [Vector(query) for query in queries]
     params: dict[str, Any] = {"queries": vectors, "labels": labels, "k": k}
     with conn.transaction():
+        if segmented:  # the sealed segments and the growing items read from one snapshot
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         if not exact:
             conn.execute(
                 sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(min(max(ef_search, k), MAX_EF_SEARCH)))
             )
             if labels is not None:
                 conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-        found = _group(conn.cursor(row_factory=dict_row).execute(statement, params).fetchall(), len(queries))
+        if exact:
+            found = _group(conn.cursor(row_factory=dict_row).execute(exact_statement, params).fetchall(), len(queries))
+        elif segmented:
+            # each sealed segment through its own partial index, merged by distance with the growing items,
+            # which are read once and compared with every query at once (an exact scan per query in SQL is
+            # tens of times slower); a merge that changes the segments meanwhile changes no answer
+            segments = sealed_segments(conn, bank.id)
+            found = [[] for _ in range(len(queries))]
+            if segments:
+                branches = [nearest(index_order, version_range(s.lo, s.hi)) for s in segments]
+                statement = template.format(
+                    sql.SQL("SELECT * FROM ({}) s ORDER BY distance, id LIMIT %(k)s").format(
+                        sql.SQL(" UNION ALL ").join(sql.SQL("({})").format(b) for b in branches)
+                    )
+                )
+                found = _group(conn.cursor(row_factory=dict_row).execute(statement, params).fetchall(), len(queries))
+            growing = _growing_nearest(conn, bank, queries, k, labels, unsealed(segments), with_meta)
+            found = [sorted(a + b, key=_rank)[:k] for a, b in zip(found, growing)]
+        else:
+            statement = template.format(nearest(index_order))
+            found = _group(conn.cursor(row_factory=dict_row).execute(statement, params).fetchall(), len(queries))
         if not exact:
             came_short = [i for i, hits in enumerate(found) if len(hits) < k]
             matching = _matching_count(conn, bank, labels) if came_short else k  # a look-up only when needed
@@ -164,6 +173,69 @@ def search(
         metas = [h.meta for h in hits] if with_meta else None
         answers.append(Neighbours([h.id for h in hits], scores, item_labels, prediction, confidence, metas))
     return answers
+
+
+def distances(metric: str, queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """pgvector's distance of every query to every key (queries x keys): cosine distance (NaN for a zero
+    key, as pgvector), L2 distance, or the negative inner product."""
+    queries64, keys64 = queries.astype(np.float64), keys.astype(np.float64)
+    dots = queries64 @ keys64.T
+    if metric == "ip":
+        return -dots
+    if metric == "l2":
+        squared = (queries64**2).sum(1)[:, None] + (keys64**2).sum(1)[None, :] - 2 * dots
+        return np.sqrt(np.maximum(squared, 0.0))
+    norms = np.linalg.norm(queries64, axis=1)[:, None] * np.linalg.norm(keys64, axis=1)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(norms > 0, 1.0 - dots / norms, np.nan)
+
+
+def _rank(hit: _Hit) -> tuple[float, int]:
+    """The statement's order: by distance (NaN last, as pgvector sorts it), then id."""
+    return (np.inf if np.isnan(hit.distance) else hit.distance, hit.id)
+
+
+def _growing_nearest(
+    conn: psycopg.Connection,
+    bank: Bank,
+    queries: np.ndarray,
+    k: int,
+    labels: list[int] | None,
+    where: sql.Composable,
+    with_meta: bool,
+) -> list[list[_Hit]]:
+    """The k nearest growing items (those matching `where`) of each query, exactly, computed here."""
+    conditions = sql.SQL("bank_id = {} AND {}{}").format(
+        sql.Literal(int(bank.id)), where, sql.SQL(" AND label = ANY(%s)") if labels is not None else sql.SQL("")
+    )
+    params = [labels] if labels is not None else []
+    rows = conn.execute(
+        sql.SQL("SELECT id, label FROM {} WHERE {} ORDER BY id").format(items_partition(bank.id), conditions),
+        params,
+    ).fetchall()
+    if not rows:
+        return [[] for _ in range(len(queries))]
+    select_keys = sql.SQL("SELECT key FROM {} WHERE {} ORDER BY id").format(items_partition(bank.id), conditions)
+    keys = np.concatenate(list(iter_vectors(conn, select_keys, params, bank.dim)))
+    if len(keys) != len(rows):
+        raise RuntimeError("the growing items changed within one snapshot")
+    ranked = distances(bank.metric, queries, keys)
+    order_by = np.where(np.isnan(ranked), np.inf, ranked)  # pgvector sorts NaN last
+    nearest = min(k, len(rows))
+    part = np.argpartition(order_by, nearest - 1, axis=1)[:, :nearest]
+    metas: dict[int, Any] = {}
+    if with_meta:
+        chosen = sorted({rows[j][0] for j in part.ravel().tolist()})
+        metas = dict(
+            conn.execute(
+                sql.SQL("SELECT id, meta FROM {} WHERE id = ANY(%s)").format(items_partition(bank.id)), (chosen,)
+            ).fetchall()
+        )
+    found = []
+    for i, columns in enumerate(part):
+        hits = [_Hit(rows[j][0], rows[j][1], float(ranked[i, j]), metas.get(rows[j][0])) for j in columns.tolist()]
+        found.append(sorted(hits, key=_rank))
+    return found
 
 
 def _group(rows: list[dict], n_queries: int) -> list[list[_Hit]]:
