@@ -4,6 +4,7 @@ under four writers, across merges, and across a merge killed half-way (PostgreSQ
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 
@@ -154,9 +155,10 @@ def test_a_merge_seals_the_growing_items_into_an_indexed_segment_and_search_answ
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2", "ip"])
-def test_growing_and_sealed_items_are_ranked_as_the_exact_scan_ranks_them(api, metric):
-    """The growing items are compared with the queries in the service, the sealed ones in PostgreSQL:
-    one ranking, the same scores as the exact scan's, labels filtered, metas read."""
+def test_growing_and_sealed_items_are_ranked_as_the_exact_scan_ranks_them(api, metric, monkeypatch):
+    """The growing items are compared with the queries in the service (a few queries at a time here), the
+    sealed ones in PostgreSQL: one ranking, the same scores as the exact scan's, labels filtered, metas read."""
+    monkeypatch.setattr(importlib.import_module("app.banks.search"), "_DISTANCE_BLOCK", 500)
     rng = np.random.default_rng(10)
     bank = make_bank(api, dim=12, metric=metric, merge_threshold=100_000)
     keys = rng.standard_normal((400, 12)).astype(np.float32)

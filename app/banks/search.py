@@ -18,6 +18,7 @@ from eidetic.errors import DimensionMismatch
 from eidetic.wire.vectors import require_comparable
 
 MAX_EF_SEARCH = 1000  # pgvector's limit
+_DISTANCE_BLOCK = 4_000_000  # query-key distances computed at once for the growing items (float64: 32 MB)
 DISTANCE_OPERATORS = {"cosine": "<=>", "l2": "<->", "ip": "<#>"}  # pgvector's, by metric
 
 
@@ -178,7 +179,7 @@ def search(
 def distances(metric: str, queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """pgvector's distance of every query to every key (queries x keys): cosine distance (NaN for a zero
     key, as pgvector), L2 distance, or the negative inner product."""
-    queries64, keys64 = queries.astype(np.float64), keys.astype(np.float64)
+    queries64, keys64 = queries.astype(np.float64), keys.astype(np.float64, copy=False)
     dots = queries64 @ keys64.T
     if metric == "ip":
         return -dots
@@ -216,24 +217,33 @@ def _growing_nearest(
     if not rows:
         return [[] for _ in range(len(queries))]
     select_keys = sql.SQL("SELECT key FROM {} WHERE {} ORDER BY id").format(items_partition(bank.id), conditions)
-    keys = np.concatenate(list(iter_vectors(conn, select_keys, params, bank.dim)))
+    keys = np.concatenate(list(iter_vectors(conn, select_keys, params, bank.dim))).astype(np.float64)
     if len(keys) != len(rows):
         raise RuntimeError("the growing items changed within one snapshot")
-    ranked = distances(bank.metric, queries, keys)
-    order_by = np.where(np.isnan(ranked), np.inf, ranked)  # pgvector sorts NaN last
     nearest = min(k, len(rows))
-    part = np.argpartition(order_by, nearest - 1, axis=1)[:, :nearest]
+    part = np.empty((len(queries), nearest), dtype=np.int64)
+    ranked = np.empty((len(queries), nearest), dtype=np.float64)
+    block = max(1, _DISTANCE_BLOCK // len(rows))  # queries at a time: the matrix stays tens of MB
+    for start in range(0, len(queries), block):
+        chunk = distances(bank.metric, queries[start : start + block], keys)
+        order_by = np.where(np.isnan(chunk), np.inf, chunk)  # pgvector sorts NaN last
+        chosen = np.argpartition(order_by, nearest - 1, axis=1)[:, :nearest]
+        part[start : start + block] = chosen
+        ranked[start : start + block] = np.take_along_axis(chunk, chosen, axis=1)
     metas: dict[int, Any] = {}
     if with_meta:
-        chosen = sorted({rows[j][0] for j in part.ravel().tolist()})
+        wanted = sorted({rows[j][0] for j in part.ravel().tolist()})
         metas = dict(
             conn.execute(
-                sql.SQL("SELECT id, meta FROM {} WHERE id = ANY(%s)").format(items_partition(bank.id)), (chosen,)
+                sql.SQL("SELECT id, meta FROM {} WHERE id = ANY(%s)").format(items_partition(bank.id)), (wanted,)
             ).fetchall()
         )
     found = []
     for i, columns in enumerate(part):
-        hits = [_Hit(rows[j][0], rows[j][1], float(ranked[i, j]), metas.get(rows[j][0])) for j in columns.tolist()]
+        hits = [
+            _Hit(rows[j][0], rows[j][1], float(ranked[i, n]), metas.get(rows[j][0]))
+            for n, j in enumerate(columns.tolist())
+        ]
         found.append(sorted(hits, key=_rank))
     return found
 
