@@ -28,7 +28,7 @@ lint: setup
 
 # Every benchmark at full size (tens of minutes; knn's FAISS anchor wants the [bench] extra):
 # each writes bench/results/NAME.json and re-renders its region of bench/RESULTS.md.
-BENCHMARKS ?= ingest knn quantiles caches memory_path reliability
+BENCHMARKS ?= ingest knn bank_writes quantiles caches memory_path reliability
 
 bench: setup
 	for name in $(BENCHMARKS); do $(BIN)/python -m bench $$name || exit 1; done

@@ -15,6 +15,7 @@ from starlette.requests import ClientDisconnect
 
 from app import __version__, keys
 from app.authentication import Authenticate
+from app.banks.merger import BackgroundMerger
 from app.database import open_pool
 from app.database_health import DatabaseHealth
 from app.deadline import RequestDeadline, RetryAfter
@@ -49,12 +50,15 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         app.state.pool = open_pool(database_url, settings, on_connect_failed=database_health.suspect)
         database_health.start(app.state.pool)
         app.state.database_health = database_health
+        merger = BackgroundMerger(database_url, settings)
+        merger.start()
         if settings.no_auth:
             with app.state.pool.connection() as conn:
                 app.state.open_principal = keys.open_principal(conn)
         try:
             yield
         finally:
+            merger.stop()
             database_health.stop()
             app.state.pool.close()
 
@@ -66,6 +70,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         dependencies=[Depends(refuse_unknown_query)],
     )
     app.state.settings = settings
+    app.state.database_url = database_url  # a merge runs on a connection of its own
     # Added first, runs innermost: who the caller is, settled before any route reads its body
     # and inside the deadline (a key look-up that waits on the database is cancelled like any other).
     app.add_middleware(Authenticate)

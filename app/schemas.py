@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from app.banks.schema import DEFAULT_MERGE_FACTOR, DEFAULT_MERGE_THRESHOLD
 from eidetic.wire.meta import MAX_META_BYTES, meta_problem
 from eidetic.wire.text import text_problem
 
@@ -211,6 +212,19 @@ class BankCreate(RequestBody):
         default=16, ge=2, le=100, description="HNSW graph degree (higher: better recall, slower build)."
     )
     hnsw_ef_construction: int = Field(default=64, ge=4, le=1000, description="HNSW build-time candidate list.")
+    merge_threshold: int = Field(
+        default=DEFAULT_MERGE_THRESHOLD,
+        ge=0,
+        le=1_000_000,
+        description="Items in the growing segment (unindexed, searched exactly) that start a background merge "
+        "into an HNSW segment built in bulk. 0: no segments, every write goes into one live HNSW index.",
+    )
+    merge_factor: int = Field(
+        default=DEFAULT_MERGE_FACTOR,
+        ge=2,
+        le=64,
+        description="How many sealed segments of one size tier a merge compacts into one.",
+    )
 
 
 class BankOut(BaseModel):
@@ -227,6 +241,22 @@ class BankOut(BaseModel):
     created_at: datetime
     hnsw_m: int
     hnsw_ef_construction: int
+    merge_threshold: int
+    merge_factor: int
+
+
+class SegmentOut(BaseModel):
+    lo: int = Field(description="The segment holds the items with a version above lo ...")
+    hi: int = Field(description="... and at most hi.")
+    rows: int = Field(description="Its items when its index was built (replaced items have left it since).")
+
+
+class SegmentsOut(BaseModel):
+    merged: bool = Field(description="Whether this request ran a merge (False: the bank has no segments).")
+    sealed_rows: int = Field(description="Items this merge sealed into a new segment.")
+    compacted_segments: int = Field(description="Sealed segments this merge compacted into larger ones.")
+    segments: list[SegmentOut] = Field(description="The sealed segments after it, oldest first.")
+    growing_rows: int = Field(description="Items in the growing segment after it (searched exactly).")
 
 
 class BankList(BaseModel):

@@ -56,6 +56,21 @@ class Settings(BaseSettings):
     max_search_k: int = 1000
     max_search_queries: int = 4096
     max_items_per_write: int = 10_000
+    merge_interval_s: float = Field(
+        default=1.0, ge=0, description="How often the service looks for segmented banks due a merge (0: never)."
+    )
+    merge_idle_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="A segmented bank unwritten this long is sealed and compacted into one segment (0: never).",
+    )
+    merge_maintenance_work_mem_mb: int = Field(
+        default=256,
+        ge=1,
+        le=65536,
+        description="maintenance_work_mem of a merge's index build (an HNSW build "
+        "that fits in it is several times faster).",
+    )
 
     statement_timeout_ms: int = 30_000
     scan_timeout_ms: int = 600_000  # exact quantiles read whole layers

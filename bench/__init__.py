@@ -53,6 +53,11 @@ BENCHMARKS: dict[str, Benchmark] = {
             "the service's HNSW search against raw pgvector SQL, FAISS HNSW and exact search",
         ),
         Benchmark(
+            "bank_writes",
+            "## Bank writes (bench/bank_writes.py)",
+            "a segmented bank's writes and search while merges run, against writes into one live HNSW index",
+        ),
+        Benchmark(
             "quantiles",
             "## Quantiles (bench/quantiles.py)",
             "exact quantiles over the service against numpy; KLL sketches against exact",

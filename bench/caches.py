@@ -616,6 +616,7 @@ def measure_service(
                 "metric": "cosine",
                 "capacity": n_keys,
                 "policy": "none",
+                "merge_threshold": 0,  # one live HNSW index, loaded in bulk below
             },
         ),
         201,

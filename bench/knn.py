@@ -523,6 +523,7 @@ def measure(
                 "policy": "none",
                 "hnsw_m": plan.m,
                 "hnsw_ef_construction": plan.ef_construction,
+                "merge_threshold": 0,  # one live HNSW index, loaded in bulk below
             },
         ),
         201,

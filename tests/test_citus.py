@@ -131,7 +131,7 @@ def test_the_layout_is_reference_and_colocated_distributed_tables(citus_database
     assert all(kind == "distributed" and column == "run_id" for kind, column, _ in by_run.values())
     assert {group for _, _, group in by_run.values()} == {layout["runs"][2]}
     assert layout["runs"][:2] == ("distributed", "id")
-    by_bank = {t: layout[t] for t in ("memory_items", "memory_tombstones", "memory_hits")}
+    by_bank = {t: layout[t] for t in ("memory_items", "memory_tombstones", "memory_hits", "memory_segments")}
     assert all(kind == "distributed" and column == "bank_id" for kind, column, _ in by_bank.values())
     assert {group for _, _, group in by_bank.values()} == {layout["memory_banks"][2]}
 
@@ -202,7 +202,15 @@ def test_a_run_filtered_read_and_quantiles_push_down_to_one_worker(api, service)
 def test_a_bank_search_goes_to_its_shard_and_uses_its_hnsw_index(api, service):
     bank = api.post(
         "/v1/memory-banks",
-        json={"name": "b", "dim": 3, "metric": "l2", "capacity": 50, "policy": "none", "similarity_threshold": 0.9},
+        json={
+            "name": "b",
+            "dim": 3,
+            "metric": "l2",
+            "capacity": 50,
+            "policy": "none",
+            "similarity_threshold": 0.9,
+            "merge_threshold": 0,  # one live index over the bank's partition
+        },
     ).json()
     items = [{"key": [float(i), 1.0, 0.0], "label": i % 3} for i in range(40)]
     assert api.post(f"/v1/memory-banks/{bank['id']}/items", json={"items": items}).status_code == 200

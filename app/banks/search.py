@@ -12,10 +12,13 @@ from psycopg import sql
 from psycopg.rows import dict_row, scalar_row
 
 from app.banks.schema import Bank, items_partition
+from app.banks.segments import sealed_segments, unsealed, version_range
+from app.copy_binary import iter_vectors
 from eidetic.errors import DimensionMismatch
 from eidetic.wire.vectors import require_comparable
 
 MAX_EF_SEARCH = 1000  # pgvector's limit
+_DISTANCE_BLOCK = 4_000_000  # query-key distances computed at once for the growing items (float64: 32 MB)
 DISTANCE_OPERATORS = {"cosine": "<=>", "l2": "<->", "ip": "<#>"}  # pgvector's, by metric
 
 
@@ -91,44 +94,66 @@ def search(
     if queries.ndim != 2 or queries.shape[1] != bank.dim:
         raise DimensionMismatch(f"bank {bank.name!r} has dimension {bank.dim}", field="queries")
     require_comparable(queries, bank.metric, "queries[{}]")
-    partition = items_partition(bank.id)
     operator = sql.SQL(DISTANCE_OPERATORS[bank.metric])
     typed_key = sql.SQL("key::vector({})").format(sql.Literal(bank.dim))
     typed_query = sql.SQL("q.v::vector({})").format(sql.Literal(bank.dim))
-    # the bank's id, spelled out: Citus routes the whole statement to the bank's shard by it
-    label_filter = sql.SQL("WHERE bank_id = {}{}").format(
-        sql.Literal(int(bank.id)), sql.SQL(" AND label = ANY(%s)") if labels is not None else sql.SQL("")
-    )
     # The exact statement orders by an expression no index matches ("+ 0"), so it scans
     # every item whatever plan psycopg's prepared-statement cache holds; the HNSW one
     # orders by the indexed expression itself.
-    template = (
-        "SELECT q.ord, m.id, m.label, m.distance, m.meta FROM unnest(%b::vector[]) WITH ORDINALITY q(v, ord) "
-        "CROSS JOIN LATERAL (SELECT id, label, {meta} AS meta, {key} {op} {query} AS distance FROM {items} {filter} "
-        "ORDER BY {order} LIMIT %s) m ORDER BY q.ord, m.distance, m.id"
-    )
     index_order = sql.SQL("{} {} {}").format(typed_key, operator, typed_query)
     scan_order = sql.SQL("({} {} {}) + 0, id").format(typed_key, operator, typed_query)
-    parts = {
-        "key": typed_key,
-        "op": operator,
-        "query": typed_query,
-        "items": partition,
-        "filter": label_filter,
-        "meta": sql.SQL("meta" if with_meta else "NULL::jsonb"),
-    }
-    statement = sql.SQL(template).format(order=scan_order if exact else index_order, **parts)
-    exact_statement = sql.SQL(template).format(order=scan_order, **parts)
+    columns = sql.SQL("id, label, {meta} AS meta, {key} {op} {query} AS distance").format(
+        meta=sql.SQL("meta" if with_meta else "NULL::jsonb"), key=typed_key, op=operator, query=typed_query
+    )
+
+    def nearest(order: sql.Composable, where: sql.Composable | None = None) -> sql.Composed:
+        """The k nearest of one query among the bank's items (those matching `where`), labels filtered."""
+        # the bank's id, spelled out: Citus routes the whole statement to the bank's shard by it
+        conditions: list[sql.Composable] = [sql.SQL("bank_id = {}").format(sql.Literal(int(bank.id)))]
+        conditions += [where] if where is not None else []
+        conditions += [sql.SQL("label = ANY(%(labels)s)")] if labels is not None else []
+        return sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {} LIMIT %(k)s").format(
+            columns, items_partition(bank.id), sql.SQL(" AND ").join(conditions), order
+        )
+
+    template = sql.SQL(
+        "SELECT q.ord, m.id, m.label, m.distance, m.meta FROM unnest(%(queries)b::vector[]) WITH ORDINALITY q(v, ord) "
+        "CROSS JOIN LATERAL ({}) m ORDER BY q.ord, m.distance, m.id"
+    )
+    exact_statement = template.format(nearest(scan_order))
+    segmented = bank.segmented and not exact
     vectors = [Vector(query) for query in queries]
-    params = [vectors, *([labels] if labels is not None else []), k]
+    params: dict[str, Any] = {"queries": vectors, "labels": labels, "k": k}
     with conn.transaction():
+        if segmented:  # the sealed segments and the growing items read from one snapshot
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         if not exact:
             conn.execute(
                 sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(min(max(ef_search, k), MAX_EF_SEARCH)))
             )
             if labels is not None:
                 conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-        found = _group(conn.cursor(row_factory=dict_row).execute(statement, params).fetchall(), len(queries))
+        if exact:
+            found = _group(conn.cursor(row_factory=dict_row).execute(exact_statement, params).fetchall(), len(queries))
+        elif segmented:
+            # each sealed segment through its own partial index, merged by distance with the growing items,
+            # which are read once and compared with every query at once (an exact scan per query in SQL is
+            # tens of times slower); a merge that changes the segments meanwhile changes no answer
+            segments = sealed_segments(conn, bank.id)
+            found = [[] for _ in range(len(queries))]
+            if segments:
+                branches = [nearest(index_order, version_range(s.lo, s.hi)) for s in segments]
+                statement = template.format(
+                    sql.SQL("SELECT * FROM ({}) s ORDER BY distance, id LIMIT %(k)s").format(
+                        sql.SQL(" UNION ALL ").join(sql.SQL("({})").format(b) for b in branches)
+                    )
+                )
+                found = _group(conn.cursor(row_factory=dict_row).execute(statement, params).fetchall(), len(queries))
+            growing = _growing_nearest(conn, bank, queries, k, labels, unsealed(segments), with_meta)
+            found = [sorted(a + b, key=_rank)[:k] for a, b in zip(found, growing)]
+        else:
+            statement = template.format(nearest(index_order))
+            found = _group(conn.cursor(row_factory=dict_row).execute(statement, params).fetchall(), len(queries))
         if not exact:
             came_short = [i for i, hits in enumerate(found) if len(hits) < k]
             matching = _matching_count(conn, bank, labels) if came_short else k  # a look-up only when needed
@@ -136,7 +161,7 @@ def search(
             if short:  # the index came back short (filters, tiny ef_search): answer these exactly
                 retry = (
                     conn.cursor(row_factory=dict_row)
-                    .execute(exact_statement, [[vectors[i] for i in short], *params[1:]])
+                    .execute(exact_statement, {**params, "queries": [vectors[i] for i in short]})
                     .fetchall()
                 )
                 for i, hits in zip(short, _group(retry, len(short))):
@@ -149,6 +174,78 @@ def search(
         metas = [h.meta for h in hits] if with_meta else None
         answers.append(Neighbours([h.id for h in hits], scores, item_labels, prediction, confidence, metas))
     return answers
+
+
+def distances(metric: str, queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """pgvector's distance of every query to every key (queries x keys): cosine distance (NaN for a zero
+    key, as pgvector), L2 distance, or the negative inner product."""
+    queries64, keys64 = queries.astype(np.float64), keys.astype(np.float64, copy=False)
+    dots = queries64 @ keys64.T
+    if metric == "ip":
+        return -dots
+    if metric == "l2":
+        squared = (queries64**2).sum(1)[:, None] + (keys64**2).sum(1)[None, :] - 2 * dots
+        return np.sqrt(np.maximum(squared, 0.0))
+    norms = np.linalg.norm(queries64, axis=1)[:, None] * np.linalg.norm(keys64, axis=1)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(norms > 0, 1.0 - dots / norms, np.nan)
+
+
+def _rank(hit: _Hit) -> tuple[float, int]:
+    """The statement's order: by distance (NaN last, as pgvector sorts it), then id."""
+    return (np.inf if np.isnan(hit.distance) else hit.distance, hit.id)
+
+
+def _growing_nearest(
+    conn: psycopg.Connection,
+    bank: Bank,
+    queries: np.ndarray,
+    k: int,
+    labels: list[int] | None,
+    where: sql.Composable,
+    with_meta: bool,
+) -> list[list[_Hit]]:
+    """The k nearest growing items (those matching `where`) of each query, exactly, computed here."""
+    conditions = sql.SQL("bank_id = {} AND {}{}").format(
+        sql.Literal(int(bank.id)), where, sql.SQL(" AND label = ANY(%s)") if labels is not None else sql.SQL("")
+    )
+    params = [labels] if labels is not None else []
+    rows = conn.execute(
+        sql.SQL("SELECT id, label FROM {} WHERE {} ORDER BY id").format(items_partition(bank.id), conditions),
+        params,
+    ).fetchall()
+    if not rows:
+        return [[] for _ in range(len(queries))]
+    select_keys = sql.SQL("SELECT key FROM {} WHERE {} ORDER BY id").format(items_partition(bank.id), conditions)
+    keys = np.concatenate(list(iter_vectors(conn, select_keys, params, bank.dim))).astype(np.float64)
+    if len(keys) != len(rows):
+        raise RuntimeError("the growing items changed within one snapshot")
+    nearest = min(k, len(rows))
+    part = np.empty((len(queries), nearest), dtype=np.int64)
+    ranked = np.empty((len(queries), nearest), dtype=np.float64)
+    block = max(1, _DISTANCE_BLOCK // len(rows))  # queries at a time: the matrix stays tens of MB
+    for start in range(0, len(queries), block):
+        chunk = distances(bank.metric, queries[start : start + block], keys)
+        order_by = np.where(np.isnan(chunk), np.inf, chunk)  # pgvector sorts NaN last
+        chosen = np.argpartition(order_by, nearest - 1, axis=1)[:, :nearest]
+        part[start : start + block] = chosen
+        ranked[start : start + block] = np.take_along_axis(chunk, chosen, axis=1)
+    metas: dict[int, Any] = {}
+    if with_meta:
+        wanted = sorted({rows[j][0] for j in part.ravel().tolist()})
+        metas = dict(
+            conn.execute(
+                sql.SQL("SELECT id, meta FROM {} WHERE id = ANY(%s)").format(items_partition(bank.id)), (wanted,)
+            ).fetchall()
+        )
+    found = []
+    for i, columns in enumerate(part):
+        hits = [
+            _Hit(rows[j][0], rows[j][1], float(ranked[i, n]), metas.get(rows[j][0]))
+            for n, j in enumerate(columns.tolist())
+        ]
+        found.append(sorted(hits, key=_rank))
+    return found
 
 
 def _group(rows: list[dict], n_queries: int) -> list[list[_Hit]]:

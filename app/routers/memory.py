@@ -24,11 +24,13 @@ from app.schemas import (
     NeighboursOut,
     SearchIn,
     SearchOut,
+    SegmentOut,
+    SegmentsOut,
     WriteOut,
 )
 from app.settings import Settings
 from app.streams import ArrowStreamResponse
-from eidetic.errors import InvalidInput
+from eidetic.errors import Conflict, InvalidInput
 from eidetic.wire.formats import ARROW_STREAM, ipc_stream
 from eidetic.wire.vectors import as_float32
 
@@ -125,6 +127,46 @@ def _neighbours_out(answer: banks.Neighbours) -> NeighboursOut:
     if fields["metas"] is None:
         del fields["metas"]
     return NeighboursOut(**fields)
+
+
+@router.post("/{bank_id}/merge", response_model=SegmentsOut, responses=error_responses(409))
+def merge(
+    request: Request,
+    bank_id: Id,
+    principal: Writer,
+    conn: Conn,
+    full: Annotated[bool, Query(description="Compact every sealed segment into one.")] = False,
+) -> SegmentsOut:
+    """Seals the bank's growing segment now, whatever its size, into an HNSW segment built in bulk, then
+    compacts sealed segments as the background merger would, or all of them into one with `full` (it
+    waits for a merge in progress). Writes and searches go on meanwhile; 409 for a bank without segments
+    (`merge_threshold` 0)."""
+    bank = banks.get_bank(conn, principal.project_id, bank_id)
+    if not bank.segmented:
+        raise Conflict(f"bank {bank.name!r} has no segments (merge_threshold 0)", field="bank_id")
+    report = banks.merge_now(
+        request.app.state.database_url, request.app.state.settings, bank.id, force=True, full=full, wait=True
+    )
+    return _segments_out(report)
+
+
+@router.get("/{bank_id}/segments", response_model=SegmentsOut)
+def segments(bank_id: Id, principal: Reader, conn: Conn) -> SegmentsOut:
+    """The bank's sealed segments (each a version range with its own HNSW index) and its growing items."""
+    bank = banks.get_bank(conn, principal.project_id, bank_id)
+    sealed = banks.sealed_segments(conn, bank.id) if bank.segmented else []
+    growing = banks.growing_rows(conn, bank.id, sealed) if bank.segmented else 0
+    return _segments_out(banks.MergeReport(False, segments=sealed, growing_rows=growing))
+
+
+def _segments_out(report: banks.MergeReport) -> SegmentsOut:
+    return SegmentsOut(
+        merged=report.merged,
+        sealed_rows=report.sealed_rows,
+        compacted_segments=report.compacted_segments,
+        segments=[SegmentOut(**asdict(segment)) for segment in report.segments],
+        growing_rows=report.growing_rows,
+    )
 
 
 @router.get("/{bank_id}/changes", response_model=ChangesOut)

@@ -1,0 +1,431 @@
+"""Bank writes: a segmented bank (growing segment + sealed HNSW segments built in bulk) against a bank
+whose writes go into one live HNSW index, side by side in one run.
+
+One run on a fresh embedded PostgreSQL, the service over HTTP on loopback (uvicorn in this
+process, its background merger looking every 0.2 s), 128-dimensional keys (Fashion-MNIST
+projected, as bench/knn.py; Gaussian with --data gaussian), metric cosine, HNSW m and
+ef_construction the same for both banks:
+
+1. today's path (`merge_threshold` 0): all but the last --live-keys keys loaded in bulk
+   (COPY, then CREATE INDEX: bench/knn.py's bulk_load), then the last keys written through
+   POST items into the live index in batches of --batch: the write rate a running bank sees.
+   Then its search: batches of --query-batch queries, k=10, at --ef-search, queries/s (best of
+   --passes passes) and recall@10 against numpy brute force.
+2. the segmented bank (the bank settings' defaults unless --merge-threshold/--merge-factor): all
+   --keys keys written through POST items in batches of --batch, one request after the other
+   (the JSON bodies encoded beforehand), while a second client searches it without pause at the
+   same ef_search: write keys/s over the whole write, search queries/s while the writes ran, and
+   on after them while the merges catch up (until the growing segment is under the threshold),
+   the time that took, and recall@10 at the end of the writes (growing and sealed segments) and
+   once merged.
+
+Target (the issue): writes >= 20,000 keys/s, recall@10 >= 0.95 at today's ef_search, and search
+queries/s while writes and merges run >= 0.7x today's.
+
+Usage: .venv/bin/python -m bench bank_writes [--keys 60000 --batch 5000 --ef-search 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import httpx
+import numpy as np
+import psycopg
+
+from app.banks.schema import DEFAULT_MERGE_FACTOR, DEFAULT_MERGE_THRESHOLD
+from app.database import connect
+from app.settings import Settings
+from bench.common import Service, fresh_database, load_words, machine_facts, start_service
+from bench.knn import Truth, _expect, brute_force, bulk_load, fashion_mnist, gaussian, normalised, search_bodies
+from bench.record import Outcome, plain
+
+JSON = {"content-type": "application/json"}
+
+
+@dataclass
+class Searches:
+    """Search batches run in one stretch of time: how many queries, in how long, and what they found."""
+
+    queries: int = 0
+    seconds: float = 0.0
+    found: list[list[int]] = field(default_factory=list)
+
+    @property
+    def per_second(self) -> float:
+        return self.queries / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Figures:
+    data: str
+    keys: int
+    dim: int
+    batch: int
+    ef_search: int
+    hnsw_m: int
+    hnsw_ef_construction: int
+    merge_threshold: int
+    merge_factor: int
+    # today's path
+    live_keys: int = 0
+    live_write_s: float = 0.0
+    bulk_copy_s: float = 0.0
+    bulk_index_s: float = 0.0
+    live_qps: float = 0.0
+    live_qps_during_writes: float = 0.0
+    live_recall: float = 0.0
+    # the segmented bank
+    segmented_write_s: float = 0.0
+    segmented_timed_keys: int = 0
+    qps_during_writes: float = 0.0
+    qps_during_merges: float = 0.0
+    catch_up_s: float = 0.0
+    recall_after_writes: float = 0.0
+    recall_merged: float = 0.0
+    merged_qps: float = 0.0
+    compact_s: float = 0.0
+    compacted_qps: float = 0.0
+    recall_compacted: float = 0.0
+    segments: list[dict] = field(default_factory=list)
+    growing_after_writes: int = 0
+    checks: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def live_keys_per_s(self) -> float:
+        return self.live_keys / self.live_write_s
+
+    @property
+    def segmented_keys_per_s(self) -> float:
+        return self.segmented_timed_keys / self.segmented_write_s
+
+
+def item_bodies(keys_: np.ndarray, labels: np.ndarray, batch: int) -> list[bytes]:
+    return [
+        json.dumps(
+            {
+                "items": [
+                    {"key": key, "label": int(label)}
+                    for key, label in zip(keys_[s : s + batch].tolist(), labels[s : s + batch].tolist())
+                ]
+            }
+        ).encode()
+        for s in range(0, len(keys_), batch)
+    ]
+
+
+def search_pass(client, bank_id: int, bodies: list[bytes], stop: threading.Event | None = None) -> Searches:
+    """The batches in turn (all of them, or until `stop`); the ids each query found."""
+    done = Searches()
+    for body in bodies:
+        if stop is not None and stop.is_set():
+            break
+        began = time.perf_counter()
+        results = _expect(client.post(f"/v1/memory-banks/{bank_id}/search", content=body, headers=JSON), 200)
+        done.seconds += time.perf_counter() - began
+        done.queries += len(results["results"])
+        done.found.extend(r["ids"] for r in results["results"])
+    return done
+
+
+def searcher(service: Service, bank_id: int, queries: list[bytes], stop: threading.Event, into: list) -> None:
+    """Searches without pause on a client of its own until `stop`."""
+    with httpx.Client(base_url=service.base_url, headers=dict(service.client.headers), timeout=600) as client:
+        while not stop.is_set():
+            into.append(search_pass(client, bank_id, queries, stop))
+
+
+def total(searches: list[Searches]) -> Searches:
+    return Searches(sum(s.queries for s in searches), sum(s.seconds for s in searches))
+
+
+def best_pass(client, bank_id: int, bodies: list[bytes], passes: int) -> Searches:
+    search_pass(client, bank_id, bodies[:1])  # warm-up
+    return max((search_pass(client, bank_id, bodies) for _ in range(passes)), key=lambda s: s.per_second)
+
+
+def recall(truth: Truth, row_of: dict[int, int], found: list[list[int]]) -> float:
+    return truth.recall([np.array([row_of[i] for i in ids], dtype=np.int64) for ids in found])
+
+
+def create_bank(service: Service, name: str, dim: int, n: int, args: argparse.Namespace, merge_threshold: int) -> int:
+    body = {
+        "name": name,
+        "dim": dim,
+        "metric": "cosine",
+        "capacity": n,
+        "policy": "none",
+        "hnsw_m": args.m,
+        "hnsw_ef_construction": args.ef_construction,
+        "merge_threshold": merge_threshold,
+        "merge_factor": args.merge_factor,
+    }
+    return int(_expect(service.client.post("/v1/memory-banks", json=body), 201)["id"])
+
+
+def segments_of(service: Service, bank_id: int) -> dict:
+    return _expect(service.client.get(f"/v1/memory-banks/{bank_id}/segments"), 200)
+
+
+def measure_live(service: Service, figures: Figures, keys_: np.ndarray, labels: np.ndarray, args, truth, queries):
+    """Today's path: a bank with one live HNSW index, all but the last keys in bulk, the last through POST."""
+    bank_id = create_bank(service, "live", keys_.shape[1], len(keys_), args, merge_threshold=0)
+    bulk = len(keys_) - args.live_keys
+    with connect(service.database_url, Settings()) as conn:
+        figures.bulk_copy_s, figures.bulk_index_s, ids = bulk_load(conn, bank_id, keys_[:bulk], labels[:bulk])
+        conn.execute("VACUUM ANALYZE memory_items")
+    row_of = {int(item_id): row for row, item_id in enumerate(ids)}
+    bodies = item_bodies(keys_[bulk:], labels[bulk:], args.batch)
+    stop = threading.Event()
+    during: list[Searches] = []
+    thread = threading.Thread(target=searcher, args=(service, bank_id, queries, stop, during))
+    thread.start()
+    began = time.perf_counter()
+    for body in bodies:
+        written = _expect(service.client.post(f"/v1/memory-banks/{bank_id}/items", content=body, headers=JSON), 200)
+        for item_id in written["ids"]:
+            row_of[int(item_id)] = len(row_of)  # the rows in written order
+    figures.live_write_s = time.perf_counter() - began
+    stop.set()
+    thread.join()
+    figures.live_qps_during_writes = total(during).per_second
+    figures.live_keys = len(keys_) - bulk
+    print(f"today: {figures.live_keys:,} keys into the live index at {figures.live_keys_per_s:,.0f} keys/s", flush=True)
+    searched = best_pass(service.client, bank_id, queries, args.passes)
+    figures.live_qps, figures.live_recall = searched.per_second, recall(truth, row_of, searched.found)
+    print(
+        f"today: search {figures.live_qps_during_writes:,.0f} queries/s during the writes, {figures.live_qps:,.0f} "
+        f"after them, recall@10 {figures.live_recall:.4f}",
+        flush=True,
+    )
+    _expect_deleted(service, bank_id)
+
+
+def _expect_deleted(service: Service, bank_id: int) -> None:
+    if service.client.delete(f"/v1/memory-banks/{bank_id}").status_code != 204:
+        raise RuntimeError(f"bank {bank_id} was not deleted")
+
+
+def measure_segmented(service: Service, figures: Figures, keys_: np.ndarray, labels: np.ndarray, args, truth, queries):
+    """Writes through POST while a second client searches without pause, then on while the merges catch up."""
+    bank_id = create_bank(service, "segmented", keys_.shape[1], len(keys_), args, args.merge_threshold)
+    bodies = item_bodies(keys_, labels, args.batch)
+    row_of: dict[int, int] = {}
+    stop = threading.Event()
+    during: list[Searches] = []
+
+    # the first batch before the searcher starts (so that it finds something), untimed
+    written = _expect(service.client.post(f"/v1/memory-banks/{bank_id}/items", content=bodies[0], headers=JSON), 200)
+    row_of.update((int(item_id), row) for row, item_id in enumerate(written["ids"]))
+    thread = threading.Thread(target=searcher, args=(service, bank_id, queries, stop, during))
+    thread.start()
+    began = time.perf_counter()
+    for number, body in enumerate(bodies[1:], start=1):
+        written = _expect(service.client.post(f"/v1/memory-banks/{bank_id}/items", content=body, headers=JSON), 200)
+        for n, item_id in enumerate(written["ids"]):
+            row_of[int(item_id)] = number * args.batch + n
+    figures.segmented_write_s = time.perf_counter() - began
+    figures.segmented_timed_keys = wrote = len(keys_) - len(written["ids"])
+    stop.set()
+    thread.join()
+    figures.qps_during_writes = total(during).per_second
+    state = segments_of(service, bank_id)
+    figures.growing_after_writes = state["growing_rows"]
+    print(
+        f"segmented: {wrote:,} keys at {wrote / figures.segmented_write_s:,.0f} keys/s, search "
+        f"{figures.qps_during_writes:,.0f} queries/s meanwhile; {state['growing_rows']:,} growing after the writes",
+        flush=True,
+    )
+    # search on while the merges catch up: the first pass's answers give the recall of the bank as the
+    # writes left it (growing and sealed segments; nothing is written meanwhile)
+    passes: list[Searches] = []
+    began = time.perf_counter()
+    while not passes or segments_of(service, bank_id)["growing_rows"] >= max(figures.merge_threshold, 1):
+        passes.append(search_pass(service.client, bank_id, queries))
+        if time.perf_counter() - began > args.catch_up_limit_s:
+            break
+    figures.catch_up_s = time.perf_counter() - began
+    figures.qps_during_merges = total(passes).per_second
+    figures.recall_after_writes = recall(truth, row_of, passes[0].found)
+    _expect(service.client.post(f"/v1/memory-banks/{bank_id}/merge"), 200)  # the rest, for the merged figures
+    figures.segments = segments_of(service, bank_id)["segments"]
+    merged = best_pass(service.client, bank_id, queries, args.passes)
+    figures.merged_qps, figures.recall_merged = merged.per_second, recall(truth, row_of, merged.found)
+    began = time.perf_counter()
+    _expect(service.client.post(f"/v1/memory-banks/{bank_id}/merge", params={"full": "true"}), 200)
+    figures.compact_s = time.perf_counter() - began
+    compacted = best_pass(service.client, bank_id, queries, args.passes)
+    figures.compacted_qps, figures.recall_compacted = compacted.per_second, recall(truth, row_of, compacted.found)
+    print(
+        f"segmented: caught up in {figures.catch_up_s:.1f} s ({figures.qps_during_merges:,.0f} queries/s); merged: "
+        f"{len(figures.segments)} segments, {figures.merged_qps:,.0f} queries/s, recall@10 {figures.recall_merged:.4f}; "
+        f"compacted into one in {figures.compact_s:.1f} s: {figures.compacted_qps:,.0f} queries/s, "
+        f"recall@10 {figures.recall_compacted:.4f}",
+        flush=True,
+    )
+    exact = _expect(
+        service.client.post(
+            f"/v1/memory-banks/{bank_id}/search",
+            content=search_bodies(truth.queries_unit[:8], 8, 10, args.ef_search, True)[0],
+            headers=JSON,
+        ),
+        200,
+    )
+    figures.checks["exact search of the segmented bank is the true top 10"] = (
+        recall(truth, row_of, [r["ids"] for r in exact["results"]]) == 1.0
+    )
+    with psycopg.connect(service.database_url) as conn:
+        count, distinct = conn.execute(
+            f"SELECT count(*), count(DISTINCT id) FROM memory_items_b{int(bank_id)}"
+        ).fetchone()
+    figures.checks["every key stored once"] = count == distinct == len(keys_) == len(row_of)
+
+
+def run_benchmark(args: argparse.Namespace) -> Figures:
+    loaded = (fashion_mnist if args.data == "fashion-mnist" else gaussian)(args.keys, args.queries, args.dim)
+    keys_, labels, queries_, described = loaded
+    keys_unit, queries_unit = normalised(keys_), normalised(queries_)
+    top, kth = brute_force(keys_unit, queries_unit, 10)
+    truth = Truth(top, kth[:, -1], keys_unit, queries_unit)
+    figures = Figures(
+        described,
+        len(keys_),
+        keys_.shape[1],
+        args.batch,
+        args.ef_search,
+        args.m,
+        args.ef_construction,
+        args.merge_threshold,
+        args.merge_factor,
+    )
+    queries = search_bodies(queries_, args.query_batch, 10, args.ef_search, False)
+    with fresh_database("bank-writes") as database:
+        settings = Settings(database_url=database.url, data_dir=database.workdir, no_auth=False, merge_interval_s=0.2)
+        service = start_service(database.url, settings)
+        try:
+            measure_live(service, figures, keys_, labels, args, truth, queries)
+            measure_segmented(service, figures, keys_, labels, args, truth, queries)
+        finally:
+            service.stop()
+    return figures
+
+
+def verdict(f: Figures) -> str:
+    wants = [
+        (f.segmented_keys_per_s >= 20_000, f"writes {f.segmented_keys_per_s:,.0f} keys/s (target 20,000)"),
+        (f.recall_merged >= 0.95, f"recall@10 merged {f.recall_merged:.3f} (target 0.95)"),
+        (f.recall_compacted >= 0.95, f"recall@10 compacted {f.recall_compacted:.3f}"),
+        (f.recall_after_writes >= 0.95, f"recall@10 right after the writes {f.recall_after_writes:.3f}"),
+        (
+            f.qps_during_writes >= 0.7 * f.live_qps,
+            f"search during writes {f.qps_during_writes / f.live_qps:.2f}x today's (target 0.7x)",
+        ),
+        (
+            f.qps_during_merges >= 0.7 * f.live_qps,
+            f"search while merges caught up {f.qps_during_merges / f.live_qps:.2f}x today's",
+        ),
+    ]
+    met = [text for ok, text in wants if ok]
+    missed = [text for ok, text in wants if not ok]
+    return ("met: " + "; ".join(met) if met else "") + ("; not met: " + "; ".join(missed) if missed else "")
+
+
+def report(f: Figures, args: argparse.Namespace, machine: dict[str, str], load: tuple[float, float]) -> str:
+    sizes = ", ".join(f"{segment['rows']:,}" for segment in f.segments)
+    lines = [
+        f"- Date: {machine['date']}",
+        f"- Machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory']} memory; {machine['software']}",
+        f"- Command: `{machine['command']}` ({load_words(*load)})",
+        f"- Data: {f.data}; HNSW m={f.hnsw_m}, ef_construction={f.hnsw_ef_construction} for both banks; "
+        f"writes of {f.batch:,} keys per request (JSON encoded beforehand), one request after the other; searches "
+        f"of {args.query_batch} queries per request, k=10, ef_search {f.ef_search}; recall@10 against numpy brute "
+        "force. The service runs in this process (uvicorn thread, loopback), its merger looking every 0.2 s.",
+        f"- Segmented bank: merge_threshold {f.merge_threshold:,}, merge_factor {f.merge_factor}.",
+        f"- Verdict: {verdict(f)}.",
+        "",
+        "| path | keys written | keys/s | vs today |",
+        "|---|---|---|---|",
+        f"| today: POST items into the live HNSW index (the last keys of a bank of {f.keys:,}) | {f.live_keys:,} | "
+        f"{f.live_keys_per_s:,.0f} | 1.00x |",
+        f"| segmented: POST items into the growing segment, merges running | {f.segmented_timed_keys:,} | "
+        f"{f.segmented_keys_per_s:,.0f} | {f.segmented_keys_per_s / f.live_keys_per_s:.1f}x |",
+        f"| bulk: binary COPY of {f.keys - f.live_keys:,} keys (today's bank, no index) | {f.keys - f.live_keys:,} | "
+        f"{(f.keys - f.live_keys) / f.bulk_copy_s:,.0f} | |",
+        f"| bulk: CREATE INDEX hnsw over them | {f.keys - f.live_keys:,} | "
+        f"{(f.keys - f.live_keys) / f.bulk_index_s:,.0f} | |",
+        "",
+        "| search | queries/s | vs today | recall@10 |",
+        "|---|---|---|---|",
+        f"| today: one live HNSW index, {f.keys:,} keys, no writes | {f.live_qps:,.0f} | 1.00x | {f.live_recall:.4f} |",
+        f"| today: the same while its last {f.live_keys:,} keys were written | {f.live_qps_during_writes:,.0f} | "
+        f"{f.live_qps_during_writes / f.live_qps:.2f}x | |",
+        f"| segmented, while the writes ran | {f.qps_during_writes:,.0f} | {f.qps_during_writes / f.live_qps:.2f}x | |",
+        f"| segmented, after the writes while merges caught up ({f.catch_up_s:.1f} s, from {f.growing_after_writes:,} "
+        f"growing items) | {f.qps_during_merges:,.0f} | {f.qps_during_merges / f.live_qps:.2f}x | "
+        f"{f.recall_after_writes:.4f} (the bank as the writes left it) |",
+        f"| segmented, merged ({len(f.segments)} sealed segments: {sizes} items) | {f.merged_qps:,.0f} | "
+        f"{f.merged_qps / f.live_qps:.2f}x | {f.recall_merged:.4f} |",
+        f"| segmented, compacted into one segment (POST merge?full=true, {f.compact_s:.1f} s; what the background "
+        f"merger does to a bank left idle) | {f.compacted_qps:,.0f} | {f.compacted_qps / f.live_qps:.2f}x | "
+        f"{f.recall_compacted:.4f} |",
+        "",
+        "Checks: " + "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in f.checks.items()) + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+TINY = shlex.split(
+    "--data gaussian --keys 3000 --live-keys 500 --batch 1000 --dim 16 --queries 32 --query-batch 16 "
+    "--merge-threshold 1000 --passes 1 --catch-up-limit-s 30"
+)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", choices=["fashion-mnist", "gaussian"], default="fashion-mnist")
+    parser.add_argument("--keys", type=int, default=60_000)
+    parser.add_argument("--live-keys", type=int, default=5_000, help="keys written into today's live index")
+    parser.add_argument("--batch", type=int, default=5_000, help="keys per write request (1,000 to 10,000)")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--queries", type=int, default=1_024)
+    parser.add_argument("--query-batch", type=int, default=128)
+    parser.add_argument("--ef-search", type=int, default=40, help="bench/knn.py's Fashion-MNIST figure: 40")
+    parser.add_argument("--m", type=int, default=16)
+    parser.add_argument("--ef-construction", type=int, default=64)
+    parser.add_argument("--merge-threshold", type=int, default=DEFAULT_MERGE_THRESHOLD)
+    parser.add_argument("--merge-factor", type=int, default=DEFAULT_MERGE_FACTOR)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--catch-up-limit-s", type=float, default=600.0)
+    return parser
+
+
+def run(args: argparse.Namespace, command: str) -> Outcome:
+    machine = machine_facts(command, f"Python {platform.python_version()}, numpy {np.__version__}")
+    load_before = os.getloadavg()[0]
+    figures = run_benchmark(args)
+    load = (load_before, os.getloadavg()[0])
+    return Outcome(
+        report(figures, args, machine, load),
+        {"figures": plain(figures), "load": list(load)},
+        machine,
+        passed=all(figures.checks.values()),
+    )
+
+
+if __name__ == "__main__":
+    from bench.__main__ import main
+
+    sys.exit(main(["bank_writes", *sys.argv[1:]]))
