@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 
 from app import runs
 from app.banks import Bank, items_partition, similarity_from_distance
-from app.banks.schema import list_banks
+from app.banks.schema import run_banks
 from app.banks.search import DISTANCE_OPERATORS
 from eidetic.errors import NotFound
 from eidetic.wire.islands import island_bank_prefix, parse_island_bank_name
@@ -68,10 +68,10 @@ def island_banks(conn: psycopg.Connection, project_id: int, run_id: int) -> list
     """The island banks of a run of the caller's project, by island set then level."""
     runs.get_run(conn, project_id, run_id)
     found = []
-    for bank in list_banks(conn, project_id):
+    for bank in run_banks(conn, project_id, run_id):
         parsed = parse_island_bank_name(bank.name)
-        if parsed is not None and parsed[0] == run_id:
-            found.append(IslandBank(parsed[1], parsed[2], bank))
+        assert parsed is not None  # a run's banks are its island banks
+        found.append(IslandBank(parsed[1], parsed[2], bank))
     return sorted(found, key=lambda b: (b.island_set, b.level))
 
 

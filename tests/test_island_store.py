@@ -5,6 +5,7 @@ and bytes per image, and the experiment's metrics the same with USE_DB on and of
 from __future__ import annotations
 
 import numpy as np
+import psycopg
 import pytest
 
 from eidetic.client import EideticAPIError, EideticClient
@@ -142,6 +143,63 @@ def test_another_projects_key_sees_no_islands(service, stored):
         with pytest.raises(EideticAPIError) as refused:
             other.island_tree(stored.run_id, ISLAND_SET, 0)
     assert refused.value.status == 404
+
+
+def bank_rows(database_url: str, bank_ids: list[int]) -> dict[str, int]:
+    """What the database still holds of these banks: rows of each table keyed by bank, and item partitions."""
+    with psycopg.connect(database_url) as conn:
+        counts = {
+            table: conn.execute(f"SELECT count(*) FROM {table} WHERE {column} = ANY(%s)", (bank_ids,)).fetchone()[0]
+            for table, column in (
+                ("memory_banks", "id"),
+                ("memory_items", "bank_id"),
+                ("memory_tombstones", "bank_id"),
+                ("memory_hits", "bank_id"),
+            )
+        }
+        names = [f"memory_items_b{bank_id}" for bank_id in bank_ids]
+        partitions = "SELECT count(*) FROM unnest(%s::text[]) n WHERE to_regclass(n) IS NOT NULL"
+        counts["partitions"] = conn.execute(partitions, (names,)).fetchone()[0]
+    return counts
+
+
+def test_deleting_a_run_deletes_its_island_banks_and_no_others(client, api, database_url, stored, table):
+    kept = StoredIslands(client, client.create_run("glom-kept").id, ISLAND_SET)
+    kept.add(table)
+    other = api.post("/v1/memory-banks", json={"name": "not-islands", "dim": DIM, "capacity": 10}).json()
+    doomed = sorted(stored.bank_ids.values())
+    # hits, a tombstone and a change feed on the doomed banks
+    top = stored.bank_ids[LEVELS - 1]
+    assert api.post(f"/v1/memory-banks/{top}/search", json={"queries": [[1.0] * DIM], "k": 1}).status_code == 200
+    (item,) = api.get(f"/v1/memory-banks/{top}/changes", params={"since": 0, "limit": 1}).json()["items"][:1]
+    assert api.delete(f"/v1/memory-banks/{top}/items/{item['id']}").status_code == 200
+    before = bank_rows(database_url, doomed)
+    assert before["memory_hits"] == 1 and before["memory_tombstones"] == 1 and before["partitions"] == LEVELS
+
+    assert api.delete(f"/v1/runs/{stored.run_id}").status_code == 204
+
+    assert bank_rows(database_url, doomed) == dict.fromkeys(before, 0)
+    assert all(api.get(f"/v1/memory-banks/{bank_id}").status_code == 404 for bank_id in doomed)
+    assert api.get(f"/v1/runs/{stored.run_id}/islands").status_code == 404
+    # the other run's island banks and the unrelated bank are untouched
+    banks = client.island_banks(kept.run_id)
+    assert [(b["level"], b["size"]) for b in banks] == [(lv, len(table.of(level=lv))) for lv in range(LEVELS)]
+    assert client.island_tree(kept.run_id, ISLAND_SET, 0)
+    assert api.get(f"/v1/memory-banks/{other['id']}").status_code == 200
+
+
+def test_an_island_bank_needs_its_run_in_the_banks_project(service, api, stored):
+    def create(name: str, key: str | None = None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return api.post("/v1/memory-banks", json={"name": name, "dim": DIM, "capacity": 10}, headers=headers)
+
+    missing = create(f"run-{stored.run_id + 100}/islands/{ISLAND_SET}/level-0")
+    assert missing.status_code == 422 and error_of(missing)["field"] == "name"
+    assert f"run {stored.run_id + 100}" in error_of(missing)["message"]
+    foreign = create(f"run-{stored.run_id}/islands/theirs/level-0", service.new_key("beta", "admin"))
+    assert foreign.status_code == 422 and error_of(foreign)["field"] == "name"
+    assert create(f"run-{stored.run_id}/islands/more/level-0").status_code == 201
+    assert create(f"run-{stored.run_id + 100}/notes").status_code == 201  # not an island bank's name
 
 
 @pytest.mark.usefixtures("one_torch_thread")

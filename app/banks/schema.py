@@ -2,6 +2,12 @@
 
 pgvector indexes need a fixed dimension, so every bank gets its own partition and an
 HNSW index on `key::vector(dim)` with the operator class of its metric.
+
+A bank named for a run's islands (`eidetic.wire.islands`: `run-{run}/islands/...`)
+belongs to that run: it can only be created for a run of the bank's project, and
+`app.runs.delete_run` deletes it with the run. The name is the link rather than a
+foreign key because on Citus banks and runs are distributed by their own ids, and a
+foreign key between them would cross distribution keys.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from psycopg import sql
 from psycopg.rows import class_row
 
 from app.database import lock_name
-from eidetic.errors import Conflict, NotFound
+from eidetic.errors import Conflict, InvalidInput, NotFound
+from eidetic.wire.islands import parse_island_bank_name
 
 METRICS = ("cosine", "l2", "ip")
 _OPCLASS = {"cosine": "vector_cosine_ops", "l2": "vector_l2_ops", "ip": "vector_ip_ops"}
@@ -65,6 +72,7 @@ def create_bank(
     """A bank and its partition, with an HNSW index (m, ef_construction) on its keys."""
     with conn.transaction():
         lock_name(conn, "bank", project_id, name)
+        _hold_owning_run(conn, project_id, name)
         taken = conn.execute(
             "SELECT 1 FROM memory_banks WHERE project_id = %s AND name = %s", (project_id, name)
         ).fetchone()
@@ -115,6 +123,34 @@ def create_bank(
             )
         )
     return bank
+
+
+def _hold_owning_run(conn: psycopg.Connection, project_id: int, name: str) -> None:
+    """A bank named for a run's islands needs that run in the bank's project; its row is held (FOR SHARE) until
+    commit, so a concurrent `delete_run` waits for the bank and then deletes it, never leaving it behind."""
+    run_id = _owning_run(name)
+    if run_id is None:
+        return
+    found = conn.execute(
+        "SELECT 1 FROM runs WHERE id = %s AND project_id = %s FOR SHARE", (run_id, project_id)
+    ).fetchone()
+    if found is None:
+        raise InvalidInput(
+            f"a bank named {name!r} holds the islands of run {run_id}, which is not a run of this project",
+            field="name",
+        )
+
+
+def run_banks(conn: psycopg.Connection, project_id: int, run_id: int) -> list[Bank]:
+    """The banks that belong to a run of the project (its island banks, by name), by id."""
+    statement = f"SELECT {_BANK_COLUMNS} FROM memory_banks WHERE project_id = %s AND name LIKE %s ORDER BY id"
+    found = conn.cursor(row_factory=class_row(Bank)).execute(statement, (project_id, f"run-{int(run_id)}/islands/%"))
+    return [bank for bank in found.fetchall() if _owning_run(bank.name) == run_id]
+
+
+def _owning_run(name: str) -> int | None:
+    parsed = parse_island_bank_name(name)
+    return None if parsed is None else parsed[0]
 
 
 def get_bank(conn: psycopg.Connection, project_id: int, bank_id: int, *, lock: bool = False) -> Bank:
