@@ -10,6 +10,7 @@ import pytest
 
 from eidetic.client import EideticAPIError, EideticClient
 from eidetic.config import ClientSettings
+from eidetic.wire.islands import island_bank_name
 from model.island_memory import LocalIslands, StoredIslands, island_vote, storage_per_image
 from model.islands import IslandTable, ParseNode, find_islands, parse_tree
 from tests.helpers import error_of
@@ -98,6 +99,41 @@ def test_nearest_islands_are_parts_of_other_images_most_alike_first(client, stor
             [n["score"] for n in result["neighbours"]], np.sort(scores)[::-1][:3], atol=2e-3
         )  # keys on the grid
         assert result["neighbours"][0]["score"] > 0.95  # the same kind of part in another image
+
+
+def test_nearest_islands_through_the_index_equal_the_exact_scan(client, stored):
+    for level in range(LEVELS):
+        for sample in (0, 3):
+            indexed = client.nearest_islands(stored.run_id, ISLAND_SET, sample=sample, level=level, k=4)
+            exact = client.nearest_islands(stored.run_id, ISLAND_SET, sample=sample, level=level, k=4, exact=True)
+            assert [[n["id"] for n in r["neighbours"]] for r in indexed] == [
+                [n["id"] for n in r["neighbours"]] for r in exact
+            ]
+
+
+def test_an_images_own_islands_nearest_of_all_do_not_make_the_answer_short(client, api):
+    """Image 0's six islands are each other's nearest: the index's first hits are all left out, yet every island
+    still gets k neighbours from other images, the ones an exact scan finds."""
+    run = client.create_run("glom-crowd")
+    bank = api.post(
+        "/v1/memory-banks",
+        json={"name": island_bank_name(run.id, "crowd", 0), "dim": 4, "capacity": 100, "policy": "none"},
+    ).json()
+    rng = np.random.default_rng(0)
+    own = np.array([1.0, 0, 0, 0]) + 0.01 * rng.standard_normal((6, 4))
+    others = np.array([0.5, 1.0, 0, 0]) + 0.5 * rng.standard_normal((30, 4))
+    items = [{"key": key.tolist(), "label": 0, "meta": {"sample": 0}} for key in own]
+    items += [{"key": key.tolist(), "label": 1, "meta": {"sample": i + 1}} for i, key in enumerate(others)]
+    assert api.post(f"/v1/memory-banks/{bank['id']}/items", json={"items": items}).status_code == 200
+    exact = client.nearest_islands(run.id, "crowd", sample=0, level=0, k=5, exact=True)
+    indexed = client.nearest_islands(run.id, "crowd", sample=0, level=0, k=5)
+    assert len(indexed) == 6
+    for answer, truth in zip(indexed, exact):
+        assert [n["meta"]["sample"] for n in answer["neighbours"]] == [n["meta"]["sample"] for n in truth["neighbours"]]
+        assert len(answer["neighbours"]) == 5 and all(n["meta"]["sample"] != 0 for n in answer["neighbours"])
+    # an image with one island, among 36: never short either
+    (lone,) = client.nearest_islands(run.id, "crowd", sample=7, level=0, k=35)
+    assert len(lone["neighbours"]) == 35 and {n["meta"]["sample"] for n in lone["neighbours"]} >= {0}
 
 
 def test_the_banks_exact_search_votes_as_the_memory_does(stored, table):
