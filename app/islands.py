@@ -18,9 +18,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from app import runs
-from app.banks import Bank, items_partition, similarity_from_distance
-from app.banks.schema import list_banks
-from app.banks.search import DISTANCE_OPERATORS
+from app.banks import Bank, items_partition, search
+from app.banks.schema import run_banks
 from eidetic.errors import NotFound
 from eidetic.wire.islands import island_bank_prefix, parse_island_bank_name
 
@@ -68,10 +67,10 @@ def island_banks(conn: psycopg.Connection, project_id: int, run_id: int) -> list
     """The island banks of a run of the caller's project, by island set then level."""
     runs.get_run(conn, project_id, run_id)
     found = []
-    for bank in list_banks(conn, project_id):
+    for bank in run_banks(conn, project_id, run_id):
         parsed = parse_island_bank_name(bank.name)
-        if parsed is not None and parsed[0] == run_id:
-            found.append(IslandBank(parsed[1], parsed[2], bank))
+        assert parsed is not None  # a run's banks are its island banks
+        found.append(IslandBank(parsed[1], parsed[2], bank))
     return sorted(found, key=lambda b: (b.island_set, b.level))
 
 
@@ -112,33 +111,44 @@ def island_tree(conn: psycopg.Connection, project_id: int, run_id: int, island_s
 
 
 def nearest_islands(
-    conn: psycopg.Connection, project_id: int, run_id: int, island_set: str, sample: int, level: int, k: int
+    conn: psycopg.Connection,
+    project_id: int,
+    run_id: int,
+    island_set: str,
+    sample: int,
+    level: int,
+    k: int,
+    *,
+    exact: bool = False,
+    ef_search: int = 100,
 ) -> list[IslandNeighbours]:
-    """For each island of the image at `level`, the k most similar islands of other images at that level
-    (an exact scan of the level's bank, ties by item id)."""
+    """For each island of the image at `level`, the k most similar islands of other images at that level: through
+    the bank's HNSW index (`ef_search`), or an exact scan (ties by item id) when `exact`.
+
+    The bank search is asked for k plus the image's own islands at the level (the most it can have to drop), so
+    leaving them out never makes an answer short: each has min(k, islands of other images) neighbours."""
     chosen = [b for b in _set_banks(conn, project_id, run_id, island_set) if b.level == level]
     if not chosen:
         raise NotFound(f"island set {island_set!r} of run {run_id} has no level {level}", field="level")
     bank = chosen[0].bank
-    distance = sql.SQL("(o.key::vector({dim}) {op} q.key::vector({dim}))").format(
-        dim=sql.Literal(bank.dim), op=sql.SQL(DISTANCE_OPERATORS[bank.metric])
-    )
-    statement = sql.SQL(
-        "SELECT q.id AS query_id, q.label AS query_label, q.meta AS query_meta, m.id, m.label, m.meta, m.distance "
-        "FROM {items} q LEFT JOIN LATERAL (SELECT o.id, o.label, o.meta, {distance} AS distance FROM {items} o "
-        "WHERE NOT coalesce(o.meta @> %(sample)s, false) ORDER BY {distance} + 0, o.id LIMIT %(k)s) m ON true "
-        "WHERE q.meta @> %(sample)s ORDER BY q.id, m.distance, m.id"
-    ).format(items=items_partition(bank.id), distance=distance)
-    rows = conn.cursor(row_factory=dict_row).execute(statement, {"sample": _of_sample(sample), "k": k}).fetchall()
-    if not rows:
-        raise NotFound(f"no islands of sample {sample} at level {level}", field="sample")
-    answers: dict[int, IslandNeighbours] = {}
-    for row in rows:
-        query = answers.get(row["query_id"])
-        if query is None:
-            island = Island(row["query_id"], bank.id, level, row["query_label"], row["query_meta"])
-            query = answers[row["query_id"]] = IslandNeighbours(island, [])
-        if row["id"] is not None:  # an image alone at its level has no neighbours
-            score = float(similarity_from_distance(bank.metric, np.array([row["distance"]], dtype=np.float64))[0])
-            query.neighbours.append(Neighbour(row["id"], score, row["label"], row["meta"]))
-    return list(answers.values())
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        statement = sql.SQL("SELECT id, label, meta, key FROM {} WHERE meta @> %s ORDER BY id").format(
+            items_partition(bank.id)
+        )
+        own = conn.cursor(row_factory=dict_row).execute(statement, (_of_sample(sample),)).fetchall()
+        if not own:
+            raise NotFound(f"no islands of sample {sample} at level {level}", field="sample")
+        queries = np.stack([row["key"].to_numpy() for row in own]).astype(np.float32)
+        found = search(conn, bank, queries, k + len(own), exact=exact, ef_search=ef_search, labels=None, with_meta=True)
+    answers = []
+    for row, hits in zip(own, found):
+        island = Island(row["id"], bank.id, level, row["label"], row["meta"])
+        metas = hits.metas or [None] * len(hits.ids)
+        neighbours = [
+            Neighbour(item_id, score, label, meta)
+            for item_id, score, label, meta in zip(hits.ids, hits.scores, hits.labels, metas)
+            if not (meta is not None and meta.get("sample") == sample)
+        ]
+        answers.append(IslandNeighbours(island, neighbours[:k]))
+    return answers

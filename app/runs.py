@@ -9,6 +9,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from app.banks.schema import delete_bank, run_banks
 from app.database import lock_name, one_row
 from eidetic.errors import Conflict, NotFound
 
@@ -110,9 +111,14 @@ def update_run(
 
 
 def delete_run(conn: psycopg.Connection, project_id: int, run_id: int) -> None:
-    """Drops the run's partition (all its activations at once, however many) and its rows."""
+    """Drops the run's partition (all its activations at once, however many), its banks (its island banks, with
+    their items, hits and change feed) and its rows, in one transaction. The run's row is locked first, so a bank
+    being created for it (`create_bank` holds the row FOR SHARE) is either seen and deleted or refused."""
     with conn.transaction():
         get_run(conn, project_id, run_id)
+        conn.execute("SELECT 1 FROM runs WHERE id = %s FOR UPDATE", (run_id,))
+        for bank in run_banks(conn, project_id, run_id):
+            delete_bank(conn, project_id, bank.id)
         if partitioned_by_run(conn):
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(run_partition(run_id)))
         else:

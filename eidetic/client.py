@@ -340,9 +340,12 @@ class EideticClient:
         """The parse tree of one stored image: its top islands, largest first, each with its "children"."""
         return self.request("GET", f"/v1/runs/{run_id}/islands/{island_set}/{sample}/tree").json()["roots"]
 
-    def nearest_islands(self, run_id: int, island_set: str, sample: int, level: int, k: int = 5) -> list[dict]:
-        """For each island of the image at `level`: {"island", "neighbours"}, the k most alike of other images."""
-        params = {"level": level, "k": k}
+    def nearest_islands(
+        self, run_id: int, island_set: str, sample: int, level: int, k: int = 5, *, exact: bool = False
+    ) -> list[dict]:
+        """For each island of the image at `level`: {"island", "neighbours"}, the k most alike of other images
+        (through the level bank's HNSW index, or an exact scan)."""
+        params: dict[str, Any] = {"level": level, "k": k, "exact": exact}
         path = f"/v1/runs/{run_id}/islands/{island_set}/{sample}/neighbours"
         return self.request("GET", path, params=params).json()["results"]
 

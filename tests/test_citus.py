@@ -31,6 +31,13 @@ from tests.test_ingest import (  # noqa: F401
     test_the_same_batch_raced_by_two_writers_is_stored_once,
     test_two_writers_ingest_into_one_layer_at_once,
 )
+from tests.test_island_store import (  # noqa: F401
+    client,
+    stored,
+    table,
+    test_deleting_a_run_deletes_its_island_banks_and_no_others,
+    test_nearest_islands_through_the_index_equal_the_exact_scan,
+)
 from tests.test_memory import (  # noqa: F401
     test_capacity_holds_and_versions_only_grow_under_four_concurrent_writers,
     test_exact_search_is_the_true_top_k,
@@ -108,8 +115,8 @@ def service(citus_service_url: str, citus_database: str) -> Service:
 
 @pytest.fixture
 def api(service: Service) -> Iterator[httpx.Client]:
-    with service.client() as client:
-        yield client
+    with service.client() as http:
+        yield http
 
 
 def test_the_cluster_has_a_coordinator_and_two_workers(citus_database):

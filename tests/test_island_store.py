@@ -5,10 +5,12 @@ and bytes per image, and the experiment's metrics the same with USE_DB on and of
 from __future__ import annotations
 
 import numpy as np
+import psycopg
 import pytest
 
 from eidetic.client import EideticAPIError, EideticClient
 from eidetic.config import ClientSettings
+from eidetic.wire.islands import island_bank_name
 from model.island_memory import LocalIslands, StoredIslands, island_vote, storage_per_image
 from model.islands import IslandTable, ParseNode, find_islands, parse_tree
 from tests.helpers import error_of
@@ -99,6 +101,41 @@ def test_nearest_islands_are_parts_of_other_images_most_alike_first(client, stor
         assert result["neighbours"][0]["score"] > 0.95  # the same kind of part in another image
 
 
+def test_nearest_islands_through_the_index_equal_the_exact_scan(client, stored):
+    for level in range(LEVELS):
+        for sample in (0, 3):
+            indexed = client.nearest_islands(stored.run_id, ISLAND_SET, sample=sample, level=level, k=4)
+            exact = client.nearest_islands(stored.run_id, ISLAND_SET, sample=sample, level=level, k=4, exact=True)
+            assert [[n["id"] for n in r["neighbours"]] for r in indexed] == [
+                [n["id"] for n in r["neighbours"]] for r in exact
+            ]
+
+
+def test_an_images_own_islands_nearest_of_all_do_not_make_the_answer_short(client, api):
+    """Image 0's six islands are each other's nearest: the index's first hits are all left out, yet every island
+    still gets k neighbours from other images, the ones an exact scan finds."""
+    run = client.create_run("glom-crowd")
+    bank = api.post(
+        "/v1/memory-banks",
+        json={"name": island_bank_name(run.id, "crowd", 0), "dim": 4, "capacity": 100, "policy": "none"},
+    ).json()
+    rng = np.random.default_rng(0)
+    own = np.array([1.0, 0, 0, 0]) + 0.01 * rng.standard_normal((6, 4))
+    others = np.array([0.5, 1.0, 0, 0]) + 0.5 * rng.standard_normal((30, 4))
+    items = [{"key": key.tolist(), "label": 0, "meta": {"sample": 0}} for key in own]
+    items += [{"key": key.tolist(), "label": 1, "meta": {"sample": i + 1}} for i, key in enumerate(others)]
+    assert api.post(f"/v1/memory-banks/{bank['id']}/items", json={"items": items}).status_code == 200
+    exact = client.nearest_islands(run.id, "crowd", sample=0, level=0, k=5, exact=True)
+    indexed = client.nearest_islands(run.id, "crowd", sample=0, level=0, k=5)
+    assert len(indexed) == 6
+    for answer, truth in zip(indexed, exact):
+        assert [n["meta"]["sample"] for n in answer["neighbours"]] == [n["meta"]["sample"] for n in truth["neighbours"]]
+        assert len(answer["neighbours"]) == 5 and all(n["meta"]["sample"] != 0 for n in answer["neighbours"])
+    # an image with one island, among 36: never short either
+    (lone,) = client.nearest_islands(run.id, "crowd", sample=7, level=0, k=35)
+    assert len(lone["neighbours"]) == 35 and {n["meta"]["sample"] for n in lone["neighbours"]} >= {0}
+
+
 def test_the_banks_exact_search_votes_as_the_memory_does(stored, table):
     local = LocalIslands()
     local.add(table)
@@ -142,6 +179,63 @@ def test_another_projects_key_sees_no_islands(service, stored):
         with pytest.raises(EideticAPIError) as refused:
             other.island_tree(stored.run_id, ISLAND_SET, 0)
     assert refused.value.status == 404
+
+
+def bank_rows(database_url: str, bank_ids: list[int]) -> dict[str, int]:
+    """What the database still holds of these banks: rows of each table keyed by bank, and item partitions."""
+    with psycopg.connect(database_url) as conn:
+        counts = {
+            table: conn.execute(f"SELECT count(*) FROM {table} WHERE {column} = ANY(%s)", (bank_ids,)).fetchone()[0]
+            for table, column in (
+                ("memory_banks", "id"),
+                ("memory_items", "bank_id"),
+                ("memory_tombstones", "bank_id"),
+                ("memory_hits", "bank_id"),
+            )
+        }
+        names = [f"memory_items_b{bank_id}" for bank_id in bank_ids]
+        partitions = "SELECT count(*) FROM unnest(%s::text[]) n WHERE to_regclass(n) IS NOT NULL"
+        counts["partitions"] = conn.execute(partitions, (names,)).fetchone()[0]
+    return counts
+
+
+def test_deleting_a_run_deletes_its_island_banks_and_no_others(client, api, database_url, stored, table):
+    kept = StoredIslands(client, client.create_run("glom-kept").id, ISLAND_SET)
+    kept.add(table)
+    other = api.post("/v1/memory-banks", json={"name": "not-islands", "dim": DIM, "capacity": 10}).json()
+    doomed = sorted(stored.bank_ids.values())
+    # hits, a tombstone and a change feed on the doomed banks
+    top = stored.bank_ids[LEVELS - 1]
+    assert api.post(f"/v1/memory-banks/{top}/search", json={"queries": [[1.0] * DIM], "k": 1}).status_code == 200
+    (item,) = api.get(f"/v1/memory-banks/{top}/changes", params={"since": 0, "limit": 1}).json()["items"][:1]
+    assert api.delete(f"/v1/memory-banks/{top}/items/{item['id']}").status_code == 200
+    before = bank_rows(database_url, doomed)
+    assert before["memory_hits"] == 1 and before["memory_tombstones"] == 1 and before["partitions"] == LEVELS
+
+    assert api.delete(f"/v1/runs/{stored.run_id}").status_code == 204
+
+    assert bank_rows(database_url, doomed) == dict.fromkeys(before, 0)
+    assert all(api.get(f"/v1/memory-banks/{bank_id}").status_code == 404 for bank_id in doomed)
+    assert api.get(f"/v1/runs/{stored.run_id}/islands").status_code == 404
+    # the other run's island banks and the unrelated bank are untouched
+    banks = client.island_banks(kept.run_id)
+    assert [(b["level"], b["size"]) for b in banks] == [(lv, len(table.of(level=lv))) for lv in range(LEVELS)]
+    assert client.island_tree(kept.run_id, ISLAND_SET, 0)
+    assert api.get(f"/v1/memory-banks/{other['id']}").status_code == 200
+
+
+def test_an_island_bank_needs_its_run_in_the_banks_project(service, api, stored):
+    def create(name: str, key: str | None = None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return api.post("/v1/memory-banks", json={"name": name, "dim": DIM, "capacity": 10}, headers=headers)
+
+    missing = create(f"run-{stored.run_id + 100}/islands/{ISLAND_SET}/level-0")
+    assert missing.status_code == 422 and error_of(missing)["field"] == "name"
+    assert f"run {stored.run_id + 100}" in error_of(missing)["message"]
+    foreign = create(f"run-{stored.run_id}/islands/theirs/level-0", service.new_key("beta", "admin"))
+    assert foreign.status_code == 422 and error_of(foreign)["field"] == "name"
+    assert create(f"run-{stored.run_id}/islands/more/level-0").status_code == 201
+    assert create(f"run-{stored.run_id + 100}/notes").status_code == 201  # not an island bank's name
 
 
 @pytest.mark.usefixtures("one_torch_thread")

@@ -4,6 +4,12 @@ pgvector indexes need a fixed dimension, so every bank gets its own partition an
 indexes on `key::vector(dim)` with the operator class of its metric: one live index over
 the whole partition (`merge_threshold` 0), or one per sealed segment, built by
 `app.banks.segments` (a segmented bank, the default).
+
+A bank named for a run's islands (`eidetic.wire.islands`: `run-{run}/islands/...`)
+belongs to that run: it can only be created for a run of the bank's project, and
+`app.runs.delete_run` deletes it with the run. The name is the link rather than a
+foreign key because on Citus banks and runs are distributed by their own ids, and a
+foreign key between them would cross distribution keys.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from psycopg import sql
 from psycopg.rows import class_row
 
 from app.database import lock_name
-from eidetic.errors import Conflict, NotFound
+from eidetic.errors import Conflict, InvalidInput, NotFound
+from eidetic.wire.islands import parse_island_bank_name
 
 METRICS = ("cosine", "l2", "ip")
 DEFAULT_MERGE_THRESHOLD = 5000  # growing items that start a merge: an exact scan of them costs about one HNSW search
@@ -80,6 +87,7 @@ def create_bank(
     (m, ef_construction) now, a segmented one an index per sealed segment as merges seal them."""
     with conn.transaction():
         lock_name(conn, "bank", project_id, name)
+        _hold_owning_run(conn, project_id, name)
         taken = conn.execute(
             "SELECT 1 FROM memory_banks WHERE project_id = %s AND name = %s", (project_id, name)
         ).fetchone()
@@ -142,6 +150,34 @@ def hnsw_index(
         ef=sql.Literal(bank.hnsw_ef_construction),
         where=sql.SQL("") if where is None else sql.SQL(" WHERE {}").format(where),
     )
+
+
+def _hold_owning_run(conn: psycopg.Connection, project_id: int, name: str) -> None:
+    """A bank named for a run's islands needs that run in the bank's project; its row is held (FOR SHARE) until
+    commit, so a concurrent `delete_run` waits for the bank and then deletes it, never leaving it behind."""
+    run_id = _owning_run(name)
+    if run_id is None:
+        return
+    found = conn.execute(
+        "SELECT 1 FROM runs WHERE id = %s AND project_id = %s FOR SHARE", (run_id, project_id)
+    ).fetchone()
+    if found is None:
+        raise InvalidInput(
+            f"a bank named {name!r} holds the islands of run {run_id}, which is not a run of this project",
+            field="name",
+        )
+
+
+def run_banks(conn: psycopg.Connection, project_id: int, run_id: int) -> list[Bank]:
+    """The banks that belong to a run of the project (its island banks, by name), by id."""
+    statement = f"SELECT {_BANK_COLUMNS} FROM memory_banks WHERE project_id = %s AND name LIKE %s ORDER BY id"
+    found = conn.cursor(row_factory=class_row(Bank)).execute(statement, (project_id, f"run-{int(run_id)}/islands/%"))
+    return [bank for bank in found.fetchall() if _owning_run(bank.name) == run_id]
+
+
+def _owning_run(name: str) -> int | None:
+    parsed = parse_island_bank_name(name)
+    return None if parsed is None else parsed[0]
 
 
 def get_bank(conn: psycopg.Connection, project_id: int, bank_id: int, *, lock: bool = False) -> Bank:

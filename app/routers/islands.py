@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 
 from app import islands
+from app.banks import MAX_EF_SEARCH
 from app.deps import Conn, Id, Reader
 from app.schemas import (
     IslandBankList,
@@ -61,13 +62,17 @@ def nearest_islands(
     conn: Conn,
     level: Annotated[int, Query(ge=0, le=10_000, description="The level whose islands are compared.")],
     k: Annotated[int, Query(ge=1, description="Neighbours per island.")] = 5,
+    exact: Annotated[bool, Query(description="An exact scan of the level's bank instead of its HNSW index.")] = False,
+    ef_search: Annotated[int, Query(ge=1, le=MAX_EF_SEARCH, description="HNSW candidate list size.")] = 100,
 ) -> IslandSearchOut:
     """Parts that look alike: for each island of the image at `level`, the k most similar islands of other
-    images at that level (exact search)."""
+    images at that level (through the bank's HNSW index, or an exact scan with `exact=true`)."""
     settings: Settings = request.app.state.settings
     if k > settings.max_search_k:
         raise InvalidInput(f"k is at most {settings.max_search_k}", field="k")
-    found = islands.nearest_islands(conn, principal.project_id, run_id, island_set, sample, level, k)
+    found = islands.nearest_islands(
+        conn, principal.project_id, run_id, island_set, sample, level, k, exact=exact, ef_search=ef_search
+    )
     results = [
         IslandNeighboursOut(
             island=island_out(answer.island),
