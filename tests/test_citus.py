@@ -249,7 +249,7 @@ def test_a_snapshot_streams_through_the_coordinator_without_materialising_the_ba
     bank_id = big_bank(api)  # 24 MB of items: six times the coordinator's work_mem
     time.sleep(1.1)  # backends report to the statistics at most once a second
     before = _temp_bytes(service.database_url)
-    with rest_client(service) as client:
-        assert client.snapshot_table(bank_id).num_rows == 1500
+    with rest_client(service) as eidetic_client:
+        assert eidetic_client.snapshot_table(bank_id).num_rows == 1500
     time.sleep(1.1)
     assert _temp_bytes(service.database_url) - before < 1 << 20
