@@ -80,6 +80,11 @@ def distribute(conn: psycopg.Connection) -> bool:
     wanted += [(table, "distributed") for table, _, _ in DISTRIBUTED_TABLES]
     if any(table_type(conn, table) != kind for table, kind in wanted):
         _place_tables(conn)
+    # A search's SET LOCAL (hnsw.ef_search, hnsw.iterative_scan) must reach the worker that runs it:
+    # Citus propagates none by default, and the worker would search with its own ef_search.
+    conn.execute(
+        sql.SQL("ALTER DATABASE {} SET citus.propagate_set_commands = 'local'").format(sql.Identifier(conn.info.dbname))
+    )
     log.info("distributed layout in place")
     return True
 

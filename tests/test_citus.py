@@ -206,6 +206,28 @@ def test_a_run_filtered_read_and_quantiles_push_down_to_one_worker(api, service)
         assert "Task Count: 1" in plan, plan
 
 
+def test_a_searchs_ef_search_reaches_the_worker(api, service):
+    """The search sets hnsw.ef_search for its transaction; on the worker an HNSW scan returns at most
+    ef_search rows, so 100 rows from one scan show the worker searched with the service's setting, not 40."""
+    bank = api.post(
+        "/v1/memory-banks",
+        json={"name": "ef", "dim": 3, "metric": "l2", "capacity": 500, "policy": "none", "merge_threshold": 0},
+    ).json()
+    items = [{"key": [float(i), float(i % 7), 1.0], "label": i % 3} for i in range(300)]
+    assert api.post(f"/v1/memory-banks/{bank['id']}/items", json={"items": items}).status_code == 200
+    with psycopg.connect(service.database_url) as conn:
+        assert conn.execute("SHOW citus.propagate_set_commands").fetchone() == ("local",)
+        conn.execute("SET LOCAL hnsw.ef_search = 100")
+        conn.execute("SET LOCAL enable_seqscan = off")
+        conn.execute("SET LOCAL enable_bitmapscan = off")
+        conn.execute("SET LOCAL enable_sort = off")
+        statement = (
+            f"SELECT count(*) FROM (SELECT id FROM memory_items_b{bank['id']} WHERE bank_id = %s "
+            "ORDER BY key::vector(3) <-> '[1,1,1]'::vector(3) LIMIT 150) s"
+        )
+        assert conn.execute(statement, (bank["id"],)).fetchone() == (100,)
+
+
 def test_a_bank_search_goes_to_its_shard_and_uses_its_hnsw_index(api, service):
     bank = api.post(
         "/v1/memory-banks",
