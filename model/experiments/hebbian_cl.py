@@ -46,6 +46,8 @@ from eidetic.config import ClientSettings
 from model import data as datasets
 from model.hebbian_cl import (
     ARMS,
+    LATENT_REPLAY_ARMS,
+    SOFTHEBB_ARMS,
     ContinualLearner,
     HebbianCLConfig,
     SoftHebbLearner,
@@ -64,7 +66,6 @@ from model.store_replay import BankReservoir, StoredLatentMemory
 EXPERIMENT = "hebbian_cl"
 DATASETS = ("mnist5k", "fashion", "digits")
 SANITY_ARMS = ("softhebb", "random_hebbian", "backprop")
-SOFTHEBB_ARMS = ("softhebb", "softhebb_plasticity", "softhebb_plasticity_replay")
 VIEWS = ("class_incremental", "task_incremental")
 SUMMARY_METRICS = ("average_accuracy", "backward_transfer", "forgetting")
 # Split-MNIST, class-incremental, full MNIST with an MLP: Buzzega et al. 2020 (DER, table 2) and
@@ -160,7 +161,7 @@ def arm_storage(
         if capacity is not None:
             shape = (config.net.in_channels, config.net.image_size, config.net.image_size)
             storage.replay = BankReservoir(client, f"{run_name}-reservoir", shape, capacity, config.seed)
-        if arm == "softhebb_plasticity_replay":
+        if arm in LATENT_REPLAY_ARMS:
             n_features = _n_features(config)
             latent = StoredLatentMemory(client, settings, run_id, "readout_inputs", n_features)
             cleanup.callback(latent.close)
