@@ -64,13 +64,13 @@ from model.softhebb_net import (
 
 __all__ = [
     "ARMS",
+    "LATENT_REPLAY_ARMS",
+    "SOFTHEBB_ARMS",
     "ArmResult",
     "BackpropLearner",
     "BackpropTwin",
     "ContinualLearner",
     "HebbianCLConfig",
-    "LATENT_REPLAY_ARMS",
-    "SOFTHEBB_ARMS",
     "SoftHebbLearner",
     "Task",
     "class_incremental_splits",
@@ -79,6 +79,7 @@ __all__ = [
     "replay_capacity",
     "run_arms",
     "run_continual",
+    "sequence_tasks",
     "task_accuracies",
 ]
 
@@ -157,6 +158,33 @@ def make_tasks(
     return [
         Task(i, group, train.of_classes(list(group)), test.of_classes(list(group))) for i, group in enumerate(groups)
     ]
+
+
+def sequence_tasks(datasets: Sequence[tuple[LabelledImages, LabelledImages]]) -> list[Task]:
+    """One task per data set (train, test), all of its classes at once; each data set's labels are moved past
+    the ones before it (MNIST 0..9, then Fashion-MNIST 10..19), so one head over every class sees them all."""
+    tasks, offset = [], 0
+    for index, (train, test) in enumerate(datasets):
+        if index and train.images.shape[1:] != datasets[0][0].images.shape[1:]:
+            raise ValueError(
+                f"{train.name} images are {tuple(train.images.shape[1:])}, "
+                f"{datasets[0][0].name}'s {tuple(datasets[0][0].images.shape[1:])}: a sequence needs one shape"
+            )
+        n_classes = int(max(train.labels.max(), test.labels.max())) + 1
+        tasks.append(
+            Task(
+                index,
+                tuple(range(offset, offset + n_classes)),
+                _shifted(train, offset),
+                _shifted(test, offset),
+            )
+        )
+        offset += n_classes
+    return tasks
+
+
+def _shifted(data: LabelledImages, offset: int) -> LabelledImages:
+    return LabelledImages(data.images, data.labels + offset, data.mean, data.std, data.name)
 
 
 # ---------------------------------------------------------------- learners
