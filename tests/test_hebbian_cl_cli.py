@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,11 @@ def test_every_flag_keeps_its_meaning_and_the_defaults_stay_the_recorded_runs():
     )
 
     parsed = experiment.COMMAND.parse(
-        "--dataset fashion digits --arms softhebb backprop_er_20 --seed 3 4 --hebbian-epochs 2 --readout-epochs 5 "
-        "--backprop-epochs 1 --latent-per-task 7 --n-tasks 2 --train-per-class 30 --test-per-class 10 --no-sanity "
-        "--threads 2 --out-dir o --no-use-db --no-progress --interval 4 --slow-factor 0.5".split()
+        shlex.split(
+            "--dataset fashion digits --arms softhebb backprop_er_20 --seed 3 4 --hebbian-epochs 2 --readout-epochs 5 "
+            "--backprop-epochs 1 --latent-per-task 7 --n-tasks 2 --train-per-class 30 --test-per-class 10 --no-sanity "
+            "--threads 2 --out-dir o --no-use-db --no-progress --interval 4 --slow-factor 0.5"
+        )
     )
     assert [config.dataset for config in parsed.configs] == ["fashion", "digits"]
     config = parsed.config
