@@ -80,11 +80,31 @@ def test_bad_arms_data_sets_and_presets_are_refused_with_usage(argv, message, ca
 # ---------------------------------------------------------------- a sequence of data sets
 
 
+def write_fake_fashion_mnist(root: Path, train_per_class: int = 8, test_per_class: int = 4) -> Path:
+    """Fashion-MNIST as torchvision keeps it (IDX files under FashionMNIST/raw/), random pixels, every class."""
+    folder = root / "FashionMNIST" / "raw"
+    folder.mkdir(parents=True)
+    for prefix, per_class, seed in (("train", train_per_class, 1), ("t10k", test_per_class, 2)):
+        labels = np.tile(np.arange(10, dtype=np.uint8), per_class)
+        images = np.random.default_rng(seed).integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+        header = np.asarray([0x803, len(labels), 28, 28], dtype=">i4").tobytes()
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+        header = np.asarray([0x801, len(labels)], dtype=">i4").tobytes()
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
+    return root
+
+
 @pytest.fixture(scope="module")
-def mnist_then_fashion() -> list[tuple[datasets.LabelledImages, datasets.LabelledImages]]:
+def fashion_dir(tmp_path_factory) -> Path:
+    """A tiny Fashion-MNIST under a torchvision root, so the tests need neither Debian's package nor a download."""
+    return write_fake_fashion_mnist(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def mnist_then_fashion(fashion_dir) -> list[tuple[datasets.LabelledImages, datasets.LabelledImages]]:
     return [
         (datasets.load_mnist_5k(train=True), datasets.load_mnist_5k(train=False)),
-        (datasets.load_fashion_mnist(None, train=True), datasets.load_fashion_mnist(None, train=False)),
+        (datasets.load_fashion_mnist(fashion_dir, train=True), datasets.load_fashion_mnist(fashion_dir, train=False)),
     ]
 
 
@@ -102,8 +122,9 @@ def test_a_sequence_is_one_task_per_data_set_with_labels_past_the_ones_before(mn
         sequence_tasks([mnist_then_fashion[0], digits8])
 
 
-def test_mnist_then_fashion_runs_every_arm_through_the_cl_metrics(tmp_path):
-    argv = ["--sequence", "mnist5k,fashion", "--seed", "0", "--train-per-class", "8", "--test-per-class", "4"]
+def test_mnist_then_fashion_runs_every_arm_through_the_cl_metrics(tmp_path, fashion_dir):
+    argv = ["--sequence", "mnist5k,fashion", "--data-dir", str(fashion_dir), "--seed", "0"]
+    argv += ["--train-per-class", "8", "--test-per-class", "4"]
     argv += ["--readout-epochs", "2", "--backprop-epochs", "1", "--latent-per-task", "4", "--interval", "2"]
     argv += ["--no-use-db", "--no-progress", "--out-dir", str(tmp_path)]
 
@@ -112,6 +133,7 @@ def test_mnist_then_fashion_runs_every_arm_through_the_cl_metrics(tmp_path):
     assert metrics["scenario"] == "dataset_sequence" and metrics["datasets"] == ["mnist5k", "fashion"]
     assert metrics["classes"] == [list(range(10)), list(range(10, 20))]
     assert metrics["net"]["n_classes"] == 20 and metrics["sanity"] == []
+    assert (metrics["train_size"], metrics["test_size"]) == (160, 80)
     assert [run["arm"] for run in metrics["runs"]] == list(ARMS)
     for run in metrics["runs"]:
         matrix = np.asarray(run["class_incremental"])

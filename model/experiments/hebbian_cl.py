@@ -520,7 +520,7 @@ def plot(metrics: dict[str, Any], material: dict[str, Any], out_dir: Path) -> li
         block = material["learners"][arm].net.blocks[0]
         block.eval()
         with torch.no_grad():
-            maps = block.activation(block.conv(block.norm(image)))[0]
+            maps = block.activation(block.conv(block.norm(image.to(block.conv.weight.device))))[0].cpu()
         axes[i, 0].imshow(image[0, 0].numpy(), cmap="gray")
         axes[i, 0].set_ylabel(arm.replace("softhebb_", "")[:12], fontsize=6)
         for k in range(16):
