@@ -1,15 +1,20 @@
 """Image data sets for the experiments, loaded into memory as (N x C x H x W) tensors.
 
-torchvision's MNIST, EMNIST letters, Fashion-MNIST and CIFAR-10 are read from a data
-directory and never downloaded (a training job should not reach the network behind the
-user's back). Offline stand-ins: Fashion-MNIST from Debian's `dataset-fashion-mnist`
-package (IDX files) and scikit-learn's bundled 8x8 digits, upsampled to 28x28 so the
-MNIST network reads them unchanged.
+torchvision's MNIST, EMNIST letters and Fashion-MNIST, and CIFAR-10, CIFAR-100 and STL-10
+in torchvision's on-disk layout, are read from a data directory and never downloaded (a
+training job should not reach the network behind the user's back). The colour sets are
+read here rather than through torchvision's classes, which refuse any file whose md5 is
+not the published archive's (a subset, or a test's tiny set in the same format).
+
+Offline stand-ins: Fashion-MNIST from Debian's `dataset-fashion-mnist` package (IDX files)
+and scikit-learn's bundled 8x8 digits, upsampled to 28x28 so the MNIST network reads them
+unchanged.
 """
 
 from __future__ import annotations
 
 import gzip
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +29,13 @@ _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x
 MNIST_MEAN_STD = (0.1307, 0.3081)  # the PyTorch MNIST example's, which the seed also used for EMNIST
 FASHION_MNIST_MEAN_STD = (0.2860, 0.3530)
 CIFAR10_MEAN_STD = (0.4734, 0.2516)  # over all channels; the experiments here normalise one scalar
+CIFAR100_MEAN_STD = (0.4782, 0.2681)  # from the usual per-channel figures, pooled over channels
+STL10_MEAN_STD = (0.4310, 0.2634)
+
+# torchvision's layout under the data directory (torchvision.datasets.CIFAR10.base_folder, train_list, ...).
+CIFAR10_FILES = ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",))
+CIFAR100_FILES = ("cifar-100-python", ("train",), ("test",))
+STL10_FILES = ("stl10_binary", ("train_X.bin", "train_y.bin"), ("test_X.bin", "test_y.bin"))
 
 
 class DatasetUnavailable(FileNotFoundError):
@@ -126,8 +138,67 @@ def load_fashion_mnist(data_dir: Path | None, train: bool, debian_dir: Path = DE
     return LabelledImages(images, labels, *FASHION_MNIST_MEAN_STD, "fashion-mnist")
 
 
+def _files(
+    kind: str, data_dir: Path | None, layout: tuple[str, tuple[str, ...], tuple[str, ...]], train: bool
+) -> list[Path]:
+    """The split's files under `data_dir`, all present, or an error naming the directory and what is missing."""
+    folder, train_files, test_files = layout
+    if data_dir is None:
+        raise DatasetUnavailable(
+            f"{kind} needs --data-dir (a torchvision root holding {folder}/; nothing is downloaded)"
+        )
+    paths = [Path(data_dir) / folder / name for name in (train_files if train else test_files)]
+    missing = [path.name for path in paths if not path.is_file()]
+    if missing:
+        raise DatasetUnavailable(
+            f"{kind} not found in {Path(data_dir) / folder}: missing {', '.join(missing)} "
+            "(torchvision's layout, extracted; nothing is downloaded)"
+        )
+    return paths
+
+
+def _cifar(kind: str, paths: list[Path], label_key: str, mean_std: tuple[float, float], name: str) -> LabelledImages:
+    """CIFAR's python pickles: rows of 3,072 bytes (red, green, blue planes of 32 x 32) and a label list each."""
+    pixels, labels = [], []
+    for path in paths:
+        with open(path, "rb") as handle:
+            entry = pickle.load(handle, encoding="latin1")
+        pixels.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(entry[label_key], dtype=np.int64))
+        if len(pixels[-1]) != len(labels[-1]):
+            raise ValueError(f"{path}: {len(pixels[-1])} images but {len(labels[-1])} labels")
+    return LabelledImages(
+        torch.from_numpy(np.concatenate(pixels)), torch.from_numpy(np.concatenate(labels)), *mean_std, name
+    )
+
+
 def load_cifar10(data_dir: Path | None, train: bool) -> LabelledImages:
-    return _from_torchvision(_torchvision("CIFAR10", data_dir, train), CIFAR10_MEAN_STD, "cifar10")
+    """CIFAR-10 (32 x 32 colour, 10 classes) from `cifar-10-batches-py/` under `data_dir`."""
+    paths = _files("CIFAR-10", data_dir, CIFAR10_FILES, train)
+    return _cifar("CIFAR-10", paths, "labels", CIFAR10_MEAN_STD, "cifar10")
+
+
+def load_cifar100(data_dir: Path | None, train: bool) -> LabelledImages:
+    """CIFAR-100 (32 x 32 colour) with its 100 fine labels, from `cifar-100-python/` under `data_dir`."""
+    paths = _files("CIFAR-100", data_dir, CIFAR100_FILES, train)
+    return _cifar("CIFAR-100", paths, "fine_labels", CIFAR100_MEAN_STD, "cifar100")
+
+
+def load_stl10(data_dir: Path | None, train: bool) -> LabelledImages:
+    """STL-10's labelled splits (96 x 96 colour, 10 classes) from `stl10_binary/` under `data_dir`.
+
+    The binary files hold each image column-major (3 x 96 x 96, x before y) and labels 1..10;
+    both are turned round here (labels 0..9), as torchvision does.
+    """
+    images_path, labels_path = _files("STL-10", data_dir, STL10_FILES, train)
+    pixels = np.fromfile(images_path, dtype=np.uint8)
+    if pixels.size % (3 * 96 * 96):
+        raise ValueError(f"{images_path}: {pixels.size} bytes is not a whole number of 3 x 96 x 96 images")
+    images = np.ascontiguousarray(pixels.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2))
+    labels = np.fromfile(labels_path, dtype=np.uint8).astype(np.int64) - 1
+    if len(labels) != len(images):
+        raise ValueError(f"{labels_path}: {len(labels)} labels for {len(images)} images")
+    return LabelledImages(torch.from_numpy(images), torch.from_numpy(labels), *STL10_MEAN_STD, "stl10")
 
 
 def load_digits_28(train: bool, test_fraction: float = 0.2, split_seed: int = 0, size: int = 28) -> LabelledImages:

@@ -16,9 +16,10 @@ Arms, all through `run_continual`:
 - softhebb: the Hebbian blocks learn each task unsupervised, then the read-out fine-tunes;
 - softhebb_plasticity: as softhebb, with neuromodulation of the kernels' plasticity from
   the statistics earlier tasks recorded in the sink;
-- softhebb_plasticity_replay: as softhebb_plasticity, with latent replay: the read-out
-  inputs of `latent_per_task` samples of each task are kept, and every read-out batch of a
-  later task is joined by as many of them.
+- softhebb_replay: as softhebb, with latent replay: the read-out inputs of
+  `latent_per_task` samples of each task are kept, and every read-out batch of a later task
+  is joined by as many of them (the control that separates replay from plasticity);
+- softhebb_plasticity_replay: as softhebb_plasticity, with the same latent replay.
 Every SoftHebb arm records per-kernel change and importance for every (task, layer).
 Buffers and records live in memory here, or in the store (`model.store_replay`,
 `model.store_kernel_stats`) with the same results.
@@ -63,6 +64,8 @@ from model.softhebb_net import (
 
 __all__ = [
     "ARMS",
+    "LATENT_REPLAY_ARMS",
+    "SOFTHEBB_ARMS",
     "ArmResult",
     "BackpropLearner",
     "BackpropTwin",
@@ -76,6 +79,7 @@ __all__ = [
     "replay_capacity",
     "run_arms",
     "run_continual",
+    "sequence_tasks",
     "task_accuracies",
 ]
 
@@ -86,8 +90,11 @@ ARMS = (
     "backprop_er_500",
     "softhebb",
     "softhebb_plasticity",
+    "softhebb_replay",
     "softhebb_plasticity_replay",
 )
+SOFTHEBB_ARMS = tuple(arm for arm in ARMS if arm.startswith("softhebb"))
+LATENT_REPLAY_ARMS = ("softhebb_replay", "softhebb_plasticity_replay")  # keep read-out inputs to replay
 SinkFactory = Callable[[str], KernelStatsSink]  # arm name -> where that arm records
 _REPLAY_ARM = re.compile(r"backprop_er_([1-9][0-9]*)")
 
@@ -151,6 +158,33 @@ def make_tasks(
     return [
         Task(i, group, train.of_classes(list(group)), test.of_classes(list(group))) for i, group in enumerate(groups)
     ]
+
+
+def sequence_tasks(datasets: Sequence[tuple[LabelledImages, LabelledImages]]) -> list[Task]:
+    """One task per data set (train, test), all of its classes at once; each data set's labels are moved past
+    the ones before it (MNIST 0..9, then Fashion-MNIST 10..19), so one head over every class sees them all."""
+    tasks, offset = [], 0
+    for index, (train, test) in enumerate(datasets):
+        if index and train.images.shape[1:] != datasets[0][0].images.shape[1:]:
+            raise ValueError(
+                f"{train.name} images are {tuple(train.images.shape[1:])}, "
+                f"{datasets[0][0].name}'s {tuple(datasets[0][0].images.shape[1:])}: a sequence needs one shape"
+            )
+        n_classes = int(max(train.labels.max(), test.labels.max())) + 1
+        tasks.append(
+            Task(
+                index,
+                tuple(range(offset, offset + n_classes)),
+                _shifted(train, offset),
+                _shifted(test, offset),
+            )
+        )
+        offset += n_classes
+    return tasks
+
+
+def _shifted(data: LabelledImages, offset: int) -> LabelledImages:
+    return LabelledImages(data.images, data.labels + offset, data.mean, data.std, data.name)
 
 
 # ---------------------------------------------------------------- learners
@@ -372,16 +406,17 @@ def make_learner(
         elif replay.capacity != capacity:
             raise ValueError(f"{arm} needs a buffer of {capacity}, not {replay.capacity}")
         return BackpropLearner(config, joint=False, generator=generator, replay=replay)
-    if arm in ("softhebb", "softhebb_plasticity", "softhebb_plasticity_replay"):
-        policy = Neuromodulation(config.neuromodulation) if arm != "softhebb" else None
-        if arm == "softhebb_plasticity_replay" and latent is None:
+    if arm in SOFTHEBB_ARMS:
+        policy = Neuromodulation(config.neuromodulation) if "plasticity" in arm else None
+        replays = arm in LATENT_REPLAY_ARMS
+        if replays and latent is None:
             latent = InMemoryLatentMemory()
         return SoftHebbLearner(
             config,
             sink=sink if sink is not None else InMemoryKernelStatsSink(),
             neuromodulation=policy,
             generator=generator,
-            latent=latent if arm == "softhebb_plasticity_replay" else None,
+            latent=latent if replays else None,
         )
     raise ValueError(f"unknown arm {arm!r}; the arms are {', '.join(ARMS)} (backprop_er_N for any N)")
 

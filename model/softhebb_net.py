@@ -24,6 +24,7 @@ __all__ = [
     "CIFAR10_NET",
     "DIGITS8_NET",
     "GREY28_NET",
+    "NET_PRESETS",
     "SoftHebbBlock",
     "SoftHebbLayerConfig",
     "SoftHebbNet",
@@ -183,6 +184,8 @@ DIGITS8_NET = SoftHebbNetConfig(
         ),  # 4 -> 2: 128 features
     ),
 )
+
+NET_PRESETS = {"cifar10": CIFAR10_NET, "grey28": GREY28_NET, "digits8": DIGITS8_NET}
 
 
 class SoftHebbBlock(nn.Module):

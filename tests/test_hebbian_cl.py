@@ -176,6 +176,24 @@ def test_a_frozen_important_kernel_stops_changing_on_the_next_task(digits):
     assert sink.read(1, "block0") is not None
 
 
+def test_the_replay_control_replays_read_out_inputs_but_never_modulates_plasticity(digits):
+    tasks = make_tasks(*digits, n_tasks=2)
+    sink = InMemoryKernelStatsSink()
+    for layer, n in (("block0", 16), ("block1", 32)):  # records that would freeze kernels under plasticity
+        sink.record(0, layer, torch.zeros(n), torch.arange(n, 0, -1).float())
+    learner = make_learner("softhebb_replay", TINY, sink)
+    assert learner.name == "softhebb_replay"
+
+    learner.learn(tasks[1], tasks)
+
+    for conv in learner.convs.values():  # type: ignore[attr-defined]
+        assert torch.equal(conv.plasticity, torch.ones_like(conv.plasticity))
+    replayed = run_continual(make_learner("softhebb_replay", TINY), tasks)
+    vanilla = run_continual(make_learner("softhebb", TINY), tasks)
+    # the single head keeps the first task only through the replayed read-out inputs
+    assert replayed.class_incremental[1, 0] > vanilla.class_incremental[1, 0] + 0.2
+
+
 # ---------------------------------------------------------------- end to end
 
 

