@@ -35,12 +35,13 @@ SHARD_COUNT = 4
 
 
 def tarball() -> Path | None:
-    """The vendored Citus sources: $EIDETIC_CITUS_TARBALL, else shared/vendor beside or above the checkout."""
+    """The vendored Citus sources: $EIDETIC_CITUS_TARBALL, else shared/vendor in the checkout or any folder above it
+    (a clone made for CI somewhere below the shared folder finds it too)."""
     if os.environ.get("EIDETIC_CITUS_TARBALL"):
         path = Path(os.environ["EIDETIC_CITUS_TARBALL"])
         return path if path.is_file() else None
-    for shared in (REPO / "shared", REPO.parent / "shared"):
-        path = shared / "vendor" / TARBALL_NAME
+    for folder in (REPO, *REPO.parents):
+        path = folder / "shared" / "vendor" / TARBALL_NAME
         if path.is_file():
             return path
     return None
