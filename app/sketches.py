@@ -25,7 +25,6 @@ from datasketches import kll_floats_sketch
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from app.copy_binary import iter_coded_vectors
 from app.database import one_row
 from app.runs import Layer, layer_partition
 from app.settings import Settings
@@ -37,6 +36,7 @@ log = logging.getLogger(__name__)
 NO_TASK = ""
 DEFAULT_K = 400  # rank error 0.68% at 99% confidence; about 10 KB per unit once full
 _CLAIM_BATCHES = 256  # ledger rows one fold looks at; it folds a prefix of them that fits its budget
+_READ_VALUES = 1 << 26  # values one read of a fold packs into a bytea at most (256 MB; a bytea holds 1 GB)
 _WAIT_POLL_S = 0.05  # how often a request waiting for an up-to-date answer looks again
 _RETRY_S = 1.0  # the sketcher's pause after a failed fold (the database down, say)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -82,10 +82,14 @@ def fold_layer(conn: psycopg.Connection, layer: Layer, k: int, max_values: int) 
             return 0
         seqs = [seq for seq, _ in taken]
         task_names = sorted({task for _, tasks in taken for task in tasks})
-        codes, values = _read_batches(conn, layer, seqs, task_names)
+        codes, values = _read_batches(conn, layer, seqs, rows, task_names)
         if len(values) != rows:  # the ledger and the rows commit together; anything else is a broken store
             raise RuntimeError(f"layer {layer.id}: batches {seqs[0]}..{seqs[-1]} hold {len(values)} rows, not {rows}")
-        by_task = {task_names[code - 1]: values[codes == code] for code in np.unique(codes).tolist()}
+        present = np.unique(codes).tolist()
+        if len(present) == 1:  # the usual case: no copy of the values by task
+            by_task = {task_names[present[0] - 1]: values}
+        else:
+            by_task = {task_names[code - 1]: values[codes == code] for code in present}
         merge_into_layer(conn, layer, {task: sketch_columns(part, k) for task, part in by_task.items()}, k)
         conn.execute(
             "DELETE FROM sketch_backlog WHERE run_id = %s AND layer_id = %s AND batch_seq = ANY(%s)",
@@ -201,25 +205,42 @@ class Sketcher:
 
 
 def _read_batches(
-    conn: psycopg.Connection, layer: Layer, seqs: list[int], task_names: list[str]
+    conn: psycopg.Connection, layer: Layer, seqs: list[int], rows: int, task_names: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """The rows of some batches of a layer: each row's task as a 1-based code into `task_names`, and its values.
 
-    The range on batch_seq lets the partition's BRIN index skip what came before.
+    The server packs them into two bytea values (`string_agg` of each row's binary form), so
+    they come over as one message, where a COPY sends one per row and psycopg spends more
+    time on those messages than the sketches take. A single batch too large for one bytea
+    (1 GB) is read in windows of rows. The range on batch_seq lets the BRIN index skip
+    what came before.
     """
+    window = max(1, _READ_VALUES // layer.dim)
     select = sql.SQL(
-        "SELECT coalesce(array_position(%s::text[], coalesce(a.task, '')), 0), a.values FROM {} a "
-        "WHERE a.run_id = %s AND a.batch_seq BETWEEN %s AND %s AND a.batch_seq = ANY(%s)"
+        "SELECT string_agg(int4send(coalesce(array_position(%s::text[], coalesce(a.task, '')), 0)), ''::bytea), "
+        "string_agg(vector_send(a.values), ''::bytea) FROM {} a "
+        "WHERE a.run_id = %s AND a.batch_seq BETWEEN %s AND %s AND a.batch_seq = ANY(%s) AND a.row_no >= %s "
+        "AND a.row_no < %s"
     ).format(layer_partition(layer.run_id, layer.id))
-    params = [task_names, layer.run_id, min(seqs), max(seqs), seqs]
-    parts = list(iter_coded_vectors(conn, select, params, layer.dim))
-    if not parts:
+    vector = np.dtype([("dim", ">i2"), ("unused", ">i2"), ("values", ">f4", (layer.dim,))])
+    codes, values = [], []
+    for first_row in range(0, rows if len(seqs) == 1 else 1, window):
+        last_row = first_row + window if len(seqs) == 1 else 2**31 - 1
+        params = (task_names, layer.run_id, min(seqs), max(seqs), seqs, first_row, last_row)
+        packed_codes, packed_vectors = one_row(conn.execute(select, params, binary=True))
+        if packed_codes is None:
+            continue
+        codes.append(np.frombuffer(packed_codes, dtype=">i4").astype(np.int32))
+        records = np.frombuffer(packed_vectors, dtype=vector)
+        if (records["dim"] != layer.dim).any():
+            raise RuntimeError(f"layer {layer.id}: a stored vector is not {layer.dim} wide")
+        values.append(records["values"].astype(np.float32))
+    if not values:
         return np.empty(0, dtype=np.int32), np.empty((0, layer.dim), dtype=np.float32)
-    codes = np.concatenate([codes for codes, _ in parts]) if len(parts) > 1 else parts[0][0]
-    values = np.concatenate([values for _, values in parts]) if len(parts) > 1 else parts[0][1]
-    if (codes == 0).any():
+    all_codes = np.concatenate(codes) if len(codes) > 1 else codes[0]
+    if (all_codes == 0).any():
         raise RuntimeError(f"layer {layer.id}: a row's task is not among its batch's ledger tasks {task_names}")
-    return codes, values
+    return all_codes, np.concatenate(values) if len(values) > 1 else values[0]
 
 
 def merge_into_layer(
