@@ -234,3 +234,20 @@ def _ledger_and_sketches(admin: psycopg.Connection, layer_id: int) -> tuple[int,
         "SELECT coalesce(sum(n), 0) FROM layer_sketches WHERE layer_id = %s", (layer_id,)
     ).fetchone()[0]
     return int(pending), int(sketched)
+
+
+def test_a_batch_larger_than_one_read_is_read_in_windows(database_url, monkeypatch):
+    monkeypatch.setattr("app.sketches._READ_VALUES", 30)  # 10 rows of 3 units per read
+    values = np.random.default_rng(5).standard_normal((95, 3)).astype(np.float32)
+    tasks = ["A" if row % 3 else "B" for row in range(95)]
+    with connect(database_url, Settings()) as conn:
+        project_id = ensure_project(conn, "alpha")
+        run = runs.create_run(conn, project_id, "windows", {})
+        layer = runs.create_layer(conn, project_id, run.id, "fc", 3, "activations")
+        ingest(conn, layer, "big", ActivationRows.build(values, task=tasks))
+        assert fold_layer(conn, layer, DEFAULT_K, 1) == 95  # one batch at least, whatever the budget
+        assert merged_sketches(conn, layer, "B")[0][0].n == 32
+        merged, _ = merged_sketches(conn, layer, None)
+        assert merged[0].n == 95
+        np.testing.assert_array_equal([sketch.get_min_value() for sketch in merged], values.min(axis=0))
+        np.testing.assert_array_equal([sketch.get_max_value() for sketch in merged], values.max(axis=0))

@@ -7,7 +7,8 @@ rows in the same transaction as the sketch update, so a batch is folded exactly 
 even across a crash. `tasks` names the tasks a batch holds ('' for rows without one), so
 the sketcher reads the batch back with a fixed-width task code. Quantile sets made from
 sketches state what they were behind by: rows committed but not yet folded in, and the
-age of the oldest such batch.
+age of the oldest such batch. A downgrade drops the ledger: batches still on it stay out
+of the sketches (ask for wait_for answers first to fold them in).
 
 Revision ID: 0007
 Revises: 0006
