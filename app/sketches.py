@@ -65,6 +65,7 @@ def fold_layer(conn: psycopg.Connection, layer: Layer, k: int, max_values: int) 
     twice; the batches go in as long as their values stay within `max_values` (one at
     least). 0 when nothing is pending or every pending batch is being folded by another.
     """
+    _summarize_new_pages(conn, layer)
     with conn.transaction():
         claimed = conn.execute(
             "SELECT batch_seq, row_count, tasks FROM sketch_backlog WHERE run_id = %s AND layer_id = %s "
@@ -82,6 +83,10 @@ def fold_layer(conn: psycopg.Connection, layer: Layer, k: int, max_values: int) 
             return 0
         seqs = [seq for seq, _ in taken]
         task_names = sorted({task for _, tasks in taken for task in tasks})
+        # A fresh partition has no statistics and the planner scans all of it (in parallel);
+        # the BRIN index, just summarized, reads only the batches' own pages, in one process.
+        conn.execute("SET LOCAL enable_seqscan = off")
+        conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
         codes, values = _read_batches(conn, layer, seqs, rows, task_names)
         if len(values) != rows:  # the ledger and the rows commit together; anything else is a broken store
             raise RuntimeError(f"layer {layer.id}: batches {seqs[0]}..{seqs[-1]} hold {len(values)} rows, not {rows}")
@@ -96,6 +101,25 @@ def fold_layer(conn: psycopg.Connection, layer: Layer, k: int, max_values: int) 
             (layer.run_id, layer.id, seqs),
         )
     return rows
+
+
+def _summarize_new_pages(conn: psycopg.Connection, layer: Layer) -> None:
+    """Brings the BRIN index of the layer's partition up to date before a fold reads its batches back.
+
+    A BRIN scan reads every page written since the index was last summarized (by a vacuum),
+    so during a long ingest each fold would read the whole partition again. Summarizing
+    reads only the pages new since the last time, so the read that follows skips every
+    earlier batch. Its own statement, so its lock (the one a vacuum takes) is held only
+    while it runs; a role that does not own the partition skips it.
+    """
+    found = conn.execute(
+        "SELECT i.indexrelid::regclass::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "JOIN pg_am am ON am.oid = c.relam WHERE i.indrelid = to_regclass(%s) AND am.amname = 'brin'",
+        (layer_partition(layer.run_id, layer.id).as_string(conn),),
+    ).fetchone()
+    if found is not None:
+        with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT brin_summarize_new_values(%s::regclass)", (found[0],))
 
 
 @dataclass(frozen=True)
