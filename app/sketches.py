@@ -179,8 +179,11 @@ def catch_up(conn: psycopg.Connection, layer: Layer, k: int, max_values: int, wa
 class Sketcher:
     """A background thread of the service that folds pending batches of every layer into their sketches.
 
-    Runs at the lowest CPU priority where the OS allows it per thread (Linux), so that on
-    a busy machine ingest and queries go first and the sketches catch up when it is idle.
+    It folds a layer once no batch has arrived for `sketch_quiet_s`, or once its oldest
+    pending batch is `sketch_max_lag_s` old: a burst of ingest runs without it, and a
+    steady stream has its sketches at most about that far behind. It runs at the lowest
+    CPU priority where the OS allows it per thread (Linux), so that on a busy machine
+    ingest and queries go first.
     Every failure (the database down, a layer dropped mid-fold) is logged and retried
     later: its transaction rolled back, so nothing was half folded.
     """
@@ -218,7 +221,11 @@ class Sketcher:
             pending = conn.execute(
                 "SELECT b.run_id, b.layer_id, l.dim FROM sketch_backlog b "
                 "JOIN layers l ON l.run_id = b.run_id AND l.id = b.layer_id "
-                "GROUP BY b.run_id, b.layer_id, l.dim ORDER BY min(b.created_at) LIMIT 64"
+                "GROUP BY b.run_id, b.layer_id, l.dim "
+                "HAVING max(b.created_at) < now() - make_interval(secs => %s) "
+                "OR min(b.created_at) < now() - make_interval(secs => %s) "
+                "ORDER BY min(b.created_at) LIMIT 64",
+                (self._settings.sketch_quiet_s, self._settings.sketch_max_lag_s),
             ).fetchall()
             for run_id, layer_id, dim in pending:
                 if self._stop.is_set():
