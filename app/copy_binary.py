@@ -7,7 +7,8 @@ each such group is one structured numpy array written in a single pass.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import psycopg
@@ -16,6 +17,7 @@ from psycopg import sql
 from eidetic.wire.rows import METADATA_COLUMNS, ActivationRows
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+_Parsed = TypeVar("_Parsed")
 TRAILER = (-1).to_bytes(2, "big", signed=True)
 
 # The activations table's columns in COPY order, with their binary widths.
@@ -125,6 +127,50 @@ def iter_vectors(
     record = np.dtype(
         [("n_fields", ">i2"), ("length", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("values", ">f4", (dim,))]
     )
+    yield from _iter_records(conn, select, params, record, chunk_rows, _parse_vectors)
+
+
+def iter_coded_vectors(
+    conn: psycopg.Connection, select: sql.Composable, params: list, dim: int, chunk_rows: int = 65536
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(codes, vectors) of a SELECT of an int4 (never NULL) and a vector, in chunks of at most `chunk_rows` rows.
+
+    The same fixed-width parse as `iter_vectors`: the code is how a caller tells rows apart
+    (a task, say) without a variable-width column breaking the record layout.
+    """
+    record = np.dtype(
+        [
+            ("n_fields", ">i2"),
+            ("code_length", ">i4"),
+            ("code", ">i4"),
+            ("length", ">i4"),
+            ("dim", ">i2"),
+            ("unused", ">i2"),
+            ("values", ">f4", (dim,)),
+        ]
+    )
+
+    def parse(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if (records["code_length"] != 4).any():
+            raise ValueError("a NULL code where every row should have one")
+        return records["code"].astype(np.int32), _parse_vectors(records)
+
+    yield from _iter_records(conn, select, params, record, chunk_rows, parse)
+
+
+def _iter_records(
+    conn: psycopg.Connection,
+    select: sql.Composable,
+    params: list,
+    record: np.dtype,
+    chunk_rows: int,
+    parse: Callable[[np.ndarray], _Parsed],
+) -> Iterator[_Parsed]:
+    """`parse` of the tuples of a binary COPY out of `select`, every one `record` wide.
+
+    `parse` gets a structured view of the buffer and must copy what it keeps: the buffer
+    is cut right after it returns.
+    """
     statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(select)
     buffer = bytearray()
     header_left = len(HEADER)
@@ -139,15 +185,14 @@ def iter_vectors(
                 header_left = 0
             whole = len(buffer) // record.itemsize
             if whole >= chunk_rows:
-                yield _parse_vectors(buffer, whole, record)
+                yield parse(np.frombuffer(buffer, dtype=record, count=whole))
                 del buffer[: whole * record.itemsize]
     whole = len(buffer) // record.itemsize  # what is left: whole tuples and the 2-byte trailer
     if whole:
-        yield _parse_vectors(buffer, whole, record)
+        yield parse(np.frombuffer(buffer, dtype=record, count=whole))
 
 
-def _parse_vectors(buffer: bytearray, count: int, record: np.dtype) -> np.ndarray:
-    records = np.frombuffer(buffer, dtype=record, count=count)
+def _parse_vectors(records: np.ndarray) -> np.ndarray:
     if (records["length"] < 0).any():
         raise ValueError("a NULL vector in a column that should have none")
     return records["values"].astype(np.float32)

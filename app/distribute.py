@@ -1,7 +1,7 @@
 """The distributed layout on Citus: what `eidetic migrate --distribute` does after `upgrade`.
 
 Projects and API keys are reference tables (a copy on every node). A run's tables
-(runs, layers, the ingest ledger, quantile sets, sketches, activations) are distributed
+(runs, layers, the ingest ledger, quantile sets, sketches and their ledger, activations) are distributed
 by run id and co-located, so everything one ingest touches is on one worker; a bank's
 tables (banks, items, tombstones, hits) likewise by bank id.
 
@@ -35,6 +35,7 @@ DISTRIBUTED_TABLES = (
     ("ingest_batches", "run_id", "runs"),
     ("quantile_sets", "run_id", "runs"),
     ("layer_sketches", "run_id", "runs"),
+    ("sketch_backlog", "run_id", "runs"),
     ("kernel_records", "run_id", "runs"),
     ("activations", "run_id", "runs"),
     ("memory_banks", "id", None),
@@ -53,7 +54,7 @@ _RUN_KEYS = (
     ("layer_sketches", "layer_sketches_pkey", "PRIMARY KEY (run_id, layer_id, task)"),
 )
 _NAME_KEYS = (("runs", "runs_project_id_name_key"), ("memory_banks", "memory_banks_project_id_name_key"))
-_LAYER_CHILDREN = ("ingest_batches", "quantile_sets", "layer_sketches")
+_LAYER_CHILDREN = ("ingest_batches", "quantile_sets", "layer_sketches", "sketch_backlog")
 
 
 def has_citus(conn: psycopg.Connection) -> bool:

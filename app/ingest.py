@@ -16,7 +16,7 @@ from app.copy_binary import COPY_COLUMNS, iter_copy_chunks
 from app.database import one_row
 from app.runs import Layer, layer_partition
 from app.settings import Settings
-from app.sketches import DEFAULT_K, update_sketches
+from app.sketches import record_batch
 from eidetic.errors import Conflict, DimensionMismatch, InvalidInput, PayloadTooLarge
 from eidetic.wire.rows import ActivationRows, InvalidRows, check_task_names, rows_digest
 from eidetic.wire.text import text_problem
@@ -68,7 +68,7 @@ def store_batch(
 ) -> IngestResult:
     """Checks a batch under the service's limits and stores it: what every transport calls."""
     validate_rows(rows, layer, max_rows=settings.max_rows_per_batch, reject_non_finite=settings.reject_non_finite)
-    return ingest(conn, layer, batch_id, rows, sketch_k=settings.sketch_k)
+    return ingest(conn, layer, batch_id, rows)
 
 
 def validate_batch_id(batch_id: str) -> str:
@@ -78,9 +78,7 @@ def validate_batch_id(batch_id: str) -> str:
     return batch_id
 
 
-def ingest(
-    conn: psycopg.Connection, layer: Layer, batch_id: str, rows: ActivationRows, sketch_k: int = DEFAULT_K
-) -> IngestResult:
+def ingest(conn: psycopg.Connection, layer: Layer, batch_id: str, rows: ActivationRows) -> IngestResult:
     """Stores the batch once: a retry of an acknowledged batch id is acknowledged again, not copied.
 
     Runs in one transaction: the ledger row and every activation row commit together
@@ -90,6 +88,8 @@ def ingest(
     were kept are compared by row count only).
     On an autocommit connection (as `app.database` makes them) the batch is committed
     when this returns; inside a caller's transaction it is a savepoint of it.
+    A sketched layer's batch also goes on the sketch ledger, in the same transaction: its
+    sketches are built later, off this path (`app.sketches`).
     """
     validate_batch_id(batch_id)
     digest = rows_digest(rows)
@@ -117,8 +117,8 @@ def ingest(
             return IngestResult(batch_id=batch_id, rows=stored_rows, duplicate=True)
         batch_seq = int(inserted[0])
         copy_rows(conn, layer, batch_seq, rows)
-        if layer.sketch:  # last, so concurrent batches COPY in parallel and queue only here
-            update_sketches(conn, layer, rows, sketch_k)
+        if layer.sketch:
+            record_batch(conn, layer, batch_seq, rows)
     return IngestResult(batch_id=batch_id, rows=rows.n_rows, duplicate=False)
 
 

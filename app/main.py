@@ -24,6 +24,7 @@ from app.metrics import install_metrics
 from app.openapi import install_openapi
 from app.routers import activations, aggregates, dashboard, health, islands, memory, plasticity, quantiles, runs
 from app.settings import Settings
+from app.sketches import Sketcher
 from eidetic.errors import EideticError
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,14 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         if settings.no_auth:
             with app.state.pool.connection() as conn:
                 app.state.open_principal = keys.open_principal(conn)
+        sketcher = Sketcher(app.state.pool, settings) if settings.sketcher else None
+        if sketcher is not None:
+            sketcher.start()
         try:
             yield
         finally:
+            if sketcher is not None:
+                sketcher.stop()
             merger.stop()
             database_health.stop()
             app.state.pool.close()

@@ -21,7 +21,7 @@ from app.copy_binary import iter_vectors
 from app.database import one_row
 from app.query import ActivationFilter
 from app.runs import Layer, layer_partition
-from eidetic.errors import InvalidInput, NotFound, PayloadTooLarge
+from eidetic.errors import InvalidInput, NotFound, PayloadTooLarge, Unavailable
 from eidetic.wire.order_statistics import exact_boundaries_of
 
 METHODS = ("exact", "sketch")
@@ -40,6 +40,17 @@ class QuantileSet:
     boundaries: np.ndarray  # units x (Q-1), float32
     rank_error: float | None
     created_at: datetime
+    pending_rows: int | None = None  # sketches: committed rows of the layer not yet in them
+    lag_s: float | None = None  # sketches: age of the oldest batch not yet in them
+
+
+@dataclass(frozen=True)
+class SketchOptions:
+    """How sketch answers are made: the service's KLL k and fold budget, and how long a caller waits."""
+
+    k: int = sketches.DEFAULT_K
+    fold_values: int = 1 << 24
+    wait_for_s: float | None = None  # None: answer from the sketches as they are
 
 
 def exact_boundaries(
@@ -96,13 +107,23 @@ def compute(
     where: ActivationFilter,
     memory_bytes: int,
     scan_timeout_ms: int | None = None,
+    sketch: SketchOptions = SketchOptions(),
 ) -> QuantileSet:
-    """Computes and stores a new version of the layer's quantile set."""
+    """Computes and stores a new version of the layer's quantile set.
+
+    A sketch answer covers the rows folded into the sketches when it was made and says how
+    far behind it was; with `sketch.wait_for_s` it first folds in (or waits for) every batch
+    committed before the call.
+    """
     if not 2 <= n_quantiles <= 1024:
         raise InvalidInput("n_quantiles is between 2 and 1024", field="n_quantiles")
     if method not in METHODS:
         raise InvalidInput(f"method is one of {METHODS}", field="method")
-    rank_error = None
+    rank_error, behind = None, None
+    if method == "sketch":
+        _check_sketch_request(layer, where)
+        if sketch.wait_for_s is not None:
+            sketches.catch_up(conn, layer, sketch.k, sketch.fold_values, sketch.wait_for_s)
     with conn.transaction():
         # one snapshot for the count and the read, so rows used and boundaries agree
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -111,11 +132,12 @@ def compute(
         if method == "exact":
             boundaries, n_rows = exact_boundaries(conn, layer, where, n_quantiles, memory_bytes)
         else:
-            boundaries, n_rows, rank_error = _sketch(conn, layer, where, n_quantiles)
-    return _store(conn, layer, n_quantiles, method, where, n_rows, boundaries, rank_error)
+            behind = sketches.backlog(conn, layer)  # in the same snapshot as the sketches read next
+            boundaries, n_rows, rank_error = _sketch(conn, layer, where, n_quantiles, behind)
+    return _store(conn, layer, n_quantiles, method, where, n_rows, boundaries, rank_error, behind)
 
 
-def _sketch(conn, layer: Layer, where: ActivationFilter, n_quantiles: int) -> tuple[np.ndarray, int, float]:
+def _check_sketch_request(layer: Layer, where: ActivationFilter) -> None:
     if not layer.sketch:
         raise InvalidInput(f"layer {layer.name!r} keeps no sketches (created with sketch=false)", field="method")
     unsupported = [name for name, value in _filter_json(where).items() if name != "task" and value is not None]
@@ -123,8 +145,20 @@ def _sketch(conn, layer: Layer, where: ActivationFilter, n_quantiles: int) -> tu
         raise InvalidInput(
             f"sketches are kept per task; filter by {unsupported[0]} needs method=exact", field=unsupported[0]
         )
+
+
+def _sketch(
+    conn, layer: Layer, where: ActivationFilter, n_quantiles: int, behind: sketches.Backlog
+) -> tuple[np.ndarray, int, float]:
     merged, k = sketches.merged_sketches(conn, layer, where.task)
     if not merged or merged[0].n == 0:
+        if behind.rows:
+            raise Unavailable(
+                f"no rows are in the sketches yet: {behind.rows} rows ({behind.batches} batches) wait to be "
+                "folded in; pass wait_for (seconds) for an up-to-date answer",
+                field="wait_for",
+                code="sketches_behind",
+            )
         raise InvalidInput("no stored rows match; nothing to compute quantiles of", field="filter")
     return sketches.sketch_boundaries(merged, n_quantiles), int(merged[0].n), sketches.rank_error_bound(k)
 
@@ -136,18 +170,20 @@ def _filter_json(where: ActivationFilter) -> dict:
 
 
 _SET_COLUMNS = (
-    "id, run_id, layer_id, version, n_quantiles, method, filter, rows_used, units, boundaries, rank_error, created_at"
+    "id, run_id, layer_id, version, n_quantiles, method, filter, rows_used, units, boundaries, rank_error, created_at, "
+    "pending_rows, lag_s"
 )
 
 
-def _store(conn, layer, n_quantiles, method, where, n_rows, boundaries, rank_error) -> QuantileSet:
+def _store(conn, layer, n_quantiles, method, where, n_rows, boundaries, rank_error, behind) -> QuantileSet:
     with conn.transaction():
         conn.execute(  # versions in order
             "SELECT 1 FROM layers WHERE run_id = %s AND id = %s FOR UPDATE", (layer.run_id, layer.id)
         )
         row = conn.execute(
             f"INSERT INTO quantile_sets (run_id, layer_id, version, n_quantiles, method, filter, rows_used, units, "
-            f"boundaries, rank_error) SELECT %s, %s, coalesce(max(version), 0) + 1, %s, %s, %s, %s, %s, %s, %s "
+            f"boundaries, rank_error, pending_rows, lag_s) "
+            f"SELECT %s, %s, coalesce(max(version), 0) + 1, %s, %s, %s, %s, %s, %s, %s, %s, %s "
             f"FROM quantile_sets WHERE run_id = %s AND layer_id = %s RETURNING {_SET_COLUMNS}",
             (
                 layer.run_id,
@@ -159,6 +195,8 @@ def _store(conn, layer, n_quantiles, method, where, n_rows, boundaries, rank_err
                 layer.dim,
                 boundaries.astype(np.float32).tobytes(),
                 rank_error,
+                None if behind is None else behind.rows,
+                None if behind is None else behind.lag_s,
                 layer.run_id,
                 layer.id,
             ),
@@ -167,10 +205,23 @@ def _store(conn, layer, n_quantiles, method, where, n_rows, boundaries, rank_err
 
 
 def _from_row(row: tuple) -> QuantileSet:
-    (id_, run_id, layer_id, version, n_quantiles, method, filter_, rows, units, blob, rank_error, created_at) = row
+    (id_, run_id, layer_id, version, n_quantiles, method, filter_, rows, units, blob, rank_error, created_at) = row[:12]
     boundaries = np.frombuffer(bytes(blob), dtype=np.float32).reshape(units, n_quantiles - 1)
+    pending_rows, lag_s = row[12:]
     return QuantileSet(
-        id_, run_id, layer_id, version, n_quantiles, method, filter_, rows, boundaries, rank_error, created_at
+        id_,
+        run_id,
+        layer_id,
+        version,
+        n_quantiles,
+        method,
+        filter_,
+        rows,
+        boundaries,
+        rank_error,
+        created_at,
+        None if pending_rows is None else int(pending_rows),
+        lag_s,
     )
 
 

@@ -153,6 +153,12 @@ class QuantilesRequest(RequestBody):
     epoch: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
     step_min: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     step_max: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    wait_for: float | None = Field(
+        default=None,
+        ge=0,
+        description="method=sketch: seconds to wait for every batch committed before the request to be in the "
+        "sketches (folding them in if need be); past that, a 503 `sketches_behind`. Unset: the sketches as they are.",
+    )
 
 
 class QuantileSetOut(BaseModel):
@@ -167,6 +173,12 @@ class QuantileSetOut(BaseModel):
     boundaries: list[list[float]] = Field(description="units x (n_quantiles - 1), ascending per unit")
     rank_error: float | None = Field(description="Sketches: normalized rank error bound (99% confidence).")
     created_at: datetime
+    pending_rows: int | None = Field(
+        default=None, description="Sketches: rows of the layer committed but not yet in the sketches (not in rows)."
+    )
+    lag_s: float | None = Field(
+        default=None, description="Sketches: age in seconds of the oldest batch not yet in the sketches (0: caught up)."
+    )
 
 
 class QuantileSetInfoOut(BaseModel):

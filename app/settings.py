@@ -39,6 +39,19 @@ class Settings(BaseSettings):
     reject_non_finite: bool = True
 
     sketch_k: int = Field(default=400, ge=8, le=65535, description="KLL k of the quantile sketches.")
+    sketcher: bool = Field(
+        default=True, description="Run the background sketcher, which folds ingested batches into the sketches."
+    )
+    sketch_poll_s: float = Field(default=0.2, gt=0, description="How often an idle sketcher looks for new batches.")
+    sketch_quiet_s: float = Field(
+        default=0.5, ge=0, description="The sketcher folds a layer once no batch has arrived for this long..."
+    )
+    sketch_max_lag_s: float = Field(
+        default=10.0, ge=0, description="...or once its oldest batch not yet in the sketches is this old."
+    )
+    sketch_fold_values: int = Field(
+        default=1 << 24, ge=1, description="Values (rows x dim) one fold sketches at most (one batch at least)."
+    )
     max_quantile_memory_bytes: int = 1024 * MIB
     max_bucketize_rows: int = 100_000
     aggregate_sample_rows: int = Field(

@@ -134,7 +134,10 @@ def test_the_layout_is_reference_and_colocated_distributed_tables(citus_database
         ).fetchall()
     layout = {name: (kind, column, group) for name, kind, column, group in rows}
     assert layout["projects"][0] == layout["api_keys"][0] == "reference"
-    by_run = {t: layout[t] for t in ("layers", "ingest_batches", "quantile_sets", "layer_sketches", "activations")}
+    by_run = {
+        t: layout[t]
+        for t in ("layers", "ingest_batches", "quantile_sets", "layer_sketches", "sketch_backlog", "activations")
+    }
     assert all(kind == "distributed" and column == "run_id" for kind, column, _ in by_run.values())
     assert {group for _, _, group in by_run.values()} == {layout["runs"][2]}
     assert layout["runs"][:2] == ("distributed", "id")

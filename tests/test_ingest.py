@@ -215,5 +215,7 @@ def test_a_single_row_arrow_batch_is_stored_and_sketched(service, api):
     run_id, layer_id = make_layer(api, dim=3)
     response = post_arrow(api, run_id, layer_id, random_rows(1, 3, task="A"))
     assert response.status_code == 201, response.text
-    sketch = api.post(f"/v1/runs/{run_id}/layers/{layer_id}/quantiles", json={"n_quantiles": 2, "method": "sketch"})
+    sketch = api.post(
+        f"/v1/runs/{run_id}/layers/{layer_id}/quantiles", json={"n_quantiles": 2, "method": "sketch", "wait_for": 10}
+    )
     assert sketch.status_code == 201 and sketch.json()["rows"] == 1

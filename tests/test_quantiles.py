@@ -17,11 +17,12 @@ from app.ingest import ingest
 from app.keys import ensure_project
 from app.query import ActivationFilter
 from app.settings import Settings
-from app.sketches import merged_sketches
+from app.sketches import DEFAULT_K, catch_up, merged_sketches
 from eidetic.wire.rows import ActivationRows
 from tests.helpers import error_of, make_layer, post_arrow, random_rows
 
 MEMORY = 1 << 30
+CAUGHT_UP = quantiles.SketchOptions(wait_for_s=30)  # every committed batch folded in before the answer
 
 
 def numpy_boundaries(matrix: np.ndarray, n_quantiles: int) -> np.ndarray:
@@ -147,7 +148,7 @@ def test_sketches_keep_their_rank_error_on_a_million_values(conn):
         parts.append(values)
         ingest(conn, layer, f"b{batch}", ActivationRows.build(values, task="A" if batch % 2 else "B"))
     matrix = np.concatenate(parts)
-    sketched = quantiles.compute(conn, layer, 100, "sketch", ActivationFilter(), MEMORY)
+    sketched = quantiles.compute(conn, layer, 100, "sketch", ActivationFilter(), MEMORY, sketch=CAUGHT_UP)
     assert sketched.rows == 500_000 and 0 < sketched.rank_error <= 0.01
     worst = 0.0
     for unit in range(2):
@@ -169,9 +170,11 @@ def test_sketches_describe_exactly_the_committed_rows(conn):
     with pytest.raises(psycopg.errors.CheckViolation):
         conn.execute("ALTER TABLE activations ADD CONSTRAINT no_label_7 CHECK (label IS DISTINCT FROM 7)")
         ingest(conn, layer, "b1", ActivationRows.build(np.ones((10, 3), dtype=np.float32), label=7, task="A"))
+    catch_up(conn, layer, DEFAULT_K, 1 << 20, 10)
     merged, _ = merged_sketches(conn, layer, None)
     assert merged[0].n == 40
     ingest(conn, layer, "b2", ActivationRows.build(np.zeros((5, 3), dtype=np.float32), task="B"))
+    catch_up(conn, layer, DEFAULT_K, 1 << 20, 10)
     assert merged_sketches(conn, layer, "B")[0][0].n == 5
     assert merged_sketches(conn, layer, None)[0][0].n == 45
 
@@ -189,7 +192,7 @@ def test_quantile_routes(api):
     body = exact.json()
     assert (body["version"], body["method"], body["rows"], body["rank_error"]) == (1, "exact", 1000, None)
     np.testing.assert_array_equal(np.array(body["boundaries"], dtype=np.float32), numpy_boundaries(rows.values, 10))
-    sketch = api.post(base, json={"n_quantiles": 10, "method": "sketch"}).json()
+    sketch = api.post(base, json={"n_quantiles": 10, "method": "sketch", "wait_for": 10}).json()
     assert sketch["version"] == 2 and sketch["rank_error"] > 0
     assert api.get(f"{base}/latest").json()["id"] == sketch["id"]
     assert api.get(f"{base}/latest", params={"method": "exact"}).json()["id"] == body["id"]

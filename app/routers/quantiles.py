@@ -38,6 +38,8 @@ def quantile_set_out(found: quantiles.QuantileSet) -> QuantileSetOut:
         boundaries=found.boundaries.tolist(),
         rank_error=found.rank_error,
         created_at=found.created_at,
+        pending_rows=found.pending_rows,
+        lag_s=found.lag_s,
     )
 
 
@@ -45,14 +47,33 @@ def quantile_set_out(found: quantiles.QuantileSet) -> QuantileSetOut:
 def compute_quantiles(
     body: QuantilesRequest, request: Request, run_id: Id, layer_id: Id, principal: Writer, conn: Conn
 ) -> QuantileSetOut:
-    """Computes Q-1 boundaries per unit over the selected rows and stores them as a new version."""
+    """Computes Q-1 boundaries per unit over the selected rows and stores them as a new version.
+
+    A sketch answer states the rows it covers and how far behind the sketches were
+    (`pending_rows`, `lag_s`); `wait_for` asks for one that covers every batch committed
+    before the request.
+    """
     settings: Settings = request.app.state.settings
+    if body.wait_for is not None and body.method != "sketch":
+        raise InvalidInput("wait_for applies to method=sketch (exact quantiles read the rows)", field="wait_for")
+    if body.wait_for is not None and body.wait_for >= settings.request_timeout_s:
+        raise InvalidInput(
+            f"wait_for is under the request timeout ({settings.request_timeout_s:g} s)", field="wait_for"
+        )
     layer = runs.get_layer(conn, principal.project_id, run_id, layer_id)
     where = ActivationFilter(
         task=body.task, label=body.label, epoch=body.epoch, step_min=body.step_min, step_max=body.step_max
     ).check()
+    sketch = quantiles.SketchOptions(settings.sketch_k, settings.sketch_fold_values, body.wait_for)
     found = quantiles.compute(
-        conn, layer, body.n_quantiles, body.method, where, settings.max_quantile_memory_bytes, settings.scan_timeout_ms
+        conn,
+        layer,
+        body.n_quantiles,
+        body.method,
+        where,
+        settings.max_quantile_memory_bytes,
+        settings.scan_timeout_ms,
+        sketch,
     )
     return quantile_set_out(found)
 

@@ -13,14 +13,14 @@ write goes into one live HNSW index as before this revision; banks that exist ke
 `merge_factor` how many sealed segments of one size tier are compacted into one.
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-02
 """
 
 from alembic import op
 
 revision = "0008"
-down_revision = "0006"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
