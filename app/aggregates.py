@@ -212,11 +212,14 @@ def projection(conn: psycopg.Connection, bank: banks.Bank, sample: int) -> Proje
         return Projection(ids=[], labels=[], x=[], y=[], explained_variance=[], size=0)
     keys = np.asarray([row["key"].to_numpy() for row in rows], dtype=np.float64)
     centred = keys - keys.mean(axis=0)
-    _, singular, components = np.linalg.svd(centred, full_matrices=False)
-    coordinates = centred @ components[:2].T
+    # the eigenvectors of the dim x dim scatter matrix, not an SVD of the sample: the same axes, several
+    # times faster for thousands of keys (an SVD of 5,000 x 128 took a quarter of a second)
+    eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred)
+    order = np.argsort(eigenvalues)[::-1]
+    coordinates = centred @ eigenvectors[:, order[:2]]
     if coordinates.shape[1] < 2:  # a bank of one-dimensional keys: the second axis is flat
         coordinates = np.hstack([coordinates, np.zeros((len(coordinates), 1))])
-    variance = singular**2
+    variance = np.clip(eigenvalues[order], 0.0, None)
     total = float(variance.sum())
     explained = [float(v / total) if total > 0 else 0.0 for v in variance[:2]]
     return Projection(
