@@ -17,11 +17,12 @@ from psycopg.rows import class_row, dict_row
 from app import banks
 from app.query import ActivationFilter
 from app.runs import Layer
-from app.sampling import Sample, rows_of
+from app.sampling import SEED, Sample, rows_of
 from eidetic.errors import InvalidInput, NotFound
 
 # TensorBoard's distribution bands: min, -2σ, -1.5σ, -1σ, median, +1σ, +1.5σ, +2σ, max of a normal.
 BAND_PERCENTILES = (0.0, 6.68, 15.87, 30.85, 50.0, 69.15, 84.13, 93.32, 100.0)
+PROJECTION_OVERSAMPLE = 2.0  # a large bank's projection reads about this many times the sample's share of pages
 
 
 @dataclass(frozen=True)
@@ -185,29 +186,40 @@ class Projection:
 
 
 def projection(conn: psycopg.Connection, bank: banks.Bank, sample: int) -> Projection:
-    """The first two principal components of a uniform sample of the keys (any bank size: only the sample is read)."""
+    """The first two principal components of a sample of the keys (any bank size: only the sample is read).
+
+    A bank much larger than the sample is read as a block sample (`TABLESAMPLE SYSTEM` of about
+    twice the sample's share of its pages, a fixed seed) from which `sample` keys are drawn at
+    random: a 100,000-key bank is about 60 MB, and scanning it whole to draw 5,000 keys took most
+    of a second. The size comes from the bank's own count, not a scan. Keys travel in binary.
+    """
     partition = banks.items_partition(bank.id)
-    rows = (
-        conn.cursor(row_factory=dict_row)
-        .execute(
-            sql.SQL(
-                "WITH s AS (SELECT id FROM {0} ORDER BY random() LIMIT %s) "
-                "SELECT i.id, i.label, i.key::real[] AS key FROM {0} i JOIN s USING (id) ORDER BY i.id"
-            ).format(partition),
-            (sample,),
+    size = int(bank.size)
+    wanted = min(sample, size)
+    percent = 100.0 * PROJECTION_OVERSAMPLE * sample / size if size else 100.0
+    statement = sql.SQL("SELECT id, label, key FROM {} {} ORDER BY random() LIMIT %s")
+    cursor = conn.cursor(row_factory=dict_row, binary=True)
+    rows: list[dict] = []
+    if percent < 100.0:
+        block = sql.SQL("TABLESAMPLE SYSTEM ({}) REPEATABLE ({})").format(
+            sql.Literal(round(percent, 6)), sql.Literal(SEED)
         )
-        .fetchall()
-    )
-    size = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(partition)).fetchone()
+        rows = cursor.execute(statement.format(partition, block), (sample,)).fetchall()
+    if len(rows) < wanted:  # a small bank, or a block sample that came up short: draw from every key
+        rows = cursor.execute(statement.format(partition, sql.SQL("")), (sample,)).fetchall()
+    rows.sort(key=lambda row: row["id"])
     if not rows:
         return Projection(ids=[], labels=[], x=[], y=[], explained_variance=[], size=0)
-    keys = np.asarray([row["key"] for row in rows], dtype=np.float64)
+    keys = np.asarray([row["key"].to_numpy() for row in rows], dtype=np.float64)
     centred = keys - keys.mean(axis=0)
-    _, singular, components = np.linalg.svd(centred, full_matrices=False)
-    coordinates = centred @ components[:2].T
+    # the eigenvectors of the dim x dim scatter matrix, not an SVD of the sample: the same axes, several
+    # times faster for thousands of keys (an SVD of 5,000 x 128 took a quarter of a second)
+    eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred)
+    order = np.argsort(eigenvalues)[::-1]
+    coordinates = centred @ eigenvectors[:, order[:2]]
     if coordinates.shape[1] < 2:  # a bank of one-dimensional keys: the second axis is flat
         coordinates = np.hstack([coordinates, np.zeros((len(coordinates), 1))])
-    variance = singular**2
+    variance = np.clip(eigenvalues[order], 0.0, None)
     total = float(variance.sum())
     explained = [float(v / total) if total > 0 else 0.0 for v in variance[:2]]
     return Projection(
@@ -216,7 +228,7 @@ def projection(conn: psycopg.Connection, bank: banks.Bank, sample: int) -> Proje
         x=coordinates[:, 0].tolist(),
         y=coordinates[:, 1].tolist(),
         explained_variance=explained,
-        size=int(size[0]) if size else 0,
+        size=size,
     )
 
 

@@ -12,16 +12,30 @@ Each view of the layer page is timed the way the page's script loads it: the HTM
 run and the layer, then the list of quantile sets, then the distribution, histogram, sampled
 summary and the newest set's boundaries in parallel. Views: no filter, task B, label 3,
 epoch 2 with a step range, and the last unit. The runs and health pages are timed alike.
-Target: every page under 1 s. The anchor beside it is the same aggregates read exactly
+
+The memory-bank page is timed on a bank of `--bank-keys` x `--dim` keys (10 labelled Gaussian
+clusters, cosine), written through POST items in batches of `--bank-batch` (into the growing
+segment); then the service's background merger seals and compacts them into one HNSW segment,
+as it does to a bank left unwritten for `merge_idle_s` (here 1 s, so the wait is the merge
+itself), and the database is VACUUM (ANALYZE)d: the bank as a user sees it once the merger
+has caught up. The page as its script
+loads it (app/ui/static/bank.js): the HTML, the bank (size and settings), then the first page
+of items with the counts per label, the 2-D projection of 5,000 sampled keys and the fill, in
+parallel. Then each request a click makes, alone: the items of one label, an item's neighbours
+(exact) and a pasted key's neighbours (exact search). The projection must say it is sampled
+(how many of how many keys), and the neighbours must be numpy's exact top 10.
+Target: every page and request under 1 s. The anchor beside it is the same aggregates read exactly
 (`sample=false`: every row), which is what the routes did before they sampled large layers;
 and the sampled answers are checked against the exact ones (the CDF of a histogram, the percentile bands).
 
-Usage: .venv/bin/python -m bench dashboard [--rows 1000000 --dim 128 --batch-rows 50000 --repeats 3]
+Usage: .venv/bin/python -m bench dashboard [--rows 1000000 --dim 128 --batch-rows 50000 --repeats 3
+                                           --bank-keys 100000 --bank-batch 5000]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shlex
 import sys
@@ -108,10 +122,11 @@ class PageTiming:
         return name, min(self.requests_s[name])
 
 
-def _get(client: httpx.Client, path: str, params: dict | None = None) -> httpx.Response:
-    response = client.get(path, params=params)
+def _get(client: httpx.Client, path: str, params: dict | None = None, body: dict | None = None) -> httpx.Response:
+    """GET the path (or POST `body` as JSON, for a search); anything but 200 stops the benchmark."""
+    response = client.get(path, params=params) if body is None else client.post(path, params=params, json=body)
     if response.status_code != 200:
-        raise RuntimeError(f"GET {path}: {response.status_code} {response.text[:300]}")
+        raise RuntimeError(f"{response.request.method} {path}: {response.status_code} {response.text[:300]}")
     return response
 
 
@@ -121,9 +136,9 @@ def timed_stages(client: httpx.Client, pool: ThreadPoolExecutor, stages: list[di
     seconds: dict[str, float] = {}
     began = time.perf_counter()
 
-    def one(name: str, path: str, params: dict | None) -> None:
+    def one(name: str, path: str, params: dict | None, body: dict | None = None) -> None:
         start = time.perf_counter()
-        _get(client, path, params)
+        _get(client, path, params, body)
         seconds[name] = time.perf_counter() - start
 
     for stage in stages:
@@ -220,6 +235,125 @@ def accuracy(client: httpx.Client, stages: list[dict[str, tuple]], unit: int) ->
     }
 
 
+# ---------------------------------------------------------------- the memory bank
+
+
+BANK_LABELS = 10  # the bank's keys: Gaussian clusters, one per label
+PROJECTION_SAMPLE = 5000  # what the bank page asks for (app/ui/static/bank.js)
+MERGE_IDLE_S = 1.0  # the merger compacts the bank this long after its last write
+MERGE_WAIT_S = 1200.0  # the longest wait for the merger before the benchmark gives up
+
+
+@dataclass
+class Bank:
+    id: int
+    keys: np.ndarray  # every key, in written order
+    labels: np.ndarray
+    ids: np.ndarray  # the item id of each key
+    write_s: float = 0.0
+    merge_s: float = 0.0
+    segments: list[dict] = field(default_factory=list)
+    growing_rows: int = 0
+
+
+def bank_keys(n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """n keys in 10 labelled clusters (centres far apart against the noise), rounded so the JSON stays small."""
+    rng = np.random.default_rng(13)
+    centres = rng.normal(0.0, 1.0, (BANK_LABELS, dim))
+    labels = rng.integers(0, BANK_LABELS, n)
+    keys_ = centres[labels] + rng.normal(0.0, 0.6, (n, dim))
+    return np.round(keys_, 4).astype(np.float32), labels
+
+
+def load_bank(client: httpx.Client, database_url: str, n: int, dim: int, batch: int) -> Bank:
+    """Writes the keys through POST items (the growing segment), then waits for the background merger to
+    seal and compact them into one HNSW segment: the bank as it is once the merger has caught up. (A
+    `POST merge?full=true` would do the same, but a 100,000-key build outlasts a request's deadline.)"""
+    keys_, labels = bank_keys(n, dim)
+    body = {"name": "bench-bank", "dim": dim, "metric": "cosine", "capacity": n, "policy": "none"}
+    bank = Bank(int(_get_json(client.post("/v1/memory-banks", json=body))["id"]), keys_, labels, np.zeros(0))
+    bodies = [
+        json.dumps(
+            {
+                "items": [
+                    {"key": k, "label": int(c)} for k, c in zip(keys_[s : s + batch].tolist(), labels[s : s + batch])
+                ]
+            }
+        ).encode()
+        for s in range(0, n, batch)
+    ]
+    ids: list[int] = []
+    began = time.perf_counter()
+    for content in bodies:
+        response = client.post(
+            f"/v1/memory-banks/{bank.id}/items", content=content, headers={"content-type": "application/json"}
+        )
+        ids.extend(_get_json(response, 200)["ids"])
+    bank.write_s = time.perf_counter() - began
+    bank.ids = np.asarray(ids, dtype=np.int64)
+    began = time.perf_counter()
+    while True:
+        merged = _get(client, f"/v1/memory-banks/{bank.id}/segments").json()
+        if merged["growing_rows"] == 0 and len(merged["segments"]) == 1:
+            break
+        if time.perf_counter() - began > MERGE_WAIT_S:
+            raise RuntimeError(f"the bank was not merged into one segment in {MERGE_WAIT_S:g} s: {merged}")
+        time.sleep(0.5)
+    bank.merge_s = time.perf_counter() - began
+    bank.segments, bank.growing_rows = merged["segments"], merged["growing_rows"]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE)")
+    return bank
+
+
+def bank_stages(bank: Bank) -> list[dict[str, tuple]]:
+    """What the bank page requests as it opens, in the order its script does (app/ui/static/bank.js)."""
+    base = f"/v1/memory-banks/{bank.id}"
+    return [
+        {"HTML": (f"/ui/banks/{bank.id}", None)},
+        {"bank": (base, None)},
+        {
+            "items": (f"{base}/items", {"after_id": 0, "limit": 50}),
+            "projection": (f"{base}/projection", {"sample": PROJECTION_SAMPLE}),
+            "fill": (f"{base}/fill", {"points": 200}),
+        },
+    ]
+
+
+def bank_clicks(bank: Bank) -> dict[str, tuple]:
+    """The requests a click on the bank page makes: a label's items, an item's neighbours, a pasted key's."""
+    base = f"/v1/memory-banks/{bank.id}"
+    pasted = {"queries": [bank.keys[-1].tolist()], "k": 10, "exact": True}
+    return {
+        "items of label 3": (f"{base}/items", {"label": 3, "after_id": 0, "limit": 50}),
+        "neighbours of an item": (f"{base}/items/{int(bank.ids[0])}/neighbours", {"k": 10}),
+        "neighbours of a pasted key": (f"{base}/search", None, pasted),
+    }
+
+
+def bank_checks(client: httpx.Client, bank: Bank) -> dict[str, bool]:
+    """The bank page's answers are honest: a sampled projection says of how many keys, neighbours are exact."""
+    base = f"/v1/memory-banks/{bank.id}"
+    n = len(bank.keys)
+    projection = _get(client, f"{base}/projection", {"sample": PROJECTION_SAMPLE}).json()
+    unit = bank.keys / np.linalg.norm(bank.keys, axis=1, keepdims=True)
+    similar = unit @ unit[0]
+    similar[0] = -np.inf  # the item itself is left out
+    truth = set(bank.ids[np.argsort(-similar)[:10]].tolist())
+    neighbours = _get(client, f"{base}/items/{int(bank.ids[0])}/neighbours", {"k": 10}).json()
+    items = _get(client, f"{base}/items", {"label": 3, "limit": 50}).json()
+    per_label = {c["label"]: c["items"] for c in items["labels"]}
+    return {
+        f"projection of {min(PROJECTION_SAMPLE, n):,} sampled keys, saying the bank holds {n:,}": (
+            len(projection["x"]) == len(set(projection["ids"])) == min(PROJECTION_SAMPLE, n) and projection["size"] == n
+        ),
+        "an item's neighbours are numpy's exact top 10": set(neighbours["ids"]) == truth,
+        "items per label as written": per_label == {c: int((bank.labels == c).sum()) for c in range(BANK_LABELS)},
+        "items of label 3 are of label 3": bool(items["items"]) and all(i["label"] == 3 for i in items["items"]),
+        "the bank is sealed (nothing left growing)": bank.growing_rows == 0,
+    }
+
+
 # ---------------------------------------------------------------- the benchmark
 
 
@@ -235,6 +369,11 @@ class Figures:
     pages: list[PageTiming] = field(default_factory=list)
     first_page_s: float = 0.0  # the first load of the default view (cold caches of the sample's pages)
     accuracy: dict[str, object] = field(default_factory=dict)
+    bank_keys: int = 0
+    bank_write_s: float = 0.0
+    bank_merge_s: float = 0.0
+    bank_segments: list[dict] = field(default_factory=list)
+    bank_checks: dict[str, bool] = field(default_factory=dict)
     postgres: str = ""
     total_s: float = 0.0
 
@@ -252,6 +391,8 @@ def run_benchmark(args: argparse.Namespace) -> Figures:
                 no_auth=False,
                 aggregate_sample_rows=args.sample_rows,
                 summary_sample_rows=args.summary_sample_rows,
+                merge_interval_s=0.2,
+                merge_idle_s=MERGE_IDLE_S,
             )
             service = start_service(database.url, settings)
             client = service.client
@@ -307,6 +448,27 @@ def run_benchmark(args: argparse.Namespace) -> Figures:
                 }
                 for name, stages in others.items():
                     figures.pages.append(time_page(client, pool, name, stages, args.repeats))
+                print(f"writing a bank of {args.bank_keys:,} x {args.dim} keys, then waiting for its merge", flush=True)
+                bank = load_bank(client, database.url, args.bank_keys, args.dim, args.bank_batch)
+                figures.bank_keys, figures.bank_write_s, figures.bank_merge_s = (
+                    len(bank.keys),
+                    bank.write_s,
+                    bank.merge_s,
+                )
+                figures.bank_segments = bank.segments
+                print(
+                    f"   written in {bank.write_s:.1f} s, merged into one segment {bank.merge_s:.1f} s later",
+                    flush=True,
+                )
+                timed_stages(client, pool, bank_stages(bank))  # the first load after the merge (cold pages)
+                timing = time_page(client, pool, f"bank of {len(bank.keys):,} keys", bank_stages(bank), args.repeats)
+                figures.pages.append(timing)
+                print(f"   {timing.name}: best {timing.best:.3f} s, median {timing.median:.3f} s", flush=True)
+                for name, request in bank_clicks(bank).items():
+                    timing = time_page(client, pool, f"bank: {name}", [{name: request}], args.repeats)
+                    figures.pages.append(timing)
+                    print(f"   {timing.name}: best {timing.best:.3f} s", flush=True)
+                figures.bank_checks = bank_checks(client, bank)
         finally:
             if service is not None:
                 service.stop()
@@ -342,6 +504,12 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         "requests stage by stage (parallel within a stage, as the browser sends them); 1-minute "
         f"{load_words(float(machine['load_before']), float(_load_average()))}.",
         f"- The first load of the layer page after the bulk load (pages not yet cached): {figures.first_page_s:.3f} s.",
+        f"- Bank: {figures.bank_keys:,} keys x {figures.dim} (cosine, 10 labelled clusters), written through POST "
+        f"items in {figures.bank_write_s:.1f} s ({figures.bank_keys / max(figures.bank_write_s, 1e-9):,.0f} keys/s), "
+        f"sealed and compacted by the background merger into {len(figures.bank_segments)} HNSW segment "
+        f"{figures.bank_merge_s:.1f} s after the last write (`merge_idle_s` {MERGE_IDLE_S:g} s), then VACUUM (ANALYZE). Its page: the HTML, the "
+        f"bank, then items + projection (asking for {PROJECTION_SAMPLE:,} sampled keys) + fill in parallel; each click's "
+        "request is timed alone.",
         "",
         "| page | best | median | slowest request (best) | target | met | same aggregates read exactly (anchor) |",
         "|---|---|---|---|---|---|---|",
@@ -368,6 +536,8 @@ def report(figures: Figures, machine: dict[str, str]) -> str:
         f"| median band difference (p7-p93), as a share of the unit's spread | {a['band_error_of_spread']:.4f} "
         f"| <= {PERCENTILE_TOLERANCE} | {_met(a['band_error_of_spread'] <= PERCENTILE_TOLERANCE)} |",
         f"| step buckets, sampled / exact | {a['buckets_sampled']} / {a['buckets_exact']} | | |",
+        "",
+        "Bank page checks: " + "; ".join(f"{name}: {_met(ok)}" for name, ok in figures.bank_checks.items()) + ".",
     ]
     return "\n".join(lines) + "\n"
 
@@ -384,6 +554,8 @@ def checks_pass(figures: Figures) -> bool:
         sampled_as_expected
         and a["layer_rows"] == figures.rows
         and 0 < int(a["histogram_rows_sampled"]) <= int(a["histogram_rows_exact"]) == figures.rows
+        and bool(figures.bank_checks)
+        and all(figures.bank_checks.values())
     )
 
 
@@ -395,8 +567,11 @@ def machine_description(command: str) -> dict[str, str]:
     return facts
 
 
-# Options of a smoke run: a few thousand rows, sampled above 1,000, one repeat.
-TINY = shlex.split("--rows 4000 --dim 8 --batch-rows 1000 --sample-rows 1000 --summary-sample-rows 500 --repeats 1")
+# Options of a smoke run: a few thousand rows, sampled above 1,000, one repeat; a bank of 2,000 keys.
+TINY = shlex.split(
+    "--rows 4000 --dim 8 --batch-rows 1000 --sample-rows 1000 --summary-sample-rows 500 --repeats 1 "
+    "--bank-keys 2000 --bank-batch 1000"
+)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -417,6 +592,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="the service's summary_sample_rows (default: the setting's default)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="page loads timed per view")
+    parser.add_argument("--bank-keys", type=int, default=100_000, help="keys in the memory bank whose page is timed")
+    parser.add_argument("--bank-batch", type=int, default=5_000, help="keys per POST items while writing the bank")
     return parser
 
 

@@ -116,6 +116,24 @@ def test_projection_is_the_first_two_principal_components_of_a_sample(api, bank)
     np.testing.assert_allclose(whole["explained_variance"], variance[:2] / variance.sum(), rtol=1e-4)
 
 
+def test_projection_of_a_large_bank_draws_the_sample_from_its_pages_and_says_its_size(api):
+    """A bank many times the sample is read as a block sample: still `sample` distinct stored keys, and
+    the bank's full size, so the page can say "200 sampled of 4,000"."""
+    bank = api.post("/v1/memory-banks", json={"name": "wide", "dim": 16, "capacity": 4000, "policy": "none"}).json()
+    keys = np.random.default_rng(1).standard_normal((4000, 16)).round(3)
+    items = [{"key": key, "label": i % 5} for i, key in enumerate(keys.tolist())]
+    written = api.post(f"/v1/memory-banks/{bank['id']}/items", json={"items": items})
+    assert written.status_code == 200, written.text
+    ids = written.json()["ids"]
+    body = api.get(f"/v1/memory-banks/{bank['id']}/projection", params={"sample": 200}).json()
+    assert body["size"] == 4000
+    assert len(body["x"]) == len(body["y"]) == len(set(body["ids"])) == 200 and set(body["ids"]) <= set(ids)
+    assert body["ids"] == sorted(body["ids"]) and set(body["labels"]) == set(range(5))
+    assert (
+        0 < body["explained_variance"][1] <= body["explained_variance"][0] < 0.2
+    )  # isotropic keys: no axis stands out
+
+
 @pytest.fixture
 def large(api):
     """A layer of 12,000 rows x 4 units (steps 0..11, 1,000 rows each, labels 0..3), above the sampling budget."""

@@ -149,7 +149,7 @@ def projection(
     bank_id: Id,
     principal: Reader,
     conn: Conn,
-    sample: Annotated[int, Query(ge=2, le=20_000, description="Keys sampled uniformly for the projection.")] = 2000,
+    sample: Annotated[int, Query(ge=2, le=20_000, description="Keys drawn at random for the projection.")] = 2000,
 ) -> ProjectionOut:
     """The keys' first two principal components, over a uniform sample (any bank size)."""
     bank = banks.get_bank(conn, principal.project_id, bank_id)
