@@ -88,7 +88,7 @@ def items_from_arrow(body: bytes) -> ItemColumns:
         raise InvalidInput("the Arrow stream needs a 'key' column", field="items.key")
     if table.num_rows == 0:
         raise InvalidInput("a write needs at least one item", field="items")
-    keys = arrow_matrix(table.column("key"), "key", "items[{}].key")
+    keys = arrow_matrix(table.column("key"), "key", "items[{}].key", "items.key")
     n = len(keys)
     present = set(table.column_names)
     return ItemColumns(
@@ -133,7 +133,7 @@ def _values(chunked: pa.ChunkedArray) -> list[np.ndarray | None]:
         given = array.filter(pa.array(present)) if not present.all() else array
         rows = np.flatnonzero(present)
         if pa.types.is_fixed_size_list(given.type) or len(set(np.asarray(given.value_lengths()).tolist())) == 1:
-            matrix = arrow_matrix(pa.chunked_array([given]), "value", "items[{}].value")
+            matrix = arrow_matrix(pa.chunked_array([given]), "value", "items[{}].value", "items.value")
             for row, vector in zip(rows.tolist(), matrix):
                 out[row] = vector
         else:  # ragged: each item keeps its own width, which the bank's check names

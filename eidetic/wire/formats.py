@@ -153,11 +153,15 @@ def _refuse_unknown(names: Iterable[str], kind: str) -> None:
             raise InvalidInput(f"unknown {kind} {name!r}; the known ones are {known}", field=name)
 
 
-def arrow_matrix(chunked: pa.ChunkedArray, name: str = "values", row_field: str = "rows[{}].values") -> np.ndarray:
-    """A float32 matrix from a list column of equal-length float rows (`row_field` names a bad row)."""
+def arrow_matrix(
+    chunked: pa.ChunkedArray, name: str = "values", row_field: str = "rows[{}].values", field: str | None = None
+) -> np.ndarray:
+    """A float32 matrix from a list column of equal-length float rows; errors name `field` (else the column),
+    or `row_field` for a bad row."""
+    field = field or name
     array = chunked.combine_chunks() if chunked.num_chunks != 1 else chunked.chunk(0)
     if array.null_count:
-        raise InvalidInput(f"'{name}' may not hold nulls", field=name)
+        raise InvalidInput(f"'{name}' may not hold nulls", field=field)
     if pa.types.is_fixed_size_list(array.type):
         dim = array.type.list_size
     elif pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
@@ -167,15 +171,15 @@ def arrow_matrix(chunked: pa.ChunkedArray, name: str = "values", row_field: str 
             raise InvalidInput(f"every row of '{name}' needs the same length", field=row_field.format(bad))
         dim = int(lengths[0]) if len(lengths) else 0
     else:
-        raise InvalidInput(f"'{name}' must be a list of float32, not {array.type}", field=name)
+        raise InvalidInput(f"'{name}' must be a list of float32, not {array.type}", field=field)
     flat = array.flatten()
     if not pa.types.is_floating(flat.type):
-        raise InvalidInput(f"'{name}' must hold floats, not {flat.type}", field=name)
+        raise InvalidInput(f"'{name}' must hold floats, not {flat.type}", field=field)
     if flat.null_count:
-        raise InvalidInput(f"'{name}' may not hold nulls", field=name)
+        raise InvalidInput(f"'{name}' may not hold nulls", field=field)
     matrix = as_float32(flat.to_numpy(zero_copy_only=False))
     if dim == 0:
-        raise InvalidInput(f"'{name}' rows are empty", field=name)
+        raise InvalidInput(f"'{name}' rows are empty", field=field)
     return matrix.reshape(len(array), dim)
 
 
