@@ -79,7 +79,7 @@ def encode_items(
             parts.append(group.tobytes())
             continue
         for row, position in zip(group, chosen.tolist()):  # jsonb's binary form: version 1, then the text
-            meta = b"\x01" + encode_meta(metas[position]).encode("utf-8")  # type: ignore[index,arg-type]
+            meta = b"\x01" + encode_meta(metas[position]).encode("utf-8")  # type: ignore[index]
             parts += [row.tobytes(), len(meta).to_bytes(4, "big"), meta]
     parts.append(TRAILER)
     return b"".join(parts)
