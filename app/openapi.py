@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.schemas import ActivationBatchIn, ErrorOut
+from app.schemas import ActivationBatchIn, ErrorOut, ItemsIn
 
 ERROR_REF = "#/components/schemas/ErrorOut"
 ERROR_DESCRIPTIONS = {
@@ -31,7 +31,7 @@ _EVERY_ROUTE = (422,)
 _V1_ROUTES = (401, 403, 404, 503)
 _WITH_BODY = (400, 413)
 # Documented by the route itself (beside its own answers), not assumed for all: 409, 415.
-_MODELS_REFERENCED_FROM_EXTRA = (ActivationBatchIn,)
+_MODELS_REFERENCED_FROM_EXTRA = (ActivationBatchIn, ItemsIn)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

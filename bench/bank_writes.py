@@ -52,8 +52,11 @@ from app.settings import Settings
 from bench.common import Service, fresh_database, load_words, machine_facts, start_service
 from bench.knn import Truth, _expect, brute_force, bulk_load, fashion_mnist, gaussian, normalised, search_bodies
 from bench.record import Outcome, plain
+from eidetic.wire.bank_items import items_to_arrow
 
 JSON = {"content-type": "application/json"}
+ARROW = {"content-type": "application/vnd.apache.arrow.stream"}
+HEADERS = {"json": JSON, "arrow": ARROW}
 
 
 @dataclass
@@ -102,6 +105,10 @@ class Figures:
     recall_compacted: float = 0.0
     segments: list[dict] = field(default_factory=list)
     growing_after_writes: int = 0
+    body: str = "arrow"
+    # write-only, side by side: (body, batch) -> keys/s, and the keys each wrote
+    body_keys: int = 0
+    body_rates: dict[str, float] = field(default_factory=dict)
     checks: dict[str, bool] = field(default_factory=dict)
 
     @property
@@ -113,7 +120,10 @@ class Figures:
         return self.segmented_timed_keys / self.segmented_write_s
 
 
-def item_bodies(keys_: np.ndarray, labels: np.ndarray, batch: int) -> list[bytes]:
+def item_bodies(keys_: np.ndarray, labels: np.ndarray, batch: int, body: str = "json") -> list[bytes]:
+    """The write requests' bodies, encoded beforehand: JSON as the old client sent, or Arrow as it sends numpy."""
+    if body == "arrow":
+        return [items_to_arrow(keys_[s : s + batch], labels=labels[s : s + batch]) for s in range(0, len(keys_), batch)]
     return [
         json.dumps(
             {
@@ -125,6 +135,29 @@ def item_bodies(keys_: np.ndarray, labels: np.ndarray, batch: int) -> list[bytes
         ).encode()
         for s in range(0, len(keys_), batch)
     ]
+
+
+def measure_bodies(service: Service, figures: Figures, keys_: np.ndarray, labels: np.ndarray, args) -> None:
+    """Write-only keys/s of JSON and Arrow bodies side by side: a fresh segmented bank per body and batch size,
+    the bodies encoded beforehand, one request after the other, nothing searching meanwhile."""
+    keys_, labels = keys_[: args.body_keys], labels[: args.body_keys]
+    figures.body_keys = len(keys_)
+    for batch in args.body_batches:
+        for body in ("json", "arrow"):
+            bank_id = create_bank(service, f"{body}-{batch}", keys_.shape[1], len(keys_), args, args.merge_threshold)
+            bodies = item_bodies(keys_, labels, batch, body)
+            began = time.perf_counter()
+            for content in bodies:
+                _expect(
+                    service.client.post(f"/v1/memory-banks/{bank_id}/items", content=content, headers=HEADERS[body]),
+                    200,
+                )
+            figures.body_rates[f"{body} {batch}"] = len(keys_) / (time.perf_counter() - began)
+            print(
+                f"bodies: {body} in batches of {batch:,}: {figures.body_rates[f'{body} {batch}']:,.0f} keys/s",
+                flush=True,
+            )
+            _expect_deleted(service, bank_id)
 
 
 def search_pass(client, bank_id: int, bodies: list[bytes], stop: threading.Event | None = None) -> Searches:
@@ -222,19 +255,20 @@ def _expect_deleted(service: Service, bank_id: int) -> None:
 def measure_segmented(service: Service, figures: Figures, keys_: np.ndarray, labels: np.ndarray, args, truth, queries):
     """Writes through POST while a second client searches without pause, then on while the merges catch up."""
     bank_id = create_bank(service, "segmented", keys_.shape[1], len(keys_), args, args.merge_threshold)
-    bodies = item_bodies(keys_, labels, args.batch)
+    bodies = item_bodies(keys_, labels, args.batch, args.body)
+    headers = HEADERS[args.body]
     row_of: dict[int, int] = {}
     stop = threading.Event()
     during: list[Searches] = []
 
     # the first batch before the searcher starts (so that it finds something), untimed
-    written = _expect(service.client.post(f"/v1/memory-banks/{bank_id}/items", content=bodies[0], headers=JSON), 200)
+    written = _expect(service.client.post(f"/v1/memory-banks/{bank_id}/items", content=bodies[0], headers=headers), 200)
     row_of.update((int(item_id), row) for row, item_id in enumerate(written["ids"]))
     thread = threading.Thread(target=searcher, args=(service, bank_id, queries, stop, during))
     thread.start()
     began = time.perf_counter()
     for number, body in enumerate(bodies[1:], start=1):
-        written = _expect(service.client.post(f"/v1/memory-banks/{bank_id}/items", content=body, headers=JSON), 200)
+        written = _expect(service.client.post(f"/v1/memory-banks/{bank_id}/items", content=body, headers=headers), 200)
         for n, item_id in enumerate(written["ids"]):
             row_of[int(item_id)] = number * args.batch + n
     figures.segmented_write_s = time.perf_counter() - began
@@ -310,12 +344,14 @@ def run_benchmark(args: argparse.Namespace) -> Figures:
         args.ef_construction,
         args.merge_threshold,
         args.merge_factor,
+        body=args.body,
     )
     queries = search_bodies(queries_, args.query_batch, 10, args.ef_search, False)
     with fresh_database("bank-writes") as database:
         settings = Settings(database_url=database.url, data_dir=database.workdir, no_auth=False, merge_interval_s=0.2)
         service = start_service(database.url, settings)
         try:
+            measure_bodies(service, figures, keys_, labels, args)
             measure_live(service, figures, keys_, labels, args, truth, queries)
             measure_segmented(service, figures, keys_, labels, args, truth, queries)
         finally:
@@ -350,7 +386,8 @@ def report(f: Figures, args: argparse.Namespace, machine: dict[str, str], load: 
         f"- Machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory']} memory; {machine['software']}",
         f"- Command: `{machine['command']}` ({load_words(*load)})",
         f"- Data: {f.data}; HNSW m={f.hnsw_m}, ef_construction={f.hnsw_ef_construction} for both banks; "
-        f"writes of {f.batch:,} keys per request (JSON encoded beforehand), one request after the other; searches "
+        f"writes of {f.batch:,} keys per request (today's bank: JSON bodies; the segmented bank: {f.body} bodies; "
+        "encoded beforehand), one request after the other; searches "
         f"of {args.query_batch} queries per request, k=10, ef_search {f.ef_search}; recall@10 against numpy brute "
         "force. The service runs in this process (uvicorn thread, loopback), its merger looking every 0.2 s.",
         f"- Segmented bank: merge_threshold {f.merge_threshold:,}, merge_factor {f.merge_factor}.",
@@ -360,12 +397,21 @@ def report(f: Figures, args: argparse.Namespace, machine: dict[str, str], load: 
         "|---|---|---|---|",
         f"| today: POST items into the live HNSW index (the last keys of a bank of {f.keys:,}) | {f.live_keys:,} | "
         f"{f.live_keys_per_s:,.0f} | 1.00x |",
-        f"| segmented: POST items into the growing segment, merges running | {f.segmented_timed_keys:,} | "
+        f"| segmented: POST items ({f.body}) into the growing segment, merges running | {f.segmented_timed_keys:,} | "
         f"{f.segmented_keys_per_s:,.0f} | {f.segmented_keys_per_s / f.live_keys_per_s:.1f}x |",
         f"| bulk: binary COPY of {f.keys - f.live_keys:,} keys (today's bank, no index) | {f.keys - f.live_keys:,} | "
         f"{(f.keys - f.live_keys) / f.bulk_copy_s:,.0f} | |",
         f"| bulk: CREATE INDEX hnsw over them | {f.keys - f.live_keys:,} | "
         f"{(f.keys - f.live_keys) / f.bulk_index_s:,.0f} | |",
+        "",
+        f"| write only, {f.body_keys:,} keys into a fresh segmented bank, nothing searching | JSON keys/s | "
+        "Arrow keys/s | Arrow vs JSON |",
+        "|---|---|---|---|",
+        *(
+            f"| batches of {batch:,} | {f.body_rates[f'json {batch}']:,.0f} | {f.body_rates[f'arrow {batch}']:,.0f} | "
+            f"{f.body_rates[f'arrow {batch}'] / f.body_rates[f'json {batch}']:.2f}x |"
+            for batch in args.body_batches
+        ),
         "",
         "| search | queries/s | vs today | recall@10 |",
         "|---|---|---|---|",
@@ -389,7 +435,7 @@ def report(f: Figures, args: argparse.Namespace, machine: dict[str, str], load: 
 
 TINY = shlex.split(
     "--data gaussian --keys 3000 --live-keys 500 --batch 1000 --dim 16 --queries 32 --query-batch 16 "
-    "--merge-threshold 1000 --passes 1 --catch-up-limit-s 30"
+    "--merge-threshold 1000 --passes 1 --catch-up-limit-s 30 --body-keys 2000 --body-batches 1000"
 )
 
 
@@ -409,6 +455,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--merge-factor", type=int, default=DEFAULT_MERGE_FACTOR)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--catch-up-limit-s", type=float, default=600.0)
+    parser.add_argument("--body", choices=["arrow", "json"], default="arrow", help="the segmented bank's write bodies")
+    parser.add_argument("--body-keys", type=int, default=30_000, help="keys of each write-only body measurement")
+    parser.add_argument(
+        "--body-batches", type=lambda text: [int(x) for x in text.split(",")], default=[1_000, 5_000, 10_000]
+    )
     return parser
 
 

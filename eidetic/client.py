@@ -19,10 +19,12 @@ import numpy as np
 import pyarrow as pa
 
 from eidetic.config import ClientSettings
+from eidetic.wire.bank_items import ITEM_COLUMNS, items_to_arrow
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 END_OF_ROWS = b"eidetic.end"  # custom metadata of an Arrow stream's last, empty record batch: the rows sent
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
+_ITEM_FIELDS = frozenset(ITEM_COLUMNS)
 
 
 class EideticAPIError(Exception):
@@ -233,8 +235,17 @@ class EideticClient:
         self.request("DELETE", f"/v1/memory-banks/{bank_id}")
 
     def write_items(self, bank_id: int, items: list[dict]) -> dict:
-        """Writes items ({"key", "label", "value", "confidence", "meta"}) under the bank's policy."""
-        return self.request("POST", f"/v1/memory-banks/{bank_id}/items", json={"items": items}).json()
+        """Writes items ({"key", "label", "value", "confidence", "meta"}) under the bank's policy.
+
+        When every key is a numpy array the batch goes as an Arrow IPC stream, which the service
+        parses several times faster than JSON; otherwise (lists, or a field it does not know,
+        which the service then names) as JSON.
+        """
+        path = f"/v1/memory-banks/{bank_id}/items"
+        body = _items_arrow(items)
+        if body is None:
+            return self.request("POST", path, json={"items": items}).json()
+        return self.request("POST", path, content=body, headers={"Content-Type": ARROW_STREAM}).json()
 
     def search(
         self,
@@ -415,3 +426,21 @@ def _layer(body: dict) -> LayerInfo:
 
 def _floats(values: list[float | None]) -> np.ndarray:
     return np.array([np.nan if value is None else value for value in values], dtype=np.float64)
+
+
+def _items_arrow(items: list[dict]) -> bytes | None:
+    """The items as one Arrow body when their keys are numpy arrays of one width, else None (sent as JSON)."""
+    if not items or not all(isinstance(item.get("key"), np.ndarray) and set(item) <= _ITEM_FIELDS for item in items):
+        return None
+    keys = [item["key"] for item in items]
+    if len({key.shape for key in keys}) != 1 or keys[0].ndim != 1:
+        return None
+    present = {name for item in items for name in item}
+    metas = [item.get("meta") for item in items] if "meta" in present else None
+    return items_to_arrow(
+        np.stack(keys),
+        labels=[item.get("label") for item in items] if "label" in present else None,
+        values=[item.get("value") for item in items] if "value" in present else None,
+        confidences=[item.get("confidence") for item in items] if "confidence" in present else None,
+        metas=metas,
+    )

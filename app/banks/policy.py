@@ -18,6 +18,7 @@ from psycopg import sql
 from psycopg.rows import dict_row, scalar_row
 from psycopg.types.json import Jsonb
 
+from app.banks.copy_items import COPY_ITEM_COLUMNS, encode_items
 from app.banks.schema import Bank, get_bank, items_partition
 from app.copy_binary import iter_vectors
 from eidetic.errors import DimensionMismatch, InvalidInput, NonFiniteValue, NotFound
@@ -193,29 +194,22 @@ def _insert(conn: psycopg.Connection, bank: Bank, items: NewItems, positions: li
         )
         .fetchall()
     )
-    statement = sql.SQL(
-        "COPY {} (bank_id, id, key, label, value, confidence, version, inserted_version, inserted_rank, meta) "
-        "FROM STDIN (FORMAT BINARY)"
-    ).format(partition)
+    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        partition, sql.SQL(", ").join(map(sql.Identifier, COPY_ITEM_COLUMNS))
+    )
+    encoded = encode_items(
+        bank_id=bank.id,
+        ids=ids,
+        positions=positions,
+        keys=items.keys,
+        labels=items.labels,
+        values=items.values,
+        confidences=items.confidences,
+        metas=items.metas,
+        version=version,
+    )
     with conn.cursor().copy(statement) as copy:
-        copy.set_types(
-            ["bigint", "bigint", "vector", "integer", "vector", "real", "bigint", "bigint", "integer", "jsonb"]
-        )
-        for item_id, position in zip(ids, positions):
-            copy.write_row(
-                (
-                    bank.id,
-                    item_id,
-                    Vector(items.keys[position]),
-                    items.labels[position],
-                    _vector(items.values[position]),
-                    items.confidences[position],
-                    version,
-                    version,
-                    position,
-                    items.meta(position),
-                )
-            )
+        copy.write(encoded)
     return ids
 
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Generator
 from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from psycopg_pool import ConnectionPool
+from pydantic import ValidationError
 
 from app import banks
 from app.deadline import request_deadline, within_deadline
-from app.deps import Conn, Id, Reader, Writer
+from app.deps import Conn, Id, Reader, Writer, read_body
 from app.openapi import error_responses
 from app.schemas import (
     BankCreate,
@@ -30,7 +34,9 @@ from app.schemas import (
 )
 from app.settings import Settings
 from app.streams import ArrowStreamResponse
-from eidetic.errors import Conflict, InvalidInput
+from eidetic.errors import Conflict, InvalidInput, UnsupportedMediaType
+from eidetic.wire import formats
+from eidetic.wire.bank_items import items_from_arrow
 from eidetic.wire.formats import ARROW_STREAM, ipc_stream
 from eidetic.wire.vectors import as_float32
 
@@ -62,27 +68,65 @@ def delete_bank(bank_id: Id, principal: Writer, conn: Conn) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/{bank_id}/items", response_model=WriteOut)
-def write_items(body: ItemsIn, request: Request, bank_id: Id, principal: Writer, conn: Conn) -> WriteOut:
+_ITEMS_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "JSON, or an Arrow IPC stream (bulk) with columns key (list of float32), and optionally "
+        "label (integer), value (list of float32), confidence (float) and meta (a JSON object as text).",
+        "content": {
+            formats.JSON: {"schema": {"$ref": f"#/components/schemas/{ItemsIn.__name__}"}},
+            formats.ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.post("/{bank_id}/items", response_model=WriteOut, openapi_extra=_ITEMS_BODY, responses=error_responses(415))
+async def write_items(request: Request, bank_id: Id, principal: Writer, conn: Conn) -> WriteOut:
     """Writes a batch atomically under the bank's replacement policy; each item may carry a JSON `meta`."""
     settings: Settings = request.app.state.settings
-    if len(body.items) > settings.max_items_per_write:
-        raise InvalidInput(f"at most {settings.max_items_per_write} items per write", field="items")
-    width = len(body.items[0].key)
-    for i, item in enumerate(body.items):
+    body = await read_body(request, settings.max_body_bytes)
+    kind = formats.media_type(request.headers.get("content-type"))
+
+    def store() -> banks.WriteResult:
+        items = _items_from_body(kind, body)
+        if len(items.keys) > settings.max_items_per_write:
+            raise InvalidInput(f"at most {settings.max_items_per_write} items per write", field="items")
+        return banks.write_items(conn, principal.project_id, bank_id, items, timeout_ms=settings.scan_timeout_ms)
+
+    return WriteOut(**asdict(await run_in_threadpool(store)))
+
+
+def _items_from_body(kind: str, body: bytes) -> banks.NewItems:
+    """The items of a JSON or Arrow body, in the one shape the bank's policy path takes."""
+    if kind == formats.ARROW_STREAM:
+        return banks.NewItems(**asdict(items_from_arrow(body)))
+    if kind != formats.JSON:
+        raise UnsupportedMediaType(f"send {formats.JSON} or {formats.ARROW_STREAM}, not {kind!r}", field="Content-Type")
+    try:  # parsed and validated as FastAPI does a declared body, so the answers to bad input stay the same
+        document = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        where = error.pos if isinstance(error, json.JSONDecodeError) else error.start
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body", where), "msg": "JSON decode error", "input": {}}]
+        ) from error
+    try:
+        parsed = ItemsIn.model_validate(document)
+    except ValidationError as error:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from error
+    width = len(parsed.items[0].key)
+    for i, item in enumerate(parsed.items):
         if len(item.key) != width:
             raise InvalidInput(
                 f"item {i} has a key of {len(item.key)} values, item 0 of {width}", field=f"items[{i}].key"
             )
-    items = banks.NewItems(
-        keys=as_float32([item.key for item in body.items]),
-        labels=[item.label for item in body.items],
-        values=[None if item.value is None else as_float32(item.value) for item in body.items],
-        confidences=[item.confidence for item in body.items],
-        metas=[item.meta for item in body.items] if any(item.meta is not None for item in body.items) else None,
+    return banks.NewItems(
+        keys=as_float32([item.key for item in parsed.items]),
+        labels=[item.label for item in parsed.items],
+        values=[None if item.value is None else as_float32(item.value) for item in parsed.items],
+        confidences=[item.confidence for item in parsed.items],
+        metas=[item.meta for item in parsed.items] if any(item.meta is not None for item in parsed.items) else None,
     )
-    result = banks.write_items(conn, principal.project_id, bank_id, items, timeout_ms=settings.scan_timeout_ms)
-    return WriteOut(**asdict(result))
 
 
 @router.delete("/{bank_id}/items/{item_id}", response_model=BankVersionOut)

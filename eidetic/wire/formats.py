@@ -100,18 +100,24 @@ def _drain(sink: io.BytesIO) -> bytes:
     return written
 
 
-def rows_from_arrow(body: bytes) -> tuple[ActivationRows, str | None]:
-    """Parses an Arrow IPC stream; returns the rows and the batch id from its metadata, if any."""
+def read_arrow_table(body: bytes) -> pa.Table:
+    """The table an Arrow IPC stream body holds, fully validated: a stream is untrusted input."""
     try:
         reader = pa.ipc.open_stream(body)
         table = reader.read_all()
-        table.validate(full=True)  # offsets, lengths and UTF-8 of every string: a stream is untrusted input
+        table.validate(full=True)  # offsets, lengths and UTF-8 of every string
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as error:
         raise MalformedBody(f"not a readable Arrow IPC stream: {error}", field="body") from error
+    return table
+
+
+def rows_from_arrow(body: bytes) -> tuple[ActivationRows, str | None]:
+    """Parses an Arrow IPC stream; returns the rows and the batch id from its metadata, if any."""
+    table = read_arrow_table(body)
     _refuse_unknown(table.column_names, "column")
     if "values" not in table.column_names:
         raise InvalidInput("the Arrow stream needs a 'values' column", field="values")
-    values = _arrow_values(table.column("values"))
+    values = arrow_matrix(table.column("values"))
     n_rows = values.shape[0]
     columns = {}
     for name in METADATA_COLUMNS:
@@ -147,28 +153,33 @@ def _refuse_unknown(names: Iterable[str], kind: str) -> None:
             raise InvalidInput(f"unknown {kind} {name!r}; the known ones are {known}", field=name)
 
 
-def _arrow_values(chunked: pa.ChunkedArray) -> np.ndarray:
+def arrow_matrix(
+    chunked: pa.ChunkedArray, name: str = "values", row_field: str = "rows[{}].values", field: str | None = None
+) -> np.ndarray:
+    """A float32 matrix from a list column of equal-length float rows; errors name `field` (else the column),
+    or `row_field` for a bad row."""
+    field = field or name
     array = chunked.combine_chunks() if chunked.num_chunks != 1 else chunked.chunk(0)
     if array.null_count:
-        raise InvalidInput("'values' may not hold nulls", field="values")
+        raise InvalidInput(f"'{name}' may not hold nulls", field=field)
     if pa.types.is_fixed_size_list(array.type):
         dim = array.type.list_size
     elif pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
         lengths = np.asarray(array.value_lengths())
         if len(lengths) and (lengths != lengths[0]).any():
             bad = int(np.argmax(lengths != lengths[0]))
-            raise InvalidInput("every row of 'values' needs the same length", field=f"rows[{bad}].values")
+            raise InvalidInput(f"every row of '{name}' needs the same length", field=row_field.format(bad))
         dim = int(lengths[0]) if len(lengths) else 0
     else:
-        raise InvalidInput(f"'values' must be a list of float32, not {array.type}", field="values")
+        raise InvalidInput(f"'{name}' must be a list of float32, not {array.type}", field=field)
     flat = array.flatten()
     if not pa.types.is_floating(flat.type):
-        raise InvalidInput(f"'values' must hold floats, not {flat.type}", field="values")
+        raise InvalidInput(f"'{name}' must hold floats, not {flat.type}", field=field)
     if flat.null_count:
-        raise InvalidInput("'values' may not hold nulls", field="values")
+        raise InvalidInput(f"'{name}' may not hold nulls", field=field)
     matrix = as_float32(flat.to_numpy(zero_copy_only=False))
     if dim == 0:
-        raise InvalidInput("'values' rows are empty", field="values")
+        raise InvalidInput(f"'{name}' rows are empty", field=field)
     return matrix.reshape(len(array), dim)
 
 
