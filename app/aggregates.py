@@ -237,46 +237,27 @@ class BankFill:
     version: int  # the bank's version now
     size: int
     capacity: int
-    versions: list[int]  # the last version of each of equal-width version buckets, ascending
-    held: list[int]  # items held now whose last write was at or before that version (cumulative)
-    deleted: list[int]  # items deleted at or before that version (tombstones, cumulative)
+    versions: list[int]  # the last change of each equal-width version bucket that had one, ascending
+    sizes: list[int]  # the bank's size right after that change
+    times: list[float]  # when that change committed (Unix seconds)
 
 
 def bank_fill(conn: psycopg.Connection, bank: banks.Bank, points: int) -> BankFill:
-    """The bank's fill over its versions, from its change feed (items by version, tombstones by version).
-
-    The store keeps no size history: an item replaced in place takes the replacing write's
-    version, so `held` at a version counts the items held now that were written by then, and
-    `deleted` the deletions by then. Counted in the database, bucket by bucket; the index on
-    (bank_id, version) serves both counts.
-    """
+    """The bank's size over time from its size history (`memory_bank_sizes`, a row per change), at most
+    `points` of them: the last change of each equal-width version bucket, picked in the database."""
     latest = int(bank.version)
-    if latest == 0:
-        return BankFill(version=0, size=bank.size, capacity=bank.capacity, versions=[], held=[], deleted=[])
-    points = min(points, latest)
     found = conn.execute(
-        sql.SQL(
-            "SELECT b, sum(sum(h)) OVER w, sum(sum(d)) OVER w FROM ("
-            " SELECT ceil(version * %(p)s::numeric / %(v)s)::int AS b, 1 AS h, 0 AS d FROM {items}"
-            " UNION ALL SELECT ceil(version * %(p)s::numeric / %(v)s)::int, 0, 1 FROM memory_tombstones"
-            " WHERE bank_id = %(bank)s"
-            ") changes GROUP BY b WINDOW w AS (ORDER BY b) ORDER BY b"
-        ).format(items=banks.items_partition(bank.id)),
-        {"p": points, "v": latest, "bank": bank.id},
+        "SELECT DISTINCT ON (b) version, size, extract(epoch FROM at)::float8 FROM ("
+        " SELECT ceil(version * %(p)s::numeric / greatest(%(v)s, 1))::int AS b, version, size, at"
+        " FROM memory_bank_sizes WHERE bank_id = %(bank)s"
+        ") changes ORDER BY b, version DESC",
+        {"p": min(points, max(latest, 1)), "v": latest, "bank": bank.id},
     ).fetchall()
-    held = np.zeros(points + 1, dtype=np.int64)
-    deleted = np.zeros(points + 1, dtype=np.int64)
-    for bucket, items, tombstones in found:  # buckets without a change carry the count before them
-        held[bucket] = items
-        deleted[bucket] = tombstones
-    held = np.maximum.accumulate(held)[1:]
-    deleted = np.maximum.accumulate(deleted)[1:]
-    versions = [b * latest // points for b in range(1, points + 1)]
     return BankFill(
         version=latest,
         size=bank.size,
         capacity=bank.capacity,
-        versions=versions,
-        held=held.tolist(),
-        deleted=deleted.tolist(),
+        versions=[int(v) for v, _, _ in found],
+        sizes=[int(n) for _, n, _ in found],
+        times=[float(t) for _, _, t in found],
     )

@@ -43,6 +43,7 @@ DISTRIBUTED_TABLES = (
     ("memory_tombstones", "bank_id", "memory_banks"),
     ("memory_hits", "bank_id", "memory_banks"),
     ("memory_segments", "bank_id", "memory_banks"),
+    ("memory_bank_sizes", "bank_id", "memory_banks"),
 )
 # Unique keys rewritten to lead with the run: (table, constraint, new definition)
 _RUN_KEYS = (

@@ -497,12 +497,12 @@ class BankFillOut(BaseModel):
     version: int = Field(description="The bank's version now.")
     size: int
     capacity: int
-    versions: list[int] = Field(description="The last version of each equal-width version bucket, ascending.")
-    held: list[int] = Field(
-        description="Items held now whose last write came at or before that version (cumulative); an item "
-        "replaced in place counts at its replacing write: the store keeps no size history."
+    versions: list[int] = Field(
+        description="The last change (version) of each equal-width version bucket that had one, ascending; "
+        "the history starts at the bank's creation, or at migration 0009 for banks made before it."
     )
-    deleted: list[int] = Field(description="Items deleted at or before that version (cumulative tombstones).")
+    sizes: list[int] = Field(description="The bank's size right after that change.")
+    times: list[float] = Field(description="When that change committed, in Unix seconds.")
 
 
 class ProjectionOut(BaseModel):

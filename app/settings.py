@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     sketch_max_lag_s: float = Field(
         default=10.0, ge=0, description="...or once its oldest batch not yet in the sketches is this old."
     )
+    sketch_lock_timeout_ms: int = Field(
+        default=100,
+        ge=1,
+        description="How long the sketcher waits for a lock on a layer's partition before leaving the layer for later.",
+    )
     sketch_fold_values: int = Field(
         default=1 << 24, ge=1, description="Values (rows x dim) one fold sketches at most (one batch at least)."
     )

@@ -57,16 +57,24 @@ def record_batch(conn: psycopg.Connection, layer: Layer, batch_seq: int, rows: A
     )
 
 
-def fold_layer(conn: psycopg.Connection, layer: Layer, k: int, max_values: int) -> int:
+def fold_layer(
+    conn: psycopg.Connection, layer: Layer, k: int, max_values: int, *, lock_timeout_ms: int | None = None
+) -> int:
     """Folds the layer's oldest pending batches into its sketches in one transaction; the rows folded.
 
     Claims ledger rows with SKIP LOCKED, so several sketchers (threads, service processes,
     requests that wait for an up-to-date answer) share the work and never fold a batch
     twice; the batches go in as long as their values stay within `max_values` (one at
     least). 0 when nothing is pending or every pending batch is being folded by another.
+    With `lock_timeout_ms` a lock held by someone else (DDL on the partition, a VACUUM FULL,
+    the run being deleted) raises `LockNotAvailable` after that long instead of queueing the
+    fold, and everyone behind it, until the lock is released.
     """
-    _summarize_new_pages(conn, layer)
     with conn.transaction():
+        _set_lock_timeout(conn, lock_timeout_ms)
+        _summarize_new_pages(conn, layer)
+    with conn.transaction():
+        _set_lock_timeout(conn, lock_timeout_ms)
         claimed = conn.execute(
             "SELECT batch_seq, row_count, tasks FROM sketch_backlog WHERE run_id = %s AND layer_id = %s "
             "ORDER BY batch_seq LIMIT %s FOR UPDATE SKIP LOCKED",
@@ -118,8 +126,13 @@ def _summarize_new_pages(conn: psycopg.Connection, layer: Layer) -> None:
         (layer_partition(layer.run_id, layer.id).as_string(conn),),
     ).fetchone()
     if found is not None:
-        with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
+        with contextlib.suppress(psycopg.errors.InsufficientPrivilege), conn.transaction():
             conn.execute("SELECT brin_summarize_new_values(%s::regclass)", (found[0],))
+
+
+def _set_lock_timeout(conn: psycopg.Connection, timeout_ms: int | None) -> None:
+    if timeout_ms is not None:
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(int(timeout_ms))))
 
 
 @dataclass(frozen=True)
@@ -193,6 +206,7 @@ class Sketcher:
         self._settings = settings
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="eidetic-sketcher", daemon=True)
+        self._locked_until: dict[tuple[int, int], float] = {}  # layers whose partition was locked, until when
 
     def start(self) -> None:
         self._thread.start()
@@ -227,11 +241,24 @@ class Sketcher:
                 "ORDER BY min(b.created_at) LIMIT 64",
                 (self._settings.sketch_quiet_s, self._settings.sketch_max_lag_s),
             ).fetchall()
+            now = time.monotonic()
+            self._locked_until = {key: until for key, until in self._locked_until.items() if until > now}
             for run_id, layer_id, dim in pending:
                 if self._stop.is_set():
                     break
+                if (run_id, layer_id) in self._locked_until:
+                    continue
                 layer = Layer(id=layer_id, run_id=run_id, name="", dim=dim, kind="activations", created_at=_EPOCH)
-                folded += fold_layer(conn, layer, self._settings.sketch_k, self._settings.sketch_fold_values)
+                try:
+                    folded += fold_layer(
+                        conn,
+                        layer,
+                        self._settings.sketch_k,
+                        self._settings.sketch_fold_values,
+                        lock_timeout_ms=self._settings.sketch_lock_timeout_ms,
+                    )
+                except psycopg.errors.LockNotAvailable:  # someone holds the partition: leave it for a while
+                    self._locked_until[(run_id, layer_id)] = time.monotonic() + _RETRY_S
         return folded
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -206,22 +208,22 @@ def test_quantile_sets_are_listed_newest_first_without_boundaries(service, api, 
         assert other.get(f"{base}/quantiles").status_code == 404
 
 
-def test_bank_fill_counts_items_by_the_version_that_wrote_them_and_deletions(api):
+def test_bank_fill_is_the_size_after_every_change_in_time_order(api):
     bank = api.post("/v1/memory-banks", json={"name": "f", "dim": 2, "capacity": 10, "policy": "fifo"}).json()
     path = f"/v1/memory-banks/{bank['id']}"
     assert api.get(f"{path}/fill").json()["versions"] == []
     rng = np.random.default_rng(0)
-    for _ in range(3):
+    for _ in range(3):  # 6, then 10 (full), then 10: the third write replaces the oldest
         items = [{"key": key, "label": 0} for key in rng.standard_normal((6, 2)).tolist()]
         assert api.post(f"{path}/items", json={"items": items}).status_code == 200
     held = api.get(f"{path}/items", params={"limit": 100}).json()["items"]
     assert api.delete(f"{path}/items/{held[0]['id']}").status_code == 200
-    versions = sorted(item["version"] for item in held[1:])
 
     fill = api.get(f"{path}/fill").json()
     assert (fill["version"], fill["size"], fill["capacity"]) == (4, 9, 10)
     assert fill["versions"] == [1, 2, 3, 4]
-    assert fill["held"] == [sum(v <= version for v in versions) for version in (1, 2, 3, 4)]
-    assert fill["deleted"] == [0, 0, 0, 1]
-    assert api.get(f"{path}/fill", params={"points": 2}).json()["versions"] == [2, 4]
+    assert fill["sizes"] == [6, 10, 10, 9]
+    assert fill["times"] == sorted(fill["times"]) and fill["times"][-1] <= time.time() + 1
+    coarse = api.get(f"{path}/fill", params={"points": 2}).json()
+    assert (coarse["versions"], coarse["sizes"]) == ([2, 4], [10, 9])
     assert error_of(api.get(f"{path}/fill", params={"points": 0}))["field"] == "points"

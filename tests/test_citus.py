@@ -141,7 +141,10 @@ def test_the_layout_is_reference_and_colocated_distributed_tables(citus_database
     assert all(kind == "distributed" and column == "run_id" for kind, column, _ in by_run.values())
     assert {group for _, _, group in by_run.values()} == {layout["runs"][2]}
     assert layout["runs"][:2] == ("distributed", "id")
-    by_bank = {t: layout[t] for t in ("memory_items", "memory_tombstones", "memory_hits", "memory_segments")}
+    by_bank = {
+        t: layout[t]
+        for t in ("memory_items", "memory_tombstones", "memory_hits", "memory_segments", "memory_bank_sizes")
+    }
     assert all(kind == "distributed" and column == "bank_id" for kind, column, _ in by_bank.values())
     assert {group for _, _, group in by_bank.values()} == {layout["memory_banks"][2]}
 

@@ -119,6 +119,7 @@ def write_items(
             "UPDATE memory_banks SET version = %s, size = %s WHERE id = %s",
             (version, bank.size + len(inserts), bank.id),
         )
+        _record_size(conn, bank.id, version, bank.size + len(inserts))
     n = plan.bank_size
     ids = [None if s < 0 else new_ids[s - n] if s >= n else stored_ids[s] for s in plan.slots.tolist()]
     return WriteResult(plan.inserted, plan.replaced, plan.skipped, version, ids)
@@ -242,6 +243,11 @@ def _replace(conn: psycopg.Connection, bank: Bank, items: NewItems, replacements
         )
 
 
+def _record_size(conn: psycopg.Connection, bank_id: int, version: int, size: int) -> None:
+    """The bank's size after the change that made `version`, kept for its fill over time (the dashboard)."""
+    conn.execute("INSERT INTO memory_bank_sizes (bank_id, version, size) VALUES (%s, %s, %s)", (bank_id, version, size))
+
+
 def delete_item(conn: psycopg.Connection, project_id: int, bank_id: int, item_id: int) -> int:
     """Removes one item, leaving a tombstone at the new version; returns that version."""
     with conn.transaction():
@@ -257,4 +263,5 @@ def delete_item(conn: psycopg.Connection, project_id: int, bank_id: int, item_id
         )
         conn.execute("DELETE FROM memory_hits WHERE bank_id = %s AND item_id = %s", (bank.id, item_id))
         conn.execute("UPDATE memory_banks SET version = %s, size = size - 1 WHERE id = %s", (version, bank.id))
+        _record_size(conn, bank.id, version, bank.size - 1)
     return version

@@ -136,10 +136,10 @@ def bank_fill(
     principal: Reader,
     conn: Conn,
     points: Annotated[
-        int, Query(ge=1, le=2000, description="Equal-width version buckets (at most one per version).")
+        int, Query(ge=1, le=2000, description="Equal-width version buckets: at most this many changes come back.")
     ] = 200,
 ) -> BankFillOut:
-    """The bank's fill over its versions, counted from its change feed (items and tombstones by version)."""
+    """The bank's size over time: its size after each change, for at most `points` changes (one per version bucket)."""
     bank = banks.get_bank(conn, principal.project_id, bank_id)
     return BankFillOut(**asdict(aggregates.bank_fill(conn, bank, points)))
 

@@ -25,8 +25,7 @@
     await Promise.all([items(true), projection(), loadFill()]);
   }
 
-  // Fill over the bank's versions, from its change feed: items held now by the write that stored
-  // them, deletions, and the capacity (the store keeps no size history, so the caption says what is counted).
+  // Fill over time: the bank's size after each change (its size history), and its capacity.
   let filled = null;
   async function loadFill() {
     filled = await api(`${base}/fill?points=200`);
@@ -36,14 +35,12 @@
   function drawFill() {
     const found = filled;
     document.getElementById("fill-caption").textContent = found.versions.length
-      ? `Fill over versions 1–${number(found.version)}: items held now by the version that wrote them, ` +
-        `deletions, capacity ${number(found.capacity)}`
-      : "Fill over versions: nothing written yet";
+      ? `Size over time, ${number(found.versions.length)} of ${number(found.version)} changes; capacity ${number(found.capacity)}`
+      : "Size over time: nothing written yet";
     const line = (label, colour, dash) => ({ label, stroke: colour, width: 1.5, dash });
     Eidetic.chart(document.getElementById("chart-fill"), {
-      scales: { x: { time: false } },
-      series: [{ label: "version" }, line("held", palette[0]), line("deleted", palette[3]), line("capacity", palette[7], [4, 3])],
-    }, [found.versions, found.held, found.deleted, found.versions.map(() => found.capacity)]);
+      series: [{ label: "time" }, line("size", palette[0]), line("capacity", palette[7], [4, 3])],
+    }, [found.times, found.sizes, found.times.map(() => found.capacity)]);
   }
   window.addEventListener("themechange", () => { if (filled) drawFill(); });
 
