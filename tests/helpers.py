@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import httpx
 import numpy as np
 import psycopg
 
+from app.settings import Settings
 from eidetic.wire.formats import ARROW_STREAM, rows_to_arrow
 from eidetic.wire.rows import ActivationRows
 
@@ -52,3 +56,31 @@ def error_of(response: httpx.Response) -> dict:
     assert set(body) == {"error"}, body
     assert {"code", "message", "field"} <= set(body["error"]), body
     return body["error"]
+
+
+def sampling_settings(sample_rows: int) -> Settings:
+    """The suite's service settings with a small sampling budget, so that a test layer or bank counts as large."""
+    return Settings(
+        database_url=None,
+        no_auth=False,
+        max_body_bytes=8 * 1024 * 1024,
+        max_rows_per_batch=50_000,
+        aggregate_sample_rows=sample_rows,
+        summary_sample_rows=sample_rows,
+    )
+
+
+def run_concurrently(worker: Callable[[int], None], n: int) -> None:
+    """Runs worker(0) .. worker(n - 1) on n threads at once and waits for all of them."""
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def assert_versions_rise_per_writer(answers: list[list[dict]]) -> None:
+    """Each writer's write answers came back with strictly rising bank versions, in the order it wrote."""
+    for mine in answers:
+        versions = [answer["version"] for answer in mine]
+        assert versions == sorted(versions) and len(set(versions)) == len(versions)

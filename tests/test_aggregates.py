@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from app.settings import Settings
-from tests.helpers import error_of, make_layer, post_arrow, random_rows
+from tests.helpers import error_of, make_layer, post_arrow, random_rows, sampling_settings
 
 SAMPLE_ROWS = 2000  # layers above this many rows are read through a block sample here
 
@@ -16,14 +16,7 @@ SAMPLE_ROWS = 2000  # layers above this many rows are read through a block sampl
 @pytest.fixture
 def settings() -> Settings:
     """The suite's settings, with a small sampling budget so a test layer can be "large"."""
-    return Settings(
-        database_url=None,
-        no_auth=False,
-        max_body_bytes=8 * 1024 * 1024,
-        max_rows_per_batch=50_000,
-        aggregate_sample_rows=SAMPLE_ROWS,
-        summary_sample_rows=SAMPLE_ROWS,
-    )
+    return sampling_settings(SAMPLE_ROWS)
 
 
 @pytest.fixture

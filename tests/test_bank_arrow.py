@@ -4,15 +4,13 @@ held under concurrent Arrow writers (through the client, which sends Arrow for n
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from eidetic.client import EideticClient, _items_arrow
 from eidetic.wire.bank_items import items_to_arrow
-from tests.helpers import error_of
+from tests.helpers import assert_versions_rise_per_writer, error_of, run_concurrently
 
 ARROW = {"content-type": "application/vnd.apache.arrow.stream"}
 DIM = 8
@@ -174,15 +172,9 @@ def test_capacity_and_versions_hold_under_four_concurrent_arrow_writers(service,
                 except Exception as error:  # reported below, on the test thread
                     failures.append(repr(error))
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_concurrently(writer, 4)
     assert failures == []
-    for mine in answers:
-        versions = [a["version"] for a in mine]
-        assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    assert_versions_rise_per_writer(answers)
     assert sorted(a["version"] for mine in answers for a in mine) == list(range(1, 41))
     current = api.get(f"/v1/memory-banks/{bank['id']}").json()
     assert (current["size"], current["version"]) == (50, 40)

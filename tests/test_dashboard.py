@@ -18,7 +18,7 @@ import pytest
 from app import migrate
 from app.settings import Settings
 from tests.conftest import Service
-from tests.helpers import make_layer, post_arrow, random_rows
+from tests.helpers import make_layer, post_arrow, random_rows, sampling_settings
 
 CHROMIUM = os.environ.get("EIDETIC_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
@@ -32,14 +32,7 @@ SAMPLE_ROWS = 2000  # layers above this many rows are read through a block sampl
 @pytest.fixture
 def settings() -> Settings:
     """The suite's settings, with a small sampling budget so a test layer can be "large"."""
-    return Settings(
-        database_url=None,
-        no_auth=False,
-        max_body_bytes=8 * 1024 * 1024,
-        max_rows_per_batch=50_000,
-        aggregate_sample_rows=SAMPLE_ROWS,
-        summary_sample_rows=SAMPLE_ROWS,
-    )
+    return sampling_settings(SAMPLE_ROWS)
 
 
 @pytest.fixture(scope="module")

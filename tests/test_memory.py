@@ -3,14 +3,12 @@ the change feed and the snapshot."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from eidetic.wire.bank_policy import similarity_matrix
-from tests.helpers import error_of
+from tests.helpers import assert_versions_rise_per_writer, error_of, run_concurrently
 
 
 def make_bank(api, **overrides) -> dict:
@@ -163,15 +161,9 @@ def test_capacity_holds_and_versions_only_grow_under_four_concurrent_writers(ser
                 else:
                     answers[index].append(response.json())
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_concurrently(writer, 4)
     assert failures == []
-    for mine in answers:
-        versions = [a["version"] for a in mine]
-        assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    assert_versions_rise_per_writer(answers)
     all_versions = [a["version"] for mine in answers for a in mine]
     assert sorted(all_versions) == list(range(1, 41))  # every write changed the bank: one version each
     current = api.get(f"/v1/memory-banks/{bank['id']}").json()

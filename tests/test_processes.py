@@ -22,7 +22,15 @@ import numpy as np
 
 from eidetic.client import EideticClient
 from tests.fault_kit import ApiChild
-from tests.helpers import activations_path, make_layer, post_arrow, random_rows, stored_rows
+from tests.helpers import (
+    activations_path,
+    assert_versions_rise_per_writer,
+    make_layer,
+    post_arrow,
+    random_rows,
+    run_concurrently,
+    stored_rows,
+)
 
 WINDOW_ROWS = "256"  # streams of several record batches
 RACE_TRIALS, RACE_ROWS = 3, 2000
@@ -177,15 +185,9 @@ def bank_writes_across(children: list[ApiChild], name: str) -> None:
                 else:
                     answers[index].append(response.json())
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(writers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_concurrently(writer, writers)
     assert failures == []
-    for mine in answers:
-        versions = [answer["version"] for answer in mine]
-        assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    assert_versions_rise_per_writer(answers)
     writes = writers * BANK_WRITES
     assert sorted(answer["version"] for mine in answers for answer in mine) == list(range(1, writes + 1))
     assert sum(answer["inserted"] for mine in answers for answer in mine) == BANK_CAPACITY
