@@ -98,7 +98,7 @@ def measure(args: argparse.Namespace) -> list[PathFigures]:
                     bank = client.create_bank(f"path-{n}", args.dim, n, metric="cosine", policy="none")
                     for start in range(0, n, 2000):
                         items = [
-                            {"key": k.tolist(), "label": int(label)}
+                            {"key": k, "label": int(label)}
                             for k, label in zip(stored[start : start + 2000], labels[start : start + 2000])
                         ]
                         client.write_items(bank["id"], items)

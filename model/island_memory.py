@@ -155,7 +155,7 @@ class StoredIslands:
         parent = int(table.parent[island])
         label = int(table.label[island])
         return {
-            "key": grid_keys(table.centroid[island][None])[0].tolist(),
+            "key": grid_keys(table.centroid[island][None])[0],  # numpy keys: an Arrow body
             "label": None if label == NO_LABEL else label,
             "meta": dict(island_meta(table, island, None if parent == NO_PARENT else int(item_of[parent]))),
         }

@@ -370,7 +370,7 @@ class TrainableMemory(nn.Module):
             confidence, label = self._confidence_and_label(values)
             items = [
                 {"key": k, "label": item_label, "value": v, "confidence": c}
-                for k, item_label, v, c in zip(keys.tolist(), label.tolist(), values.tolist(), confidence.tolist())
+                for k, item_label, v, c in zip(keys.numpy(), label.tolist(), values.tolist(), confidence.tolist())
             ]
             result = store.client.write_items(bank["id"], items)
             if result["inserted"] != n:

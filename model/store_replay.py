@@ -56,7 +56,7 @@ class BankReservoir:
         new_ids: list[int] = []
         for start in range(0, len(plan.admitted), WRITE_CHUNK):
             chosen = plan.admitted[start : start + WRITE_CHUNK]
-            items = [{"key": keys[i].tolist(), "label": int(targets[i])} for i in chosen]
+            items = [{"key": keys[i], "label": int(targets[i])} for i in chosen]  # numpy keys: an Arrow body
             written = self.client.write_items(self.bank_id, items)
             if written["inserted"] != len(items):
                 raise RuntimeError(f"bank {self.bank_id} stored {written['inserted']} of {len(items)} admitted items")
