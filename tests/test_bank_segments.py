@@ -203,6 +203,21 @@ def test_a_full_merge_compacts_every_sealed_segment_into_one(service, api):
     assert_search_is_right(api, bank["id"])
 
 
+def test_a_merge_asked_not_to_wait_answers_202_at_once_and_seals_in_the_background(service, api):
+    rng = np.random.default_rng(7)
+    bank = make_bank(api, merge_threshold=100_000)  # never due: only the request merges
+    write(api, bank["id"], rng.standard_normal((300, 8)).astype(np.float32))
+    started = api.post(f"/v1/memory-banks/{bank['id']}/merge", params={"wait": "false", "full": "true"})
+    assert started.status_code == 202, started.text
+    assert set(started.json()) >= {"segments", "growing_rows"}  # the bank's segments when it was asked
+    deadline = time.monotonic() + 30
+    while segments(api, bank["id"])["segments"] != [{"lo": 0, "hi": 1, "rows": 300}]:
+        assert time.monotonic() < deadline, segments(api, bank["id"])
+        time.sleep(0.1)
+    assert segments(api, bank["id"])["growing_rows"] == 0
+    assert_search_is_right(api, bank["id"])
+
+
 def test_the_background_merger_compacts_a_bank_left_idle_into_one_segment(database_url):
     settings = Settings(database_url=None, no_auth=False, merge_interval_s=0.2, merge_idle_s=1.0)
     server, thread, base_url = start_service(settings, database_url)

@@ -9,7 +9,7 @@
 """
 
 from app.banks.feed import Changes, changes, snapshot_batches, snapshot_schema
-from app.banks.merger import BackgroundMerger, merge_now
+from app.banks.merger import BackgroundMerger, merge_now, start_merge
 from app.banks.policy import NewItems, WriteResult, delete_item, write_items
 from app.banks.schema import METRICS, Bank, create_bank, delete_bank, get_bank, items_partition, list_banks
 from app.banks.search import MAX_EF_SEARCH, Neighbours, record_hits, search, similarity_from_distance, vote
@@ -41,6 +41,7 @@ __all__ = [
     "similarity_from_distance",
     "snapshot_batches",
     "snapshot_schema",
+    "start_merge",
     "vote",
     "write_items",
 ]

@@ -38,6 +38,22 @@ def merge_now(
         )
 
 
+def start_merge(database_url: str, settings: Settings, bank_id: int, *, full: bool) -> None:
+    """`merge_now` on a thread of its own, for the merge route's `wait=false`. The bank's merge lock keeps it
+    from racing another merge of the bank; if the service stops first, the build dies with its connection
+    and the next merge drops what it left, as after any killed merge."""
+
+    def run() -> None:
+        try:
+            merge_now(database_url, settings, bank_id, force=True, full=full, wait=True)
+        except psycopg.errors.QueryCanceled as error:  # the bank deleted meanwhile, or the statement timeout
+            log.warning("merge of bank %s stopped: %s", bank_id, error)
+        except Exception:
+            log.exception("merge of bank %s failed", bank_id)
+
+    threading.Thread(target=run, name=f"eidetic-merge-{bank_id}", daemon=True).start()
+
+
 class BackgroundMerger:
     """Every `merge_interval_s`, merges the banks due; a bank written to by nobody for `merge_idle_s` has its
     growing items sealed and its segments compacted into one (a search then walks one graph, as on a bank
@@ -70,7 +86,9 @@ class BackgroundMerger:
             try:
                 self.run_once()
             except psycopg.Error as error:  # the database is down or a build failed: try again next round
-                log.warning("background merge failed: %s", error)
+                # a bank deleted mid-merge cancels its build (pg_cancel_backend): nothing failed
+                cancelled = isinstance(error, psycopg.errors.QueryCanceled) and "user request" in str(error)
+                log.log(logging.INFO if cancelled else logging.WARNING, "background merge failed: %s", error)
                 self._close()
             except Exception:
                 log.exception("background merge failed")

@@ -173,13 +173,26 @@ def _neighbours_out(answer: banks.Neighbours) -> NeighboursOut:
     return NeighboursOut(**fields)
 
 
-@router.post("/{bank_id}/merge", response_model=SegmentsOut, responses=error_responses(409))
+@router.post(
+    "/{bank_id}/merge",
+    response_model=SegmentsOut,
+    responses={**error_responses(409), 202: {"model": SegmentsOut, "description": "Merge started (`wait=false`)."}},
+)
 def merge(
     request: Request,
+    response: Response,
     bank_id: Id,
     principal: Writer,
     conn: Conn,
     full: Annotated[bool, Query(description="Compact every sealed segment into one.")] = False,
+    wait: Annotated[
+        bool,
+        Query(
+            description="Answer when the merge is done (the default), or at once with 202 and the segments as they "
+            "are, the merge going on in the service (a large bank's build outlasts the request deadline); "
+            "`GET .../segments` shows when it is done."
+        ),
+    ] = True,
 ) -> SegmentsOut:
     """Seals the bank's growing segment now, whatever its size, into an HNSW segment built in bulk, then
     compacts sealed segments as the background merger would, or all of them into one with `full` (it
@@ -188,10 +201,12 @@ def merge(
     bank = banks.get_bank(conn, principal.project_id, bank_id)
     if not bank.segmented:
         raise Conflict(f"bank {bank.name!r} has no segments (merge_threshold 0)", field="bank_id")
-    report = banks.merge_now(
-        request.app.state.database_url, request.app.state.settings, bank.id, force=True, full=full, wait=True
-    )
-    return _segments_out(report)
+    database_url, settings = request.app.state.database_url, request.app.state.settings
+    if not wait:
+        banks.start_merge(database_url, settings, bank.id, full=full)
+        response.status_code = 202
+        return segments(bank_id, principal, conn)
+    return _segments_out(banks.merge_now(database_url, settings, bank.id, force=True, full=full, wait=True))
 
 
 @router.get("/{bank_id}/segments", response_model=SegmentsOut)
