@@ -22,6 +22,7 @@ built on the measured CPU per row and per query, with its assumptions written be
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -387,6 +388,17 @@ def workers_us(per_unit: dict[str, float]) -> float:
     return sum(us for name, us in per_unit.items() if name.startswith("worker"))
 
 
+def ceiling(cores: int, cpu_us_per_unit: float) -> float:
+    """Units of work per second that `cores` cores can do at that CPU cost; unbounded (inf) where the cost
+    measured was 0, below the CPU clock's resolution (a tiny run's few units): that tier is not the limit."""
+    return cores * 1e6 / cpu_us_per_unit if cpu_us_per_unit > 0 else math.inf
+
+
+def cpu_ratio(cluster_us: float, single_us: float) -> str:
+    """cluster / single, or n/a where the single server's CPU was below the clock's resolution (a tiny run)."""
+    return f"{cluster_us / single_us:.2f}" if single_us > 0 else "n/a"
+
+
 def project(cluster: SideFigures, cores: int) -> list[Projection]:
     """Throughput with N workers on machines like this one: each tier's CPU ceiling, the lowest wins.
 
@@ -400,12 +412,12 @@ def project(cluster: SideFigures, cores: int) -> list[Projection]:
     for workers in PROJECTED_WORKERS:
         routed = []
         for per_unit in (cluster.ingest_cpu_us_per_row, cluster.search_cpu_us_per_query):
-            worker_cap = workers * cores * 1e6 / workers_us(per_unit)
-            coordinator_cap = cores * 1e6 / per_unit["coordinator"]
+            worker_cap = ceiling(workers * cores, workers_us(per_unit))
+            coordinator_cap = ceiling(cores, per_unit["coordinator"])
             routed.append((worker_cap, "workers") if worker_cap < coordinator_cap else (coordinator_cap, "coordinator"))
         (ingest, ingest_bound), (search, search_bound) = routed
-        any_ingest = workers * cores * 1e6 / servers_us(cluster.ingest_cpu_us_per_row)
-        any_search = workers * cores * 1e6 / servers_us(cluster.search_cpu_us_per_query)
+        any_ingest = ceiling(workers * cores, servers_us(cluster.ingest_cpu_us_per_row))
+        any_search = ceiling(workers * cores, servers_us(cluster.search_cpu_us_per_query))
         projections.append(Projection(workers, ingest, ingest_bound, search, search_bound, any_ingest, any_search))
     return projections
 
@@ -494,10 +506,10 @@ def report(
         f"| {cluster.search_qps / single.search_qps:.2f} |",
         f"| ingest, server CPU us/row | {servers_us(single.ingest_cpu_us_per_row):.1f} "
         f"| {servers_us(cluster.ingest_cpu_us_per_row):.1f} "
-        f"| {servers_us(cluster.ingest_cpu_us_per_row) / servers_us(single.ingest_cpu_us_per_row):.2f} |",
+        f"| {cpu_ratio(servers_us(cluster.ingest_cpu_us_per_row), servers_us(single.ingest_cpu_us_per_row))} |",
         f"| search, server CPU us/query | {servers_us(single.search_cpu_us_per_query):,.0f} "
         f"| {servers_us(cluster.search_cpu_us_per_query):,.0f} "
-        f"| {servers_us(cluster.search_cpu_us_per_query) / servers_us(single.search_cpu_us_per_query):.2f} |",
+        f"| {cpu_ratio(servers_us(cluster.search_cpu_us_per_query), servers_us(single.search_cpu_us_per_query))} |",
         "",
         f"CPU by process (us per row / per query; api is this script: the service and its clients, the same "
         f"code on both sides): Citus ingest: {cpu_cells(cluster.ingest_cpu_us_per_row)}; Citus search: "
@@ -550,10 +562,10 @@ def report(
         "The service itself (the api column above, more CPU than the servers' here) scales apart, by processes.",
         "",
         f"Per worker (a {cores}-core worker's share of the work, from its CPU per unit): "
-        f"{cores * 1e6 / workers_us(cluster.ingest_cpu_us_per_row):,.0f} rows/s and "
-        f"{cores * 1e6 / workers_us(cluster.search_cpu_us_per_query):,.0f} queries/s; a single server of this kind: "
-        f"{cores * 1e6 / servers_us(single.ingest_cpu_us_per_row):,.0f} rows/s and "
-        f"{cores * 1e6 / servers_us(single.search_cpu_us_per_query):,.0f} queries/s by the same arithmetic.",
+        f"{ceiling(cores, workers_us(cluster.ingest_cpu_us_per_row)):,.0f} rows/s and "
+        f"{ceiling(cores, workers_us(cluster.search_cpu_us_per_query)):,.0f} queries/s; a single server of this kind: "
+        f"{ceiling(cores, servers_us(single.ingest_cpu_us_per_row)):,.0f} rows/s and "
+        f"{ceiling(cores, servers_us(single.search_cpu_us_per_query)):,.0f} queries/s by the same arithmetic.",
     ]
     return "\n".join(lines)
 
