@@ -158,6 +158,25 @@ def iter_coded_vectors(
     yield from _iter_records(conn, select, params, record, chunk_rows, parse)
 
 
+def iter_bigint_vectors(
+    conn: psycopg.Connection, select: sql.Composable, params: list, n_ints: int, dim: int, chunk_rows: int = 65536
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ints, vectors) of a SELECT of `n_ints` bigint columns (never NULL) then a vector: an int64 matrix
+    (rows x n_ints) and a float32 one, in chunks of at most `chunk_rows` rows; the `iter_vectors` parse."""
+    fields: list[tuple] = [("n_fields", ">i2")]
+    for i in range(n_ints):
+        fields += [(f"length{i}", ">i4"), (f"int{i}", ">i8")]
+    fields += [("length", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("values", ">f4", (dim,))]
+
+    def parse(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if any((records[f"length{i}"] != 8).any() for i in range(n_ints)):
+            raise ValueError("a NULL bigint where every row should have one")
+        ints = np.stack([records[f"int{i}"].astype(np.int64) for i in range(n_ints)], axis=1)
+        return ints.reshape(len(records), n_ints), _parse_vectors(records)
+
+    yield from _iter_records(conn, select, params, np.dtype(fields), chunk_rows, parse)
+
+
 def _iter_records(
     conn: psycopg.Connection,
     select: sql.Composable,

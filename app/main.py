@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect
 
 from app import __version__, keys
 from app.authentication import Authenticate
-from app.banks.merger import BackgroundMerger
+from app.banks import BackgroundMerger, GrowingCache
 from app.database import open_pool
 from app.database_health import DatabaseHealth
 from app.deadline import RequestDeadline, RetryAfter
@@ -77,12 +77,13 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
     )
     app.state.settings = settings
     app.state.database_url = database_url  # a merge runs on a connection of its own
+    app.state.growing_cache = GrowingCache(settings.growing_cache_mb * 2**20)
     # Added first, runs innermost: who the caller is, settled before any route reads its body
     # and inside the deadline (a key look-up that waits on the database is cancelled like any other).
     app.add_middleware(Authenticate)
     app.add_middleware(RequestDeadline, seconds=settings.request_timeout_s, cancel_grace_s=settings.cancel_grace_s)
     app.add_middleware(RetryAfter, seconds=settings.retry_after_s)
-    install_metrics(app)
+    install_metrics(app).watch_growing_cache(app.state.growing_cache)
     for router in (health, runs, activations, quantiles, memory, plasticity, islands, aggregates, dashboard):
         app.include_router(router.router)
     _install_error_handlers(app)

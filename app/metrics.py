@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.banks import GrowingCache
 
 
 class ServiceMetrics:
@@ -25,10 +30,36 @@ class ServiceMetrics:
             "eidetic_ingested_batches", "Ingest batches acknowledged", ["duplicate"], registry=self.registry
         )
 
+    def watch_growing_cache(self, cache: GrowingCache) -> None:
+        """How the service's held growing items serve searches (read at each scrape)."""
+        self.registry.register(_GrowingCacheCollector(cache))
+
     def record_ingest(self, rows: int, duplicate: bool) -> None:
         self.ingested_batches.labels(duplicate=str(duplicate).lower()).inc()
         if not duplicate:
             self.ingested_rows.inc(rows)
+
+
+class _GrowingCacheCollector(Collector):
+    def __init__(self, cache: GrowingCache) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "eidetic_growing_cache_reads",
+            "Searches that read a segmented bank's growing items whole (none held for their snapshot)",
+            value=self.cache.reads,
+        )
+        yield CounterMetricFamily(
+            "eidetic_growing_cache_catch_ups",
+            "Searches that brought held growing items up to their snapshot by reading the changes since",
+            value=self.cache.catch_ups,
+        )
+        yield GaugeMetricFamily(
+            "eidetic_growing_cache_bytes",
+            "Memory holding growing items between searches",
+            value=self.cache.held_bytes(),
+        )
 
 
 class _MeasureRequests:

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         ge=0,
         description="A segmented bank unwritten this long is sealed and compacted into one segment (0: never).",
     )
+    growing_cache_mb: int = Field(
+        default=512,
+        ge=0,
+        description="Memory each service process may hold the growing items of segmented banks in, between "
+        "searches (0: read them for every search).",
+    )
     merge_maintenance_work_mem_mb: int = Field(
         default=256,
         ge=1,

@@ -4,11 +4,13 @@
 - `policy`: writes, each planned by `eidetic.wire.bank_policy` and applied under the bank's row lock;
 - `search`: batched k-nearest-neighbour search, its vote, and hit counts;
 - `feed`: the change feed (`since=version`) and the Arrow snapshot the device caches follow;
+- `growing`: a segmented bank's growing items, held in the service between searches and followed by version;
 - `segments`: a segmented bank's growing and sealed segments, and the merge that seals and compacts them;
 - `merger`: the service's background merger.
 """
 
 from app.banks.feed import Changes, changes, snapshot_batches, snapshot_schema
+from app.banks.growing import GrowingCache
 from app.banks.merger import BackgroundMerger, merge_now, start_merge
 from app.banks.policy import NewItems, WriteResult, delete_item, write_items
 from app.banks.schema import METRICS, Bank, create_bank, delete_bank, get_bank, items_partition, list_banks
@@ -21,6 +23,7 @@ __all__ = [
     "BackgroundMerger",
     "Bank",
     "Changes",
+    "GrowingCache",
     "MergeReport",
     "Neighbours",
     "NewItems",

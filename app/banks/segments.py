@@ -66,16 +66,26 @@ def version_range(lo: int, hi: int) -> sql.Composed:
     return sql.SQL("version > {} AND version <= {}").format(sql.Literal(int(lo)), sql.Literal(int(hi)))
 
 
-def unsealed(segments: list[Segment]) -> sql.Composed:
-    """The predicate of the items no sealed segment holds: the growing segment (and any gap, though a merge
-    leaves none), so sealed segments and this together cover every item once."""
-    gaps: list[sql.Composable] = []
+def unsealed_ranges(segments: list[Segment]) -> list[tuple[int, int | None]]:
+    """The version ranges (lo, hi] no sealed segment holds (hi None: no bound), lowest first: the growing
+    segment, and any gap (though a merge leaves none), so sealed segments and these cover every item once."""
+    ranges: list[tuple[int, int | None]] = []
     edge = 0
     for segment in sorted(segments, key=lambda s: s.lo):
         if segment.lo > edge:
-            gaps.append(sql.SQL("(version > {} AND version <= {})").format(sql.Literal(edge), sql.Literal(segment.lo)))
+            ranges.append((edge, segment.lo))
         edge = max(edge, segment.hi)
-    gaps.append(sql.SQL("version > {}").format(sql.Literal(edge)))
+    return [*ranges, (edge, None)]
+
+
+def unsealed(segments: list[Segment]) -> sql.Composed:
+    """`unsealed_ranges` as a predicate."""
+    gaps = [
+        sql.SQL("(version > {}{})").format(
+            sql.Literal(lo), sql.SQL("") if hi is None else sql.SQL(" AND version <= {}").format(sql.Literal(hi))
+        )
+        for lo, hi in unsealed_ranges(segments)
+    ]
     return sql.SQL("({})").format(sql.SQL(" OR ").join(gaps))
 
 

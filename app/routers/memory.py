@@ -160,6 +160,7 @@ def search(body: SearchIn, request: Request, bank_id: Id, principal: Reader, con
         ef_search=body.ef_search,
         labels=body.labels,
         with_meta=body.with_meta,
+        growing_cache=request.app.state.growing_cache,
     )
     banks.record_hits(conn, bank, answers)
     return SearchOut(results=[_neighbours_out(answer) for answer in answers])

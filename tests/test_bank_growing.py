@@ -1,0 +1,135 @@
+"""The growing items of a segmented bank, held by the service between searches: every search answers from
+exactly what its snapshot holds, whether the held items were caught up from the change feed, read whole
+(an older snapshot), or let go (over the memory budget); and the float32 screening of the growing items
+ranks them exactly as the exact scan does, ties and zero keys included."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import psycopg
+import pytest
+
+from app.banks.growing import GrowingCache
+from app.banks.schema import bank_by_id
+from app.banks.search import distances, nearest_positions
+from app.banks.segments import sealed_segments
+from app.settings import Settings
+from tests.test_bank_segments import make_bank, write
+
+
+@pytest.fixture
+def settings() -> Settings:
+    """No background merges: the tests merge when they mean to."""
+    return Settings(database_url=None, no_auth=False, merge_interval_s=0, merge_idle_s=0)
+
+
+def metric_value(client, name: str) -> float:
+    text = client.get("/metrics").text
+    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def assert_search_matches_exact(client, bank_id: int, queries: np.ndarray, k: int = 10) -> None:
+    url = f"/v1/memory-banks/{bank_id}/search"
+    for labels in (None, [1]):
+        body = {"queries": queries.tolist(), "k": k, "labels": labels}
+        exact = client.post(url, json={**body, "exact": True}).json()["results"]
+        held = client.post(url, json={**body, "ef_search": 400}).json()["results"]
+        for e, h in zip(exact, held):
+            assert h["ids"] == e["ids"] and h["labels"] == e["labels"]
+            np.testing.assert_allclose(h["scores"], e["scores"], rtol=1e-5, atol=1e-5)
+
+
+def test_search_follows_inserts_replacements_deletions_and_merges_through_the_held_items(api):
+    rng = np.random.default_rng(3)
+    bank = make_bank(api, dim=8, capacity=120, policy="fifo", merge_threshold=100_000)
+    queries = rng.standard_normal((12, 8)).astype(np.float32)
+    url = f"/v1/memory-banks/{bank['id']}"
+    for step in range(10):  # the last step writes after a merge: items are held at the end
+        write(api, bank["id"], rng.standard_normal((40, 8)).astype(np.float32), rng.integers(0, 3, 40))
+        if step % 2:  # a deletion: its tombstone must take the item out of the held ones
+            ids = api.post(f"{url}/search", json={"queries": queries[:1].tolist(), "k": 1, "exact": True})
+            victim = ids.json()["results"][0]["ids"][0]
+            assert api.delete(f"{url}/items/{victim}").status_code == 200
+        if step % 3 == 2:  # a merge seals what is held: the next search lets those go
+            assert api.post(f"{url}/merge").json()["merged"]
+        assert_search_matches_exact(api, bank["id"], queries)
+    assert api.get(f"{url}").json()["size"] == 119  # full since step 2 (later writes replaced, FIFO), less one
+    assert metric_value(api, "eidetic_growing_cache_catch_ups_total") >= 9  # followed, not read again
+    assert metric_value(api, "eidetic_growing_cache_bytes") > 0
+
+
+def growing_ids(cache: GrowingCache, conn: psycopg.Connection, bank_id: int) -> set[int]:
+    bank = bank_by_id(conn, bank_id)
+    assert bank is not None
+    return set(cache.growing(conn, bank, sealed_segments(conn, bank_id)).ids.tolist())
+
+
+def test_a_search_in_an_older_snapshot_reads_what_that_snapshot_holds(service, api):
+    rng = np.random.default_rng(4)
+    bank = make_bank(api, dim=8, merge_threshold=100_000)
+    first = write(api, bank["id"], rng.standard_normal((30, 8)).astype(np.float32))["ids"]
+    cache = GrowingCache(1 << 20)
+    with psycopg.connect(service.database_url) as old, psycopg.connect(service.database_url) as new:
+        old.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        assert growing_ids(cache, old, bank["id"]) == set(first)  # the snapshot is taken here
+        second = write(api, bank["id"], rng.standard_normal((20, 8)).astype(np.float32))["ids"]
+        api.delete(f"/v1/memory-banks/{bank['id']}/items/{first[0]}")
+        with new.transaction():
+            assert growing_ids(cache, new, bank["id"]) == set(first[1:] + second)  # caught up
+        assert (cache.reads, cache.catch_ups) == (1, 1)
+        assert growing_ids(cache, old, bank["id"]) == set(first)  # older than the held view: read whole
+        assert cache.reads == 2
+        old.rollback()
+        with new.transaction():  # the newer view is still the one held
+            assert growing_ids(cache, new, bank["id"]) == set(first[1:] + second)
+        assert (cache.reads, cache.catch_ups) == (2, 1)
+
+
+def test_held_items_stay_within_their_memory_budget(service, api):
+    rng = np.random.default_rng(5)
+    banks = [make_bank(api, name=f"b{i}", dim=16, merge_threshold=100_000)["id"] for i in range(2)]
+    for bank_id in banks:
+        write(api, bank_id, rng.standard_normal((100, 16)).astype(np.float32))
+    one_bank = 100 * (16 * 4 + 3 * 8 + 1)
+    with psycopg.connect(service.database_url, autocommit=True) as conn:
+        too_small = GrowingCache(one_bank - 1)
+        assert len(growing_ids(too_small, conn, banks[0])) == 100  # answered, not held
+        assert too_small.held_bytes() == 0
+        room_for_one = GrowingCache(one_bank + 100)
+        growing_ids(room_for_one, conn, banks[0])
+        assert room_for_one.held_bytes() == one_bank
+        growing_ids(room_for_one, conn, banks[1])  # the least recently searched bank goes
+        assert room_for_one.held_bytes() == one_bank
+        growing_ids(room_for_one, conn, banks[1])
+        assert (room_for_one.reads, room_for_one.catch_ups) == (2, 0)  # the last search was served as held
+        growing_ids(room_for_one, conn, banks[0])
+        assert room_for_one.reads == 3
+
+
+def brute_force(metric: str, queries: np.ndarray, keys: np.ndarray, ids: np.ndarray, k: int) -> list[list[int]]:
+    """Every distance in float64, ordered by distance (NaN last), then id."""
+    full = distances(metric, queries, keys)
+    return [np.lexsort((ids, np.where(np.isnan(row), np.inf, row)))[:k].tolist() for row in full]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2", "ip"])
+def test_screening_in_float32_ranks_as_float64_does_ties_by_id_and_zero_keys_last(metric):
+    rng = np.random.default_rng(6)
+    keys = rng.standard_normal((3000, 32)).astype(np.float32)
+    keys[100:160] = keys[7]  # 61 equal keys: a tie far wider than k
+    keys[2000:2003] = 0.0  # a zero key is at distance NaN under cosine (pgvector's), ranked last
+    ids = rng.permutation(10_000)[:3000].astype(np.int64)  # ids in no particular order
+    queries = np.vstack([keys[7] + 1e-3 * rng.standard_normal(32), rng.standard_normal((20, 32))]).astype(np.float32)
+    for k in (1, 10, 100):
+        found = nearest_positions(metric, queries, keys, ids, k)
+        assert [positions.tolist() for positions, _ in found] == brute_force(metric, queries, keys, ids, k)
+        for (positions, got), query in zip(found, queries):
+            np.testing.assert_allclose(got, distances(metric, query[None, :], keys[positions])[0], rtol=1e-12)
+    few = nearest_positions(metric, queries, keys[1998:2003], ids[1998:2003], 10)  # k above the keys held
+    assert [positions.tolist() for positions, _ in few] == brute_force(
+        metric, queries, keys[1998:2003], ids[1998:2003], 10
+    )
