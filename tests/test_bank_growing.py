@@ -94,7 +94,7 @@ def test_held_items_stay_within_their_memory_budget(service, api):
     banks = [make_bank(api, name=f"b{i}", dim=16, merge_threshold=100_000)["id"] for i in range(2)]
     for bank_id in banks:
         write(api, bank_id, rng.standard_normal((100, 16)).astype(np.float32))
-    one_bank = 100 * (16 * 4 + 3 * 8 + 1)
+    one_bank = 100 * (16 * 4 + 3 * 8 + 1 + 4)  # keys, id, version, label, has_label, norm
     with psycopg.connect(service.database_url, autocommit=True) as conn:
         too_small = GrowingCache(one_bank - 1)
         assert len(growing_ids(too_small, conn, banks[0])) == 100  # answered, not held

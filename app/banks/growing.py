@@ -32,30 +32,31 @@ from app.database import one_row
 
 @dataclass(frozen=True)
 class GrowingItems:
-    """Items as arrays, in no particular order: ids, versions, labels (0 where `has_label` is False), keys."""
+    """Items as arrays, in no particular order: ids, versions, labels (0 where `has_label` is False), keys
+    and their L2 norms (computed once, not per search)."""
 
     ids: np.ndarray
     versions: np.ndarray
     labels: np.ndarray
     has_label: np.ndarray
     keys: np.ndarray
+    norms: np.ndarray
 
     @staticmethod
     def empty(dim: int) -> GrowingItems:
         ints = np.empty(0, dtype=np.int64)
-        return GrowingItems(ints, ints, ints, np.empty(0, dtype=bool), np.empty((0, dim), dtype=np.float32))
+        keys = np.empty((0, dim), dtype=np.float32)
+        return GrowingItems(ints, ints, ints, np.empty(0, dtype=bool), keys, np.empty(0, dtype=np.float32))
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.ids, self.versions, self.labels, self.has_label, self.keys))
+        return sum(a.nbytes for a in self._arrays())
 
     def where(self, mask: np.ndarray) -> GrowingItems:
-        return GrowingItems(
-            self.ids[mask], self.versions[mask], self.labels[mask], self.has_label[mask], self.keys[mask]
-        )
+        return GrowingItems(*(a[mask] for a in self._arrays()))
 
     def plus(self, other: GrowingItems) -> GrowingItems:
         return GrowingItems(*(np.concatenate([a, b]) for a, b in zip(self._arrays(), other._arrays())))
@@ -74,7 +75,7 @@ class GrowingItems:
         return self.where(self.has_label & np.isin(self.labels, np.asarray(labels, dtype=np.int64)))
 
     def _arrays(self) -> tuple[np.ndarray, ...]:
-        return self.ids, self.versions, self.labels, self.has_label, self.keys
+        return self.ids, self.versions, self.labels, self.has_label, self.keys, self.norms
 
 
 def read_items(conn: psycopg.Connection, bank: Bank, where: sql.Composable) -> GrowingItems:
@@ -88,7 +89,8 @@ def read_items(conn: psycopg.Connection, bank: Bank, where: sql.Composable) -> G
         return GrowingItems.empty(bank.dim)
     ints = np.concatenate([c[0] for c in chunks])
     keys = np.concatenate([c[1] for c in chunks])
-    return GrowingItems(ints[:, 0].copy(), ints[:, 1].copy(), ints[:, 2].copy(), ints[:, 3] == 0, keys)
+    norms = np.linalg.norm(keys, axis=1)
+    return GrowingItems(ints[:, 0].copy(), ints[:, 1].copy(), ints[:, 2].copy(), ints[:, 3] == 0, keys, norms)
 
 
 def snapshot_version(conn: psycopg.Connection, bank_id: int) -> int:
