@@ -77,7 +77,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
     )
     app.state.settings = settings
     app.state.database_url = database_url  # a merge runs on a connection of its own
-    app.state.growing_cache = GrowingCache(settings.growing_cache_mb * 2**20)
+    app.state.growing_cache = GrowingCache(settings.growing_cache_mb * 2**20, settings.exact_scan_values)
     # Added first, runs innermost: who the caller is, settled before any route reads its body
     # and inside the deadline (a key look-up that waits on the database is cancelled like any other).
     app.add_middleware(Authenticate)

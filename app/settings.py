@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         description="Memory each service process may hold the growing items of segmented banks in, between "
         "searches (0: read them for every search).",
     )
+    exact_scan_values: int = Field(
+        default=8 * 2**20,
+        ge=0,
+        description="The newest sealed segments of a segmented bank, while they hold at most this many values "
+        "(rows x dim) together, are held with its growing items and searched exactly instead of by their "
+        "HNSW indexes (a matmul is cheaper than a graph walk at that size).",
+    )
     merge_maintenance_work_mem_mb: int = Field(
         default=256,
         ge=1,

@@ -14,15 +14,18 @@ import pytest
 from app.banks.growing import GrowingCache
 from app.banks.schema import bank_by_id
 from app.banks.search import distances, nearest_positions
-from app.banks.segments import sealed_segments
+from app.banks.segments import Segment, sealed_segments
 from app.settings import Settings
 from tests.test_bank_segments import make_bank, write
 
 
-@pytest.fixture
-def settings() -> Settings:
-    """No background merges: the tests merge when they mean to."""
-    return Settings(database_url=None, no_auth=False, merge_interval_s=0, merge_idle_s=0)
+@pytest.fixture(params=[0, 8 * 2**20], ids=["sealed-by-index", "small-sealed-held"])
+def settings(request) -> Settings:
+    """No background merges: the tests merge when they mean to. Sealed segments searched through their
+    indexes, or (the default) the newest small ones held and searched exactly with the growing items."""
+    return Settings(
+        database_url=None, no_auth=False, merge_interval_s=0, merge_idle_s=0, exact_scan_values=request.param
+    )
 
 
 def metric_value(client, name: str) -> float:
@@ -108,6 +111,48 @@ def test_held_items_stay_within_their_memory_budget(service, api):
         assert (room_for_one.reads, room_for_one.catch_ups) == (2, 0)  # the last search was served as held
         growing_ids(room_for_one, conn, banks[0])
         assert room_for_one.reads == 3
+
+
+def test_the_newest_sealed_segments_that_fit_are_held_and_the_rest_searched_by_index(service, api):
+    segments = [Segment(0, 1, 5000), Segment(1, 2, 1000), Segment(2, 3, 1000)]
+    with psycopg.connect(service.database_url) as conn:
+        bank = bank_by_id(conn, make_bank(api, dim=8)["id"])
+    assert bank is not None
+    assert GrowingCache(1 << 20, exact_values=2000 * 8).indexed(bank, segments) == segments[:1]
+    assert GrowingCache(1 << 20, exact_values=2000 * 8 - 1).indexed(bank, segments) == segments[:2]
+    assert GrowingCache(1 << 20, exact_values=7000 * 8).indexed(bank, segments) == []
+    assert GrowingCache(1 << 20, exact_values=0).indexed(bank, segments) == segments
+    assert GrowingCache(0, exact_values=7000 * 8).indexed(bank, segments) == segments  # nothing may be held
+
+
+def test_held_sealed_items_come_and_go_with_the_segments_held(service, api):
+    """The items of sealed segments held join the growing ones; when a compaction makes a segment too big
+    to hold, its items are let go and it is searched by index."""
+    rng = np.random.default_rng(8)
+    bank = make_bank(api, dim=8, merge_threshold=100_000)
+    url = f"/v1/memory-banks/{bank['id']}"
+    for _ in range(3):
+        write(api, bank["id"], rng.standard_normal((50, 8)).astype(np.float32))
+        assert api.post(f"{url}/merge").json()["merged"]
+    write(api, bank["id"], rng.standard_normal((20, 8)).astype(np.float32))
+    cache = GrowingCache(1 << 20, exact_values=100 * 8)
+    with psycopg.connect(service.database_url) as conn:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        sealed = sealed_segments(conn, bank["id"])
+        held = cache.growing(conn, bank_by_id(conn, bank["id"]), cache.indexed(bank_by_id(conn, bank["id"]), sealed))
+        assert len(held) == 120 and set(held.versions.tolist()) == {2, 3, 4}  # two segments of 50, and 20 growing
+        conn.rollback()
+        full = api.post(f"{url}/merge", params={"full": "true"}).json()  # the growing items too: (0, 4]
+        assert full["segments"] == [{"lo": 0, "hi": 4, "rows": 170}]
+        write(api, bank["id"], rng.standard_normal((20, 8)).astype(np.float32))
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        bank_now = bank_by_id(conn, bank["id"])
+        assert bank_now is not None
+        assert cache.indexed(bank_now, sealed_segments(conn, bank["id"])) == [Segment(0, 4, 170)]
+        held = cache.growing(conn, bank_now, [Segment(0, 4, 170)])
+        assert len(held) == 20 and set(held.versions.tolist()) == {5}
+        conn.rollback()
+    assert (cache.reads, cache.catch_ups) == (1, 1)  # the floor rose: what was held was cut, not read again
 
 
 def brute_force(metric: str, queries: np.ndarray, keys: np.ndarray, ids: np.ndarray, k: int) -> list[list[int]]:

@@ -24,8 +24,11 @@ from tests.helpers import error_of
 
 @pytest.fixture
 def settings() -> Settings:
-    """The background merger looks often, so that merges run while the tests write."""
-    return Settings(database_url=None, no_auth=False, max_body_bytes=8 * 1024 * 1024, merge_interval_s=0.2)
+    """The background merger looks often, so that merges run while the tests write; every sealed segment is
+    searched through its index (none held with the growing items: tests/test_bank_growing.py)."""
+    return Settings(
+        database_url=None, no_auth=False, max_body_bytes=8 * 1024 * 1024, merge_interval_s=0.2, exact_scan_values=0
+    )
 
 
 def make_bank(client, **overrides) -> dict:

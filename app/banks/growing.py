@@ -109,20 +109,40 @@ class _View:
 
 
 class GrowingCache:
-    """Per bank, the items above its sealed segments, followed through the change feed; at most `max_bytes`
+    """Per bank, the items above its indexed segments, followed through the change feed; at most `max_bytes`
     in all (the banks searched longest ago are dropped first; 0 holds nothing). Safe across threads: a view
-    is never changed, only replaced by a newer one."""
+    is never changed, only replaced by a newer one.
 
-    def __init__(self, max_bytes: int) -> None:
+    The newest sealed segments, while they hold at most `exact_values` values (rows x dim) together, are
+    held and searched exactly with the growing items rather than through their HNSW indexes: one matmul
+    over 55,000 x 128 keys costs a query about 0.25 ms here, below one walk of a graph through SQL
+    (bench/RESULTS.md), and each segment searched by index adds a walk to every query.
+    """
+
+    def __init__(self, max_bytes: int, exact_values: int = 0) -> None:
         self.max_bytes = max_bytes
+        self.exact_values = exact_values
         self._views: OrderedDict[int, _View] = OrderedDict()
         self._lock = threading.Lock()
         self.reads = 0  # whole reads of a growing segment (the cache could not serve the snapshot)
         self.catch_ups = 0  # reads of the changes since a held view
 
+    def indexed(self, bank: Bank, segments: list[Segment]) -> list[Segment]:
+        """The sealed segments a search walks through their indexes: all but the newest that fit in
+        `exact_values` (none are held when nothing may be)."""
+        if self.max_bytes <= 0:
+            return segments
+        held = 0
+        ordered = sorted(segments, key=lambda s: s.lo)
+        for cut in range(len(ordered), 0, -1):
+            held += ordered[cut - 1].rows * bank.dim
+            if held > self.exact_values:
+                return ordered[:cut]
+        return []
+
     def growing(self, conn: psycopg.Connection, bank: Bank, segments: list[Segment]) -> GrowingItems:
-        """The bank's growing items (those no sealed segment holds) in the snapshot of `conn`'s transaction,
-        which must be the one `segments` were read in."""
+        """The bank's items that none of `segments` holds (its growing items, and those of sealed segments
+        left out of `segments`) in the snapshot of `conn`'s transaction, which `segments` were read in."""
         ranges = unsealed_ranges(segments)
         floor = ranges[0][0]
         if self.max_bytes <= 0:

@@ -142,6 +142,8 @@ def search(
             # which are read once and compared with every query at once (an exact scan per query in SQL is
             # tens of times slower); a merge that changes the segments meanwhile changes no answer
             segments = sealed_segments(conn, bank.id)
+            if growing_cache is not None:  # the newest small segments are held and searched with the growing items
+                segments = growing_cache.indexed(bank, segments)
             found = [[] for _ in range(len(queries))]
             if segments:
                 branches = [nearest(index_order, version_range(s.lo, s.hi)) for s in segments]
