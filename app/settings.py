@@ -103,6 +103,15 @@ class Settings(BaseSettings):
         "that fits in it is several times faster).",
     )
 
+    merge_build_workers: int = Field(
+        default=0,
+        ge=-1,
+        le=64,
+        description="Parallel workers a merge's index build may use (PostgreSQL's max_parallel_maintenance_workers; "
+        "-1: the server's own). 0 by default: a build is background work, and with workers it takes every CPU "
+        "from the searches.",
+    )
+
     statement_timeout_ms: int = 30_000
     scan_timeout_ms: int = 600_000  # exact quantiles read whole layers
     request_timeout_s: float = 60.0

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 import time
+from typing import Any
 
 import psycopg
 
@@ -20,6 +21,15 @@ from app.database import connect
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def build_options(settings: Settings) -> dict[str, Any]:
+    """What every merge's index builds run with: memory, parallel workers, and how long they may take."""
+    return {
+        "maintenance_work_mem_mb": settings.merge_maintenance_work_mem_mb,
+        "build_workers": None if settings.merge_build_workers < 0 else settings.merge_build_workers,
+        "statement_timeout_ms": settings.scan_timeout_ms,
+    }
 
 
 def merge_now(
@@ -33,8 +43,7 @@ def merge_now(
             force=force,
             full=full,
             wait=wait,
-            maintenance_work_mem_mb=settings.merge_maintenance_work_mem_mb,
-            statement_timeout_ms=settings.scan_timeout_ms,
+            **build_options(settings),
         )
 
 
@@ -110,8 +119,7 @@ class BackgroundMerger:
                 bank_id,
                 force=idle,
                 full=idle,
-                maintenance_work_mem_mb=self.settings.merge_maintenance_work_mem_mb,
-                statement_timeout_ms=self.settings.scan_timeout_ms,
+                **build_options(self.settings),
             )
             if idle and report.merged:
                 self._settled[bank_id] = self._idle[bank_id][0]

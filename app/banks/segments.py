@@ -129,6 +129,7 @@ def merge_bank(
     full: bool = False,
     wait: bool = False,
     maintenance_work_mem_mb: int = 256,
+    build_workers: int | None = None,
     statement_timeout_ms: int = 600_000,
 ) -> MergeReport:
     """Seals the growing segment (when it holds `merge_threshold` items, or any with `force`), then compacts
@@ -136,6 +137,7 @@ def merge_bank(
 
     `conn` must be in autocommit mode (CREATE INDEX CONCURRENTLY runs outside a transaction) and is
     this merge's alone. `wait`: wait for another merger of the bank to finish instead of giving up.
+    `build_workers`: the parallel workers an index build may use (None: PostgreSQL's own setting).
     """
     if not conn.autocommit:
         raise ValueError("a merge needs a connection in autocommit mode")
@@ -147,6 +149,8 @@ def merge_bank(
     try:
         conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(f"{int(maintenance_work_mem_mb)}MB")))
         conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(int(statement_timeout_ms))))
+        if build_workers is not None:
+            conn.execute(sql.SQL("SET max_parallel_maintenance_workers = {}").format(sql.Literal(int(build_workers))))
         _repair(conn, bank)
         sealed = _seal(conn, bank, force=force)
         compacted = _compact(conn, bank, full=full)
@@ -157,6 +161,7 @@ def merge_bank(
             merge_unlock(conn, bank.id)
             conn.execute("RESET statement_timeout")
             conn.execute("RESET maintenance_work_mem")
+            conn.execute("RESET max_parallel_maintenance_workers")
 
 
 def _lock(conn: psycopg.Connection, bank_id: int, *, wait_s: float) -> bool:
