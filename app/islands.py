@@ -18,7 +18,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from app import runs
-from app.banks import Bank, items_partition, search
+from app.banks import Bank, GrowingCache, items_partition, search
 from app.banks.schema import run_banks
 from eidetic.errors import NotFound
 from eidetic.wire.islands import island_bank_prefix, parse_island_bank_name
@@ -121,6 +121,7 @@ def nearest_islands(
     *,
     exact: bool = False,
     ef_search: int = 100,
+    growing_cache: GrowingCache | None = None,
 ) -> list[IslandNeighbours]:
     """For each island of the image at `level`, the k most similar islands of other images at that level: through
     the bank's HNSW index (`ef_search`), or an exact scan (ties by item id) when `exact`.
@@ -140,7 +141,17 @@ def nearest_islands(
         if not own:
             raise NotFound(f"no islands of sample {sample} at level {level}", field="sample")
         queries = np.stack([row["key"].to_numpy() for row in own]).astype(np.float32)
-        found = search(conn, bank, queries, k + len(own), exact=exact, ef_search=ef_search, labels=None, with_meta=True)
+        found = search(
+            conn,
+            bank,
+            queries,
+            k + len(own),
+            exact=exact,
+            ef_search=ef_search,
+            labels=None,
+            with_meta=True,
+            growing_cache=growing_cache,
+        )
     answers = []
     for row, hits in zip(own, found):
         island = Island(row["id"], bank.id, level, row["label"], row["meta"])

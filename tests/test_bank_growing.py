@@ -10,12 +10,14 @@ import re
 import numpy as np
 import psycopg
 import pytest
+from threadpoolctl import threadpool_info
 
 from app.banks.growing import GrowingCache
 from app.banks.schema import bank_by_id
 from app.banks.search import distances, nearest_positions
 from app.banks.segments import Segment, sealed_segments
 from app.settings import Settings
+from tests.helpers import run_concurrently
 from tests.test_bank_segments import make_bank, write
 
 
@@ -178,3 +180,26 @@ def test_screening_in_float32_ranks_as_float64_does_ties_by_id_and_zero_keys_las
     assert [positions.tolist() for positions, _ in few] == brute_force(
         metric, queries, keys[1998:2003], ids[1998:2003], 10
     )
+
+
+def test_overlapping_scans_leave_numpys_blas_threads_as_they_found_them():
+    """The scan holds BLAS at one thread (a process-wide limit) while it runs; scans on several threads at
+    once must not leave it held."""
+
+    def blas_threads() -> list[int]:
+        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+    before = blas_threads()
+    rng = np.random.default_rng(9)
+    keys, queries = rng.standard_normal((4000, 16)).astype(np.float32), rng.standard_normal((8, 16))
+    ids = np.arange(4000)
+    within: list[list[int]] = []
+
+    def scan(_: int) -> None:
+        for _ in range(20):
+            nearest_positions("l2", queries, keys, ids, 5)
+            within.append(blas_threads())
+
+    run_concurrently(scan, 4)
+    assert len(within) == 80 and all(threads == [1] * len(before) or threads == before for threads in within)
+    assert blas_threads() == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ import psycopg
 from pgvector import Vector
 from psycopg import sql
 from psycopg.rows import dict_row, scalar_row
+from threadpoolctl import ThreadpoolController
 
 from app.banks.growing import GrowingCache, GrowingItems, read_items
 from app.banks.schema import Bank, items_partition
@@ -214,6 +216,10 @@ def nearest_positions(
     growing items 0.5-0.7 s against 0.02 s), then every key whose screened distance is within a float32
     error bound of a bound on the query's k-th is measured again in float64: the k nearest are among those.
     `key_norms`: the keys' L2 norms, when the caller holds them.
+
+    On one BLAS thread: a search is one request among others, and with two threads the matmul fought a
+    merge's index build for the 2 CPUs here and ran at half speed (1,000 against 1,800 queries/s; one
+    thread kept 1,800 while the build ran).
     """
     n = len(keys)
     nearest = min(k, n)
@@ -223,18 +229,51 @@ def nearest_positions(
     norms = np.linalg.norm(keys32, axis=1) if key_norms is None else key_norms
     found: list[tuple[np.ndarray, np.ndarray]] = []
     block = max(1, _DISTANCE_BLOCK // n)  # queries at a time: the matrix stays tens of MB
-    for start in range(0, len(queries), block):
-        chunk = np.ascontiguousarray(queries[start : start + block], dtype=np.float32)
-        screened, tolerance = _screen(metric, chunk, keys32, norms)
-        within = screened <= (_kth_bound(screened, nearest) + tolerance)[:, None]
-        for i, row in enumerate(within):
-            candidates = np.flatnonzero(row)
-            exact = distances(metric, queries[start + i : start + i + 1], keys32[candidates])[0]
-            order = np.lexsort((ids[candidates], np.where(np.isnan(exact), np.inf, exact)))[:nearest]
-            found.append((candidates[order], exact[order]))
+    with _ONE_BLAS_THREAD:
+        for start in range(0, len(queries), block):
+            found += _nearest_block(metric, queries[start : start + block], keys32, ids, norms, nearest)
     return found
 
 
+def _nearest_block(
+    metric: str, queries: np.ndarray, keys32: np.ndarray, ids: np.ndarray, norms: np.ndarray, nearest: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`nearest_positions` for a block of queries."""
+    screened, tolerance = _screen(metric, np.ascontiguousarray(queries, dtype=np.float32), keys32, norms)
+    within = screened <= (_kth_bound(screened, nearest) + tolerance)[:, None]
+    found = []
+    for i, row in enumerate(within):
+        candidates = np.flatnonzero(row)
+        exact = distances(metric, queries[i : i + 1], keys32[candidates])[0]
+        order = np.lexsort((ids[candidates], np.where(np.isnan(exact), np.inf, exact)))[:nearest]
+        found.append((candidates[order], exact[order]))
+    return found
+
+
+class _OneBlasThread:
+    """Holds numpy's BLAS at one thread while any scan of growing items runs. The limit is the process's, not
+    a thread's: the first scan in sets it and the last out restores it, so overlapping scans never leave it set."""
+
+    def __init__(self) -> None:
+        self._controller = ThreadpoolController()
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._limiter: Any = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                self._limiter = self._controller.limit(limits=1, user_api="blas")
+            self._inside += 1
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0:
+                self._limiter.restore_original_limits()
+
+
+_ONE_BLAS_THREAD = _OneBlasThread()
 _GROUP = 64  # keys per group whose minimum bounds the k-th screened distance
 
 

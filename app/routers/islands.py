@@ -71,7 +71,16 @@ def nearest_islands(
     if k > settings.max_search_k:
         raise InvalidInput(f"k is at most {settings.max_search_k}", field="k")
     found = islands.nearest_islands(
-        conn, principal.project_id, run_id, island_set, sample, level, k, exact=exact, ef_search=ef_search
+        conn,
+        principal.project_id,
+        run_id,
+        island_set,
+        sample,
+        level,
+        k,
+        exact=exact,
+        ef_search=ef_search,
+        growing_cache=request.app.state.growing_cache,
     )
     results = [
         IslandNeighboursOut(
