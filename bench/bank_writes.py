@@ -13,7 +13,8 @@ ef_construction the same for both banks:
    --passes passes) and recall@10 against numpy brute force.
 2. the segmented bank (the bank settings' defaults unless --merge-threshold/--merge-factor): all
    --keys keys written through POST items in batches of --batch, one request after the other
-   (the JSON bodies encoded beforehand), while a second client searches it without pause at the
+   (the bodies encoded beforehand), paced at --write-rate keys/s (the target's 20,000; 0: flat
+   out), while a second client searches it without pause at the
    same ef_search: write keys/s over the whole write, search queries/s while the writes ran, and
    on after them while the merges catch up (until the growing segment is under the threshold),
    the time that took, and recall@10 at the end of the writes (growing and sealed segments) and
@@ -318,6 +319,8 @@ def measure_segmented(
     thread.start()
     began = time.perf_counter()
     for number, body in enumerate(bodies[1:], start=1):
+        if args.write_rate > 0:  # paced: this request no earlier than the rate allows
+            time.sleep(max(0.0, began + (number - 1) * args.batch / args.write_rate - time.perf_counter()))
         written = _expect(service.client.post(f"/v1/memory-banks/{bank_id}/items", content=body, headers=headers), 200)
         for n, item_id in enumerate(written["ids"]):
             row_of[int(item_id)] = number * args.batch + n
@@ -446,7 +449,13 @@ def report(f: Figures, args: argparse.Namespace, machine: dict[str, str], load: 
         f"- Command: `{machine['command']}` ({load_words(*load)})",
         f"- Data: {f.data}; HNSW m={f.hnsw_m}, ef_construction={f.hnsw_ef_construction} for both banks; "
         f"writes of {f.batch:,} keys per request (today's bank: JSON bodies; the segmented bank: {f.body} bodies; "
-        "encoded beforehand), one request after the other; searches "
+        "encoded beforehand), one request after the other"
+        + (
+            f", the segmented bank's paced at {args.write_rate:,.0f} keys/s while it is searched"
+            if args.write_rate > 0
+            else ", as fast as they go"
+        )
+        + "; searches "
         f"of {args.query_batch} queries per request, k=10, ef_search {f.ef_search}; recall@10 against numpy brute "
         "force. The service runs in this process (uvicorn thread, loopback), its merger looking every 0.2 s.",
         f"- Segmented bank: merge_threshold {f.merge_threshold:,}, merge_factor {f.merge_factor}; measured under "
@@ -527,6 +536,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--merge-threshold", type=int, default=DEFAULT_MERGE_THRESHOLD)
     parser.add_argument("--merge-factor", type=int, default=DEFAULT_MERGE_FACTOR)
     parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument(
+        "--write-rate",
+        type=float,
+        default=20_000,
+        help="keys/s the segmented bank's writer holds while the searcher runs (the target's; 0: as fast as it can)",
+    )
     parser.add_argument("--catch-up-limit-s", type=float, default=600.0)
     parser.add_argument("--body", choices=["arrow", "json"], default="arrow", help="the segmented bank's write bodies")
     parser.add_argument("--body-keys", type=int, default=30_000, help="keys of each write-only body measurement")
