@@ -67,6 +67,16 @@ def test_search_follows_inserts_replacements_deletions_and_merges_through_the_he
     assert metric_value(api, "eidetic_growing_cache_bytes") > 0
 
 
+def test_deleting_a_bank_lets_its_held_items_go(api):
+    bank = make_bank(api, dim=8, merge_threshold=100_000)
+    write(api, bank["id"], np.random.default_rng(2).standard_normal((50, 8)).astype(np.float32))
+    found = api.post(f"/v1/memory-banks/{bank['id']}/search", json={"queries": [[1.0] * 8], "k": 3})
+    assert len(found.json()["results"][0]["ids"]) == 3
+    assert metric_value(api, "eidetic_growing_cache_bytes") > 0
+    assert api.delete(f"/v1/memory-banks/{bank['id']}").status_code == 204
+    assert metric_value(api, "eidetic_growing_cache_bytes") == 0
+
+
 def growing_ids(cache: GrowingCache, conn: psycopg.Connection, bank_id: int) -> set[int]:
     bank = bank_by_id(conn, bank_id)
     assert bank is not None

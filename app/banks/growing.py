@@ -114,9 +114,9 @@ class GrowingCache:
     is never changed, only replaced by a newer one.
 
     The newest sealed segments, while they hold at most `exact_values` values (rows x dim) together, are
-    held and searched exactly with the growing items rather than through their HNSW indexes: one matmul
-    over 55,000 x 128 keys costs a query about 0.25 ms here, below one walk of a graph through SQL
-    (bench/RESULTS.md), and each segment searched by index adds a walk to every query.
+    held and searched exactly with the growing items rather than through their HNSW indexes: the scan of
+    55,000 x 128 keys costs a query about 0.4 ms here on one thread, about what a walk of one graph through
+    SQL costs (bench/RESULTS.md), and each segment searched by index adds a walk to every query.
     """
 
     def __init__(self, max_bytes: int, exact_values: int = 0) -> None:
@@ -161,6 +161,7 @@ class GrowingCache:
         return fresh.items.in_ranges(ranges)
 
     def forget(self, bank_id: int) -> None:
+        """Lets a deleted bank's items go now rather than when the budget runs short."""
         with self._lock:
             self._views.pop(bank_id, None)
 
@@ -180,7 +181,7 @@ class GrowingCache:
         stale = np.concatenate([written.ids, np.array([row[0] for row in gone], dtype=np.int64)])
         held = view.items
         keep = (held.versions > floor) & ~np.isin(held.ids, stale)
-        return _View(version, max(floor, view.floor), held.where(keep).plus(written.in_ranges([(floor, None)])))
+        return _View(version, floor, held.where(keep).plus(written.in_ranges([(floor, None)])))
 
     def _keep(self, bank_id: int, view: _View) -> None:
         """Holds `view` unless a newer one is held (or it alone is over budget), then lets the least recently

@@ -63,8 +63,9 @@ def get_bank(bank_id: Id, principal: Reader, conn: Conn) -> BankOut:
 
 
 @router.delete("/{bank_id}", status_code=204)
-def delete_bank(bank_id: Id, principal: Writer, conn: Conn) -> Response:
+def delete_bank(request: Request, bank_id: Id, principal: Writer, conn: Conn) -> Response:
     banks.delete_bank(conn, principal.project_id, bank_id)
+    request.app.state.growing_cache.forget(bank_id)  # this process's; the others let it go as memory runs short
     return Response(status_code=204)
 
 
