@@ -289,8 +289,13 @@ def routing(side: Side, cluster: citus_kit.CitusCluster, args: argparse.Namespac
             path = f"/v1/runs/{run_id}/layers/{layer_id}/activations"
             assert client.post(path, content=body, headers={"content-type": ARROW_STREAM}).status_code == 201
     cpu = cpu_delta(cpu_before, side.cpu())
-    time.sleep(1.1)
-    rows = {name: tuples_inserted(url) - rows_before[name] for name, url in worker_urls.items()}
+    # an idle backend reports its counters within PGSTAT_IDLE_INTERVAL (10 s), not at once: wait for the rows
+    deadline = time.monotonic() + 15
+    while True:
+        rows = {name: tuples_inserted(url) - rows_before[name] for name, url in worker_urls.items()}
+        if sum(rows.values()) >= args.batches * args.rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     workers_cpu = [cpu[name] for name in worker_urls]
     ingest_cpu_share = max(workers_cpu) / max(sum(workers_cpu), 1e-9)
     ingest_rows_share = max(rows.values()) / max(sum(rows.values()), 1)
