@@ -18,7 +18,7 @@ run: setup
 	$(BIN)/python -m model.launch
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Lint and format checks (ruff) and the type checker (mypy), as CI runs them.
 lint: setup
