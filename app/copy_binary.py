@@ -130,34 +130,6 @@ def iter_vectors(
     yield from _iter_records(conn, select, params, record, chunk_rows, _parse_vectors)
 
 
-def iter_coded_vectors(
-    conn: psycopg.Connection, select: sql.Composable, params: list, dim: int, chunk_rows: int = 65536
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(codes, vectors) of a SELECT of an int4 (never NULL) and a vector, in chunks of at most `chunk_rows` rows.
-
-    The same fixed-width parse as `iter_vectors`: the code is how a caller tells rows apart
-    (a task, say) without a variable-width column breaking the record layout.
-    """
-    record = np.dtype(
-        [
-            ("n_fields", ">i2"),
-            ("code_length", ">i4"),
-            ("code", ">i4"),
-            ("length", ">i4"),
-            ("dim", ">i2"),
-            ("unused", ">i2"),
-            ("values", ">f4", (dim,)),
-        ]
-    )
-
-    def parse(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if (records["code_length"] != 4).any():
-            raise ValueError("a NULL code where every row should have one")
-        return records["code"].astype(np.int32), _parse_vectors(records)
-
-    yield from _iter_records(conn, select, params, record, chunk_rows, parse)
-
-
 def iter_bigint_vectors(
     conn: psycopg.Connection, select: sql.Composable, params: list, n_ints: int, dim: int, chunk_rows: int = 65536
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -102,7 +102,6 @@ class Settings(BaseSettings):
         description="maintenance_work_mem of a merge's index build (an HNSW build "
         "that fits in it is several times faster).",
     )
-
     merge_build_workers: int = Field(
         default=0,
         ge=-1,

@@ -167,6 +167,22 @@ def test_held_sealed_items_come_and_go_with_the_segments_held(service, api):
     assert (cache.reads, cache.catch_ups) == (1, 1)  # the floor rose: what was held was cut, not read again
 
 
+def test_a_gap_between_sealed_segments_is_searched_with_or_without_held_items(service, api):
+    """Items no sealed segment holds, gaps included (a merge leaves none, but search must not count on it),
+    are what a search scans exactly, whether the service holds them or reads them per search."""
+    rng = np.random.default_rng(11)
+    bank = make_bank(api, dim=8, merge_threshold=100_000)
+    for _ in range(4):  # versions 1..4, 10 items each
+        write(api, bank["id"], rng.standard_normal((10, 8)).astype(np.float32))
+    with_gap = [Segment(0, 1, 10), Segment(2, 3, 10)]  # versions 2 and 4 are in no segment
+    with psycopg.connect(service.database_url, autocommit=True) as conn:
+        bank_row = bank_by_id(conn, bank["id"])
+        assert bank_row is not None
+        for cache in (GrowingCache(0), GrowingCache(1 << 20)):
+            items = cache.growing(conn, bank_row, with_gap)
+            assert len(items) == 20 and set(items.versions.tolist()) == {2, 4}
+
+
 def brute_force(metric: str, queries: np.ndarray, keys: np.ndarray, ids: np.ndarray, k: int) -> list[list[int]]:
     """Every distance in float64, ordered by distance (NaN last), then id."""
     full = distances(metric, queries, keys)

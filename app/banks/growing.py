@@ -25,7 +25,7 @@ from psycopg import sql
 from psycopg.rows import scalar_row
 
 from app.banks.schema import Bank, items_partition
-from app.banks.segments import Segment, unsealed_ranges
+from app.banks.segments import Segment, unsealed, unsealed_ranges
 from app.copy_binary import iter_bigint_vectors
 from app.database import one_row
 
@@ -143,10 +143,10 @@ class GrowingCache:
     def growing(self, conn: psycopg.Connection, bank: Bank, segments: list[Segment]) -> GrowingItems:
         """The bank's items that none of `segments` holds (its growing items, and those of sealed segments
         left out of `segments`) in the snapshot of `conn`'s transaction, which `segments` were read in."""
+        if self.max_bytes <= 0:
+            return read_items(conn, bank, unsealed(segments))
         ranges = unsealed_ranges(segments)
         floor = ranges[0][0]
-        if self.max_bytes <= 0:
-            return read_items(conn, bank, _above(floor))
         version = snapshot_version(conn, bank.id)
         with self._lock:
             view = self._views.get(bank.id)

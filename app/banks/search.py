@@ -13,13 +13,14 @@ from psycopg import sql
 from psycopg.rows import dict_row, scalar_row
 from threadpoolctl import ThreadpoolController
 
-from app.banks.growing import GrowingCache, GrowingItems, read_items
+from app.banks.growing import GrowingCache, GrowingItems
 from app.banks.schema import Bank, items_partition
-from app.banks.segments import sealed_segments, unsealed, version_range
+from app.banks.segments import sealed_segments, version_range
 from eidetic.errors import DimensionMismatch
 from eidetic.wire.vectors import require_comparable
 
 MAX_EF_SEARCH = 1000  # pgvector's limit
+_NOTHING_HELD = GrowingCache(0)  # a search without the service's cache reads the growing items itself
 _DISTANCE_BLOCK = 4_000_000  # query-key distances computed at once for the growing items (float64: 32 MB)
 DISTANCE_OPERATORS = {"cosine": "<=>", "l2": "<->", "ip": "<#>"}  # pgvector's, by metric
 
@@ -140,12 +141,11 @@ def search(
         if exact:
             found = _group(conn.cursor(row_factory=dict_row).execute(exact_statement, params).fetchall(), len(queries))
         elif segmented:
-            # each sealed segment through its own partial index, merged by distance with the growing items,
-            # which are read once and compared with every query at once (an exact scan per query in SQL is
-            # tens of times slower); a merge that changes the segments meanwhile changes no answer
-            segments = sealed_segments(conn, bank.id)
-            if growing_cache is not None:  # the newest small segments are held and searched with the growing items
-                segments = growing_cache.indexed(bank, segments)
+            # the older sealed segments each through its own partial index, merged by distance with the growing
+            # items and the newest small segments, held (or read) and compared with every query at once (an
+            # exact scan per query in SQL is tens of times slower); a merge meanwhile changes no answer
+            held = growing_cache if growing_cache is not None else _NOTHING_HELD
+            segments = held.indexed(bank, sealed_segments(conn, bank.id))
             found = [[] for _ in range(len(queries))]
             if segments:
                 branches = [nearest(index_order, version_range(s.lo, s.hi)) for s in segments]
@@ -155,11 +155,7 @@ def search(
                     )
                 )
                 found = _group(conn.cursor(row_factory=dict_row).execute(statement, params).fetchall(), len(queries))
-            if growing_cache is not None:
-                items = growing_cache.growing(conn, bank, segments).labelled(labels)
-            else:
-                items = read_items(conn, bank, unsealed(segments)).labelled(labels)
-            growing = _hits(conn, bank, queries, items, k, with_meta)
+            growing = _hits(conn, bank, queries, held.growing(conn, bank, segments).labelled(labels), k, with_meta)
             found = [sorted(a + b, key=_rank)[:k] for a, b in zip(found, growing)]
         else:
             statement = template.format(nearest(index_order))
